@@ -1,0 +1,153 @@
+"""Everything a forked child does between ``fork()`` and its worker's first line, and its exit.
+
+What crosses the fork and what happens to it here:
+
+- signals: the master forks with its handled signals blocked, so a signal sent in the
+  window is held, not lost or run by the master's handler in the child. The child puts
+  back the dispositions the master found at start-up (a standalone ``python`` worker's:
+  SIGINT raises KeyboardInterrupt, SIGTERM kills), drops the master's wake-up fd, and
+  only then unblocks, so a held SIGTERM now stops the worker as it would stop it alone.
+- descriptors: the master's own (wake-up pipe, selector, fleet lock) are closed; a
+  child holding the lock would keep the fleet "running" after its master died.
+  Descriptors that the fleet's own imports opened are left alone: they are the floor's.
+- parent death: ``PR_SET_PDEATHSIG`` SIGKILLs the child when the master dies, and a
+  check of ``getppid()`` after setting it covers a master that died before that.
+  SIGKILL, not SIGTERM: a master that vanished cannot run a grace period, and a worker
+  that ignores SIGTERM must not outlive it.
+- exit: always ``os._exit`` after flushing stdio, so the master's atexit handlers and
+  buffered output never run twice.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import NoReturn
+
+from setproctitle import setproctitle
+
+from prefork.fleet import WorkerTarget
+
+log = logging.getLogger("prefork")
+
+_PR_SET_PDEATHSIG = 1
+# sysexits.h EX_SOFTWARE: prefork itself failed in the child before the worker ran.
+EXIT_CHILD_SETUP_FAILED = 70
+
+Handler = signal.Handlers | int | object
+
+
+@dataclass(frozen=True)
+class WorkerContext:
+    """Who this process is, for a worker that wants to know (``prefork.current_worker()``)."""
+
+    fleet: str
+    name: str
+    replica: int
+    master_pid: int
+
+    @property
+    def label(self) -> str:
+        return self.name if self.replica == 0 else f"{self.name}.{self.replica}"
+
+
+_current: WorkerContext | None = None
+
+
+def current_worker() -> WorkerContext | None:
+    """The worker this process runs, or ``None`` in the master or outside prefork."""
+    return _current
+
+
+def run_child(
+    context: WorkerContext,
+    target: WorkerTarget,
+    *,
+    title: str,
+    signal_defaults: Mapping[int, Handler],
+    close_fds: Iterable[int],
+) -> NoReturn:
+    """Become a worker and run ``target``; never returns, whatever happens."""
+    global _current
+    code = EXIT_CHILD_SETUP_FAILED
+    try:
+        _reset_signals(signal_defaults)
+        _die_with_master(context.master_pid)
+        for fd in close_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        setproctitle(title)
+        _current = context
+        os.environ["PREFORK_WORKER"] = context.name
+        os.environ["PREFORK_REPLICA"] = str(context.replica)
+        code = _call_worker(context.label, target)
+    except BaseException:  # must never unwind into the master's code
+        try:
+            log.exception("worker %s: prefork failed to start it", context.label)
+        except BaseException:
+            pass
+    finally:
+        flush_stdio()
+        os._exit(code)
+
+
+def _reset_signals(defaults: Mapping[int, Handler]) -> None:
+    signal.set_wakeup_fd(-1)
+    for signum, handler in defaults.items():
+        signal.signal(signum, handler)  # type: ignore[arg-type]
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+
+
+def _die_with_master(master_pid: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    # The master may have died between fork() and prctl(): then no signal will come.
+    if os.getppid() != master_pid:
+        os._exit(EXIT_CHILD_SETUP_FAILED)
+
+
+def _call_worker(label: str, target: WorkerTarget) -> int:
+    """Run the worker; turn how it ended into an exit code (or die by SIGINT)."""
+    try:
+        target()
+    except SystemExit as exc:
+        return _system_exit_code(exc)
+    except KeyboardInterrupt:
+        # Die by SIGINT as CPython itself does, so the master sees the real cause.
+        flush_stdio()
+        signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        return 128 + signal.SIGINT
+    except BaseException:  # a worker's crash is logged, then exit 1
+        log.exception("worker %s crashed", label)
+        return 1
+    return 0
+
+
+def _system_exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    if isinstance(exc.code, int):
+        return exc.code & 0xFF
+    print(exc.code, file=sys.stderr)
+    return 1
+
+
+def flush_stdio() -> None:
+    """Flush Python's stdio buffers: before fork (or both processes would write them) and
+    before ``os._exit`` (which skips the interpreter's own flush)."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass

@@ -1,0 +1,166 @@
+"""The ``prefork`` command: parse, call the library, map outcomes to exit codes.
+
+Every error the user can cause is one line on stderr, ``prefork: error: ...``, and a
+non-zero exit (2 for bad input); never a traceback.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from prefork import __version__, logs
+from prefork.fleet import (
+    RESTART_POLICIES,
+    Fleet,
+    FleetError,
+    StartLimit,
+    import_module,
+    load_fleet,
+    registered_fleets,
+)
+from prefork.lock import AlreadyRunning, RuntimeDirError
+from prefork.master import EXIT_ALREADY_RUNNING, EXIT_USAGE, Master
+
+log = logging.getLogger("prefork")
+
+
+class CliError(click.ClickException):
+    def __init__(self, message: str, exit_code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Seconds(click.ParamType):
+    """A finite number of seconds >= 0."""
+
+    name = "seconds"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        if isinstance(value, float):
+            return value
+        try:
+            seconds = float(str(value))
+        except ValueError:
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        if not math.isfinite(seconds) or seconds < 0:
+            self.fail(f"{value!r} must be a finite number of seconds >= 0", param, ctx)
+        return seconds
+
+
+SECONDS = Seconds()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="prefork")
+def cli() -> None:
+    """Import a fleet's floor once, fork one child per worker, and supervise them."""
+
+
+@cli.command()
+@click.option("--fleet", "-f", "fleet_spec", required=True, metavar="NAME|module:ATTR",
+              help="A registered fleet (see `prefork fleets`) or module:ATTR.")
+@click.option("--preload", multiple=True, metavar="MODULE",
+              help="Import MODULE into the floor before forking (repeatable).")
+@click.option("--grace", type=SECONDS, default=15.0, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL when stopping.")
+@click.option("--max-backoff", type=SECONDS, default=None,
+              help="Cap on a worker's restart delay [fleet's setting, 30].")
+@click.option("--backoff-reset", type=SECONDS, default=None,
+              help="Uptime after which a child counts as healthy and its backoff "
+                   "starts again from the first delay [fleet's setting, 60].")
+@click.option("--start-limit-burst", type=click.IntRange(min=1), default=None,
+              help="Mark a worker failed when it starts more than this many times ...")
+@click.option("--start-limit-interval", type=SECONDS, default=None,
+              help="... within this many seconds; 0 disables the limit [5 in 60].")
+@click.option("--restart", type=click.Choice(RESTART_POLICIES), default=None,
+              help="Restart policy for workers that do not set their own [on-failure].")
+@click.option("--freeze/--no-freeze", default=True, show_default=True,
+              help="gc.collect() and gc.freeze() in the master before forking.")
+@click.option("--runtime-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Where the fleet's lock lives [$PREFORK_RUNTIME_DIR, $RUNTIME_DIRECTORY, "
+                   "$XDG_RUNTIME_DIR/prefork, /tmp/prefork-UID].")
+@click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
+              default="info", show_default=True)
+def run(
+    fleet_spec: str,
+    preload: tuple[str, ...],
+    grace: float,
+    max_backoff: float | None,
+    backoff_reset: float | None,
+    start_limit_burst: int | None,
+    start_limit_interval: float | None,
+    restart: str | None,
+    freeze: bool,
+    runtime_dir: Path | None,
+    log_level: str,
+) -> int:
+    """Run a fleet until SIGTERM or SIGINT (Ctrl-C)."""
+    logs.configure(log_level)
+    started = time.perf_counter()
+    try:
+        for module in preload:
+            import_module(module, what="preload module")
+        fleet = load_fleet(fleet_spec)
+        fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
+                                   start_limit_interval, restart)
+        master = Master(fleet, grace=grace, freeze=freeze, runtime_dir=runtime_dir)
+    except FleetError as exc:
+        raise CliError(str(exc)) from None
+    log.info("prefork %s on Python %s: floor of fleet %s imported in %.0f ms", __version__,
+             sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
+    try:
+        return master.run()
+    except AlreadyRunning as exc:
+        raise CliError(str(exc), EXIT_ALREADY_RUNNING) from None
+    except RuntimeDirError as exc:
+        raise CliError(str(exc)) from None
+
+
+@cli.command()
+def fleets() -> None:
+    """List the registered fleets (entry point group prefork.fleets)."""
+    for name, entry_point in sorted(registered_fleets().items()):
+        click.echo(f"{name}\t{entry_point.value}")
+
+
+def _with_cli_defaults(
+    fleet: Fleet,
+    max_backoff: float | None,
+    backoff_reset: float | None,
+    burst: int | None,
+    interval: float | None,
+    restart: str | None,
+) -> Fleet:
+    backoff = fleet.backoff
+    if max_backoff is not None:
+        backoff = dataclasses.replace(backoff, maximum=max_backoff)
+    if backoff_reset is not None:
+        backoff = dataclasses.replace(backoff, reset_after=backoff_reset)
+    start_limit = StartLimit(
+        burst=fleet.start_limit.burst if burst is None else burst,
+        interval=fleet.start_limit.interval if interval is None else interval,
+    )
+    return dataclasses.replace(fleet, backoff=backoff, start_limit=start_limit,
+                               restart=restart or fleet.restart).validate()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the CLI, turn every user error into one line and an exit code."""
+    try:
+        result = cli.main(args=argv, prog_name="prefork", standalone_mode=False)
+    except click.ClickException as exc:
+        message = " ".join(exc.format_message().split())
+        click.echo(f"prefork: error: {message}", err=True)
+        sys.exit(exc.exit_code)
+    except (click.Abort, KeyboardInterrupt):
+        # Ctrl-C before the master took over its signals (e.g. while importing the floor).
+        sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)

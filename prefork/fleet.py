@@ -1,0 +1,299 @@
+"""Fleet and worker specs, and loading a fleet by name or by ``module:ATTR``.
+
+A fleet is what the master forks: named workers, each a zero-argument callable that
+blocks while the worker runs. Everything here happens in the master before any fork;
+every problem is reported as :class:`FleetError` with one line that names it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import importlib
+import inspect
+import re
+import traceback
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from importlib import metadata
+from typing import Any, Literal, get_args
+
+WorkerTarget = Callable[[], object]
+RestartPolicy = Literal["on-failure", "always", "never"]
+RESTART_POLICIES: tuple[str, ...] = get_args(RestartPolicy)
+ENTRY_POINT_GROUP = "prefork.fleets"
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class FleetError(Exception):
+    """A fleet cannot be loaded or is not valid. ``str()`` is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Backoff:
+    """When to restart a worker that died.
+
+    The n-th consecutive restart waits ``min(maximum, initial * factor**(n-1))`` seconds,
+    less a random part of up to ``jitter`` of it, so workers that died together do not
+    come back in lockstep and no delay ever exceeds ``maximum``. A child that stayed up
+    ``reset_after`` seconds counts as healthy: its next restart is the first again.
+    """
+
+    initial: float = 1.0
+    maximum: float = 30.0
+    factor: float = 2.0
+    jitter: float = 0.1
+    reset_after: float = 60.0
+
+    def check(self, where: str) -> None:
+        _non_negative(f"{where}: backoff initial", self.initial)
+        _non_negative(f"{where}: backoff maximum", self.maximum)
+        _non_negative(f"{where}: backoff reset_after", self.reset_after)
+        if not _is_number(self.factor) or self.factor < 1:
+            raise FleetError(f"{where}: backoff factor must be a number >= 1, got {self.factor!r}")
+        if not _is_number(self.jitter) or not 0 <= self.jitter < 1:
+            raise FleetError(f"{where}: backoff jitter must be in [0, 1), got {self.jitter!r}")
+
+
+@dataclass(frozen=True)
+class StartLimit:
+    """The flap limit: a worker started more than ``burst`` times within ``interval``
+    seconds is marked failed and left stopped. ``interval == 0`` disables the limit.
+
+    Why not systemd's 5 in 10 s: with exponential backoff from 1 s, five starts take at
+    least 15 s, so that limit could never trip. Five starts in 60 s gives a worker that
+    dies at once five tries (about 15 s) before it is marked failed.
+    """
+
+    burst: int = 5
+    interval: float = 60.0
+
+    def check(self, where: str) -> None:
+        if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
+            raise FleetError(f"{where}: start limit burst must be an integer >= 1, "
+                             f"got {self.burst!r}")
+        _non_negative(f"{where}: start limit interval", self.interval)
+
+
+@dataclass(frozen=True)
+class Worker:
+    """One named worker: ``target()`` runs in a forked child and blocks while it works.
+
+    ``None`` for ``restart``, ``backoff`` or ``start_limit`` means the fleet's setting.
+    An ``async def`` target is run with :func:`asyncio_worker` automatically.
+    """
+
+    name: str
+    target: WorkerTarget
+    replicas: int = 1
+    restart: RestartPolicy | None = None
+    backoff: Backoff | None = None
+    start_limit: StartLimit | None = None
+
+    def __post_init__(self) -> None:
+        if inspect.iscoroutinefunction(self.target):
+            object.__setattr__(self, "target", asyncio_worker(self.target))
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """A named set of workers and the defaults they share.
+
+    ``restart`` is ``"on-failure"`` (restart after a non-zero exit or a signal; a clean
+    exit 0 ends the worker), ``"always"`` or ``"never"``.
+    """
+
+    name: str
+    workers: tuple[Worker, ...]
+    restart: RestartPolicy = "on-failure"
+    backoff: Backoff = field(default_factory=Backoff)
+    start_limit: StartLimit = field(default_factory=StartLimit)
+
+    def __post_init__(self) -> None:
+        # Accept any iterable of workers but keep the frozen dataclass hashable.
+        object.__setattr__(self, "workers", tuple(self.workers))
+
+    def with_defaults(
+        self,
+        *,
+        restart: RestartPolicy | None = None,
+        backoff: Backoff | None = None,
+        start_limit: StartLimit | None = None,
+    ) -> Fleet:
+        """A copy with fleet-wide defaults replaced (workers' own settings still win)."""
+        return replace(
+            self,
+            restart=restart or self.restart,
+            backoff=backoff or self.backoff,
+            start_limit=start_limit or self.start_limit,
+        )
+
+    def validate(self) -> Fleet:
+        """Return ``self`` if every worker is runnable, else raise :class:`FleetError`."""
+        if not isinstance(self.name, str) or not _NAME.match(self.name):
+            raise FleetError(f"fleet name {self.name!r} must be letters, digits, '.', '_' or '-'")
+        if not self.workers:
+            raise FleetError(f"fleet {self.name!r} has no workers")
+        _check_restart(f"fleet {self.name!r}", self.restart)
+        self.backoff.check(f"fleet {self.name!r}")
+        self.start_limit.check(f"fleet {self.name!r}")
+        seen: set[str] = set()
+        for worker in self.workers:
+            if not isinstance(worker, Worker):
+                raise FleetError(f"fleet {self.name!r}: {worker!r} is not a prefork.Worker")
+            _check_worker(worker)
+            if worker.name in seen:
+                raise FleetError(f"fleet {self.name!r}: two workers are named {worker.name!r}")
+            seen.add(worker.name)
+        return self
+
+
+def asyncio_worker(func: Callable[[], Any]) -> WorkerTarget:
+    """Wrap an ``async def`` worker so the child runs it in a fresh event loop."""
+
+    @functools.wraps(func)
+    def run() -> object:
+        return asyncio.run(func())
+
+    return run
+
+
+def as_fleet(obj: object, name: str) -> Fleet:
+    """Turn what a user wrote into a validated :class:`Fleet`.
+
+    Accepted: a ``Fleet``; a mapping of worker name to zero-argument callable (or to a
+    ``Worker``); an iterable of ``Worker``. ``name`` names the fleet when ``obj`` does not.
+    """
+    if isinstance(obj, Fleet):
+        return obj.validate()
+    if isinstance(obj, Mapping):
+        workers = []
+        for key, value in obj.items():
+            if isinstance(value, Worker):
+                if value.name != key:
+                    raise FleetError(f"worker {value.name!r} is filed under the key {key!r}")
+                workers.append(value)
+            else:
+                workers.append(Worker(name=key, target=value))
+        return Fleet(name=name, workers=tuple(workers)).validate()
+    if isinstance(obj, Iterable) and not isinstance(obj, str | bytes):
+        items = list(obj)
+        if all(isinstance(item, Worker) for item in items):
+            return Fleet(name=name, workers=tuple(items)).validate()
+    raise FleetError(
+        f"{name!r} is a {type(obj).__name__}, not a fleet: expected a prefork.Fleet, "
+        "a mapping of worker name to callable, or a list of prefork.Worker"
+    )
+
+
+def registered_fleets() -> dict[str, metadata.EntryPoint]:
+    """Fleets registered under the ``prefork.fleets`` entry point group, by name."""
+    return {ep.name: ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def load_fleet(spec: str) -> Fleet:
+    """Import and validate the fleet named by ``spec``: a registered name or ``module:ATTR``.
+
+    Importing the fleet imports the floor its workers need; that is the point of doing
+    it once, here, in the master. Any exception it raises is a configuration error.
+    """
+    if ":" in spec:
+        module_name, _, attr = spec.partition(":")
+        if not module_name or not attr:
+            raise FleetError(f"fleet {spec!r} must look like package.module:ATTR")
+        module = import_module(module_name, what="fleet module")
+        obj: object = module
+        for part in attr.split("."):
+            try:
+                obj = getattr(obj, part)
+            except AttributeError:
+                raise FleetError(f"module {module_name!r} has no attribute {attr!r}") from None
+        return as_fleet(obj, name=_fleet_name_from_spec(spec))
+    known = registered_fleets()
+    if spec not in known:
+        names = ", ".join(sorted(known)) or "none registered"
+        raise FleetError(f"unknown fleet {spec!r} (known: {names}; or use module:ATTR)")
+    try:
+        obj = known[spec].load()
+    except Exception as exc:
+        raise FleetError(f"fleet {spec!r} failed to import: {_describe(exc)}") from None
+    return as_fleet(obj, name=spec)
+
+
+def import_module(name: str, *, what: str = "module") -> Any:
+    """Import ``name``; any failure, including an exception at import time, is a FleetError."""
+    try:
+        return importlib.import_module(name)
+    except ModuleNotFoundError as exc:
+        if exc.name and name.startswith(exc.name):
+            raise FleetError(f"{what} {name!r} not found") from None
+        raise FleetError(f"{what} {name!r} failed to import: {_describe(exc)}") from None
+    except (Exception, SystemExit) as exc:
+        raise FleetError(f"{what} {name!r} failed to import: {_describe(exc)}") from None
+
+
+def _check_worker(worker: Worker) -> None:
+    where = f"worker {worker.name!r}"
+    if not isinstance(worker.name, str) or not _NAME.match(worker.name):
+        raise FleetError(f"worker name {worker.name!r} must be letters, digits, '.', '_' or '-'")
+    if not callable(worker.target):
+        raise FleetError(f"{where}: {worker.target!r} is not callable")
+    if _required_arguments(worker.target):
+        raise FleetError(f"{where}: {_callable_name(worker.target)} takes arguments; "
+                         "a worker must be a zero-argument callable")
+    if (isinstance(worker.replicas, bool) or not isinstance(worker.replicas, int)
+            or worker.replicas < 1):
+        raise FleetError(f"{where}: replicas must be an integer >= 1, got {worker.replicas!r}")
+    if worker.restart is not None:
+        _check_restart(where, worker.restart)
+    if worker.backoff is not None:
+        worker.backoff.check(where)
+    if worker.start_limit is not None:
+        worker.start_limit.check(where)
+
+
+def _check_restart(where: str, policy: object) -> None:
+    if policy not in RESTART_POLICIES:
+        raise FleetError(f"{where}: restart must be one of {', '.join(RESTART_POLICIES)}, "
+                         f"got {policy!r}")
+
+
+def _required_arguments(func: Callable[..., object]) -> list[str]:
+    try:
+        signature = inspect.signature(func)
+    except (TypeError, ValueError):  # some builtins have no signature: trust them
+        return []
+    return [
+        p.name for p in signature.parameters.values()
+        if p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                               p.KEYWORD_ONLY)
+    ]
+
+
+def _callable_name(func: object) -> str:
+    return getattr(func, "__qualname__", None) or repr(func)
+
+
+def _non_negative(what: str, value: object) -> None:
+    if not _is_number(value) or value < 0:  # type: ignore[operator]
+        raise FleetError(f"{what} must be a number >= 0, got {value!r}")
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value == value
+
+
+def _fleet_name_from_spec(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", ".", spec.replace(":", "."))
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message (at file:line)`` for the innermost frame: one line, no traceback."""
+    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    frames = traceback.extract_tb(exc.__traceback__)
+    user_frames = [f for f in frames if "importlib" not in f.filename]
+    if user_frames:
+        last = user_frames[-1]
+        text += f" (at {last.filename}:{last.lineno})"
+    return text

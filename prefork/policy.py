@@ -1,0 +1,86 @@
+"""Restart policy as pure functions of times, counts and exit statuses.
+
+Nothing here forks, sleeps or reads a clock: the master passes ``now`` in, and tests
+check every rule without a process.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from prefork.fleet import Backoff, RestartPolicy, StartLimit
+
+
+@dataclass(frozen=True)
+class ExitStatus:
+    """How a child ended: an exit ``code``, or the ``signal`` that killed it."""
+
+    code: int | None = None
+    signal: int | None = None
+
+    @classmethod
+    def from_wait_status(cls, status: int) -> ExitStatus:
+        if os.WIFSIGNALED(status):
+            return cls(signal=os.WTERMSIG(status))
+        return cls(code=os.waitstatus_to_exitcode(status))
+
+    @property
+    def failed(self) -> bool:
+        """Any signal or a non-zero code is a failure (supervisord's view, not systemd's)."""
+        return self.signal is not None or self.code != 0
+
+    def describe(self) -> str:
+        if self.signal is not None:
+            try:
+                return f"killed by {signal.Signals(self.signal).name}"
+            except ValueError:
+                return f"killed by signal {self.signal}"
+        return f"exit code {self.code}"
+
+
+def should_restart(policy: RestartPolicy, status: ExitStatus) -> bool:
+    """systemd's ``Restart=`` semantics for the three policies a fleet may name."""
+    if policy == "always":
+        return True
+    if policy == "on-failure":
+        return status.failed
+    return False
+
+
+def backoff_delay(attempt: int, backoff: Backoff, spread: float) -> float:
+    """Seconds before restart number ``attempt`` (1 for the first after a healthy run).
+
+    ``spread`` in [0, 1) picks how much of the jitter to take off; the master draws it at
+    random, tests pass it. The result is never above ``backoff.maximum``.
+    """
+    if attempt < 1:
+        raise ValueError(f"attempt counts from 1, got {attempt}")
+    if not 0 <= spread < 1:
+        raise ValueError(f"spread must be in [0, 1), got {spread}")
+    # Stop multiplying once past the cap: factor**attempt overflows a float near 1024.
+    nominal = backoff.initial
+    for _ in range(attempt - 1):
+        if nominal >= backoff.maximum:
+            break
+        nominal *= backoff.factor
+    nominal = min(nominal, backoff.maximum)
+    return nominal * (1.0 - backoff.jitter * spread)
+
+
+def is_stable_run(uptime: float, backoff: Backoff) -> bool:
+    """A child that stayed up ``reset_after`` seconds resets its worker's backoff."""
+    return uptime >= backoff.reset_after
+
+
+def exceeds_start_limit(start_times: Iterable[float], next_start: float,
+                        limit: StartLimit) -> bool:
+    """Would starting again at ``next_start`` make more than ``limit.burst`` starts within
+    the ``limit.interval`` seconds that end there? ``interval == 0`` never limits."""
+    if limit.interval == 0:
+        return False
+    window_start = next_start - limit.interval
+    recent = sum(1 for t in start_times if t > window_start)
+    return recent + 1 > limit.burst

@@ -1,0 +1,49 @@
+"""A worker slot's named states and the transitions the master may make between them.
+
+    STOPPED --spawn--> RUNNING --exit, will restart--> BACKOFF --due--> RUNNING
+                          |  \\--exit, no restart-----> EXITED (clean) | FAILED
+                          \\--shutdown--> STOPPING --reaped--> STOPPED
+    BACKOFF --shutdown--> STOPPED;  any exit over the start limit --> FAILED
+
+EXITED and FAILED are final for this master: nothing restarts them.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+
+
+class WorkerState(Enum):
+    STOPPED = "stopped"  # not started yet, or stopped by a shutdown
+    RUNNING = "running"  # a child process is alive
+    BACKOFF = "backoff"  # the child died; a restart is scheduled
+    STOPPING = "stopping"  # SIGTERM sent, waiting for the child to exit
+    EXITED = "exited"  # ended cleanly and its policy does not restart it
+    FAILED = "failed"  # over its start limit, or a failure its policy does not restart
+
+    def __str__(self) -> str:
+        return self.value
+
+
+S = WorkerState
+ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
+    S.STOPPED: frozenset({S.RUNNING, S.BACKOFF}),  # BACKOFF: fork() itself failed
+    S.RUNNING: frozenset({S.BACKOFF, S.EXITED, S.FAILED, S.STOPPING, S.STOPPED}),
+    S.BACKOFF: frozenset({S.RUNNING, S.BACKOFF, S.STOPPED, S.FAILED}),  # BACKOFF: fork failed
+    S.STOPPING: frozenset({S.STOPPED}),
+    S.EXITED: frozenset(),
+    S.FAILED: frozenset(),
+}
+# Slots in these states have a live child the master must reap before it exits.
+ALIVE = frozenset({S.RUNNING, S.STOPPING})
+# Slots in these states still need the master: it is not done while any remains.
+ACTIVE = frozenset({S.RUNNING, S.STOPPING, S.BACKOFF})
+
+
+class IllegalTransition(RuntimeError):
+    """The master tried a transition the table does not allow: a bug in prefork."""
+
+
+def check_transition(current: WorkerState, new: WorkerState) -> None:
+    if new not in ALLOWED[current]:
+        raise IllegalTransition(f"{current} -> {new} is not allowed")

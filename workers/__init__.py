@@ -1,0 +1,1 @@
+"""Bundled fleets, installed as ``prefork_workers`` and registered in ``prefork.fleets``."""
