@@ -29,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
-from setproctitle import setproctitle
+from setproctitle import setproctitle, setthreadtitle
 
 from prefork.fleet import WorkerTarget
 
@@ -84,6 +84,8 @@ def run_child(
             except OSError:
                 pass
         setproctitle(title)
+        # The kernel's 15-byte comm is what top shows by default: make it the worker's name.
+        setthreadtitle(context.label)
         _current = context
         os.environ["PREFORK_WORKER"] = context.name
         os.environ["PREFORK_REPLICA"] = str(context.replica)

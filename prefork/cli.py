@@ -112,16 +112,16 @@ def run(
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart)
         master = Master(fleet, grace=grace, freeze=freeze, runtime_dir=runtime_dir)
+        master.lock.acquire()
     except FleetError as exc:
         raise CliError(str(exc)) from None
-    log.info("prefork %s on Python %s: floor of fleet %s imported in %.0f ms", __version__,
-             sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
-    try:
-        return master.run()
     except AlreadyRunning as exc:
         raise CliError(str(exc), EXIT_ALREADY_RUNNING) from None
     except RuntimeDirError as exc:
         raise CliError(str(exc)) from None
+    log.info("prefork %s on Python %s: floor of fleet %s imported in %.0f ms", __version__,
+             sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
+    return master.run()
 
 
 @cli.command()

@@ -40,6 +40,9 @@ class FleetLock:
         self.fd: int | None = None
 
     def acquire(self) -> None:
+        """Take the lock (a no-op if held); raise AlreadyRunning or RuntimeDirError."""
+        if self.fd is not None:
+            return
         _ensure_private_dir(self.path.parent)
         # No O_TRUNC: the running master's pid must survive a refused second master.
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)

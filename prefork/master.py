@@ -139,8 +139,12 @@ class Master:
             log.info("master %d: fleet %s, %d workers: %s", self._pid, self.fleet.name,
                      len(self.slots), ", ".join(s.label for s in self.slots))
             for slot in self.slots:
+                self._handle_signals()  # a stop during start-up forks no more workers
+                if self._stopping:
+                    break
                 self._spawn(slot)
-            self._notify("ready", None)
+            else:
+                self._notify("ready", None)
             while not self._finished():
                 self._wait()
                 self._handle_signals()

@@ -1,0 +1,270 @@
+"""Test harness: real masters in subprocesses, and waiting on events instead of sleeping.
+
+- ``events``: a FIFO that workers write JSON lines to (``fleets.common.emit``); the test
+  blocks in ``select()`` on it until the event it wants arrives.
+- ``start_master``: ``python -m prefork run ...`` with its stderr read line by line, also
+  through ``select()``, so a test can wait for a log line.
+- This pytest process is a child subreaper: a worker orphaned by its master is re-parented
+  here, so the autouse ``no_leftover_processes`` check finds any worker, live or zombie,
+  that outlived its test.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+WAIT = 20.0  # generous: a loaded 2-core CI machine must never make a wait time out
+
+_PR_SET_CHILD_SUBREAPER = 36
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+class Events:
+    """Lines of JSON that workers write to a FIFO, read as they come."""
+
+    def __init__(self, path: Path) -> None:
+        os.mkfifo(path)
+        self.path = path
+        self._r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        # Our own writer keeps the FIFO from reporting EOF whenever no worker has it open.
+        self._keep = os.open(path, os.O_WRONLY)
+        self._buffer = b""
+        self.seen: list[dict] = []
+
+    def wait(self, predicate: Callable[[dict], bool], timeout: float = WAIT,
+             what: str = "event") -> dict:
+        """Return the first event (old or new) matching ``predicate``."""
+        start = len(self.seen)
+        for event in self.seen:
+            if predicate(event):
+                return event
+        deadline = time.monotonic() + timeout
+        while True:
+            for event in self.seen[start:]:
+                if predicate(event):
+                    return event
+            start = len(self.seen)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {what}; events: {self.seen}")
+            self._read(remaining)
+
+    def wait_kind(self, kind: str, count: int = 1, timeout: float = WAIT,
+                  **match: object) -> list[dict]:
+        """Wait until ``count`` events of ``kind`` (with the given fields) have arrived."""
+        deadline = time.monotonic() + timeout
+        while True:
+            found = self.of(kind, **match)
+            if len(found) >= count:
+                return found
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"timed out waiting for {count} x {kind} {match}; "
+                                     f"events: {self.seen}")
+            self._read(remaining)
+
+    def of(self, kind: str, **match: object) -> list[dict]:
+        return [e for e in self.seen
+                if e["kind"] == kind and all(e.get(k) == v for k, v in match.items())]
+
+    def drain(self) -> None:
+        """Read whatever has already been written, without waiting."""
+        self._read(0)
+
+    def _read(self, timeout: float) -> None:
+        ready, _, _ = select.select([self._r], [], [], timeout)
+        if not ready:
+            return
+        try:
+            chunk = os.read(self._r, 65536)
+        except BlockingIOError:
+            return
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        self.seen.extend(json.loads(line) for line in lines if line)
+
+    def close(self) -> None:
+        os.close(self._r)
+        os.close(self._keep)
+
+
+@dataclass
+class MasterProcess:
+    proc: subprocess.Popen[bytes]
+    events: Events
+    lines: list[str] = field(default_factory=list)
+    _buffer: bytes = b""
+    _eof: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def wait_log(self, pattern: str, timeout: float = WAIT, count: int = 1) -> re.Match[str]:
+        """Wait for the ``count``-th stderr line matching ``pattern``; return its match."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        while True:
+            matches = [m for m in map(regex.search, self.lines) if m]
+            if len(matches) >= count:
+                return matches[count - 1]
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or (self._eof and not self._read(0)):
+                raise AssertionError(f"no {count} x {pattern!r} in master's log:\n{self.log}")
+            self._read(remaining)
+
+    def log_matches(self, pattern: str) -> list[re.Match[str]]:
+        self._read(0)
+        return [m for m in map(re.compile(pattern).search, self.lines) if m]
+
+    @property
+    def log(self) -> str:
+        return "\n".join(self.lines)
+
+    def _read(self, timeout: float) -> bool:
+        assert self.proc.stderr is not None
+        fd = self.proc.stderr.fileno()
+        ready, _, _ = select.select([fd], [], [], timeout)
+        if not ready:
+            return False
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            self._eof = True
+            return False
+        self._buffer += chunk
+        *lines, self._buffer = self._buffer.split(b"\n")
+        self.lines.extend(line.decode(errors="replace") for line in lines)
+        return True
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def wait_exit(self, timeout: float = WAIT) -> int:
+        """Wait for the master to exit, reading all of its log; return its exit code."""
+        deadline = time.monotonic() + timeout
+        while not self._eof:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"master did not close stderr in {timeout}s:\n{self.log}")
+            self._read(remaining)
+        return self.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+
+    def workers(self) -> list[psutil.Process]:
+        return psutil.Process(self.pid).children()
+
+
+@pytest.fixture
+def runtime_dir(tmp_path: Path) -> Path:
+    path = tmp_path / "run"
+    path.mkdir(mode=0o700)
+    return path
+
+
+@pytest.fixture
+def events(tmp_path: Path) -> Iterator[Events]:
+    channel = Events(tmp_path / "events.fifo")
+    yield channel
+    channel.close()
+
+
+def master_env(events: Events, runtime_dir: Path, **extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    env["PREFORK_TEST_EVENTS"] = str(events.path)
+    env["PREFORK_RUNTIME_DIR"] = str(runtime_dir)
+    env.pop("JOURNAL_STREAM", None)
+    env.update(extra)
+    return env
+
+
+@pytest.fixture
+def start_master(events: Events, runtime_dir: Path, tmp_path: Path
+                 ) -> Iterator[Callable[..., MasterProcess]]:
+    """Start ``prefork run --fleet FLEET ARGS...`` in a subprocess; kill it after the test."""
+    started: list[MasterProcess] = []
+
+    def start(fleet: str, *args: str, new_session: bool = False,
+              env: dict[str, str] | None = None) -> MasterProcess:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefork", "run", "--fleet", fleet, *args],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            env=env or master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)),
+            start_new_session=new_session,
+        )
+        master = MasterProcess(proc, events)
+        started.append(master)
+        return master
+
+    yield start
+    for master in started:
+        if master.proc.poll() is None:
+            master.proc.kill()
+            master.proc.wait()
+        assert master.proc.stderr is not None
+        master.proc.stderr.close()
+
+
+@pytest.fixture(autouse=True)
+def no_leftover_processes() -> Iterator[None]:
+    """Fail a test that leaves any descendant behind, alive or as a zombie."""
+    yield
+    leftovers = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            leftovers.append(f"{child.pid} {child.status()} {' '.join(child.cmdline())}")
+            child.kill()
+        except psutil.NoSuchProcess:
+            continue
+    while True:  # reap what was re-parented to us, so one test's mess stays its own
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                break
+        except ChildProcessError:
+            break
+    assert not leftovers, f"processes outlived the test: {leftovers}"
+
+
+def wait_gone(pids: list[int], timeout: float = WAIT) -> list[int]:
+    """Wait until none of ``pids`` runs (zombies count as gone); return those still running."""
+    fds = {}
+    for pid in pids:
+        try:
+            fds[os.pidfd_open(pid)] = pid
+        except ProcessLookupError:
+            continue
+    deadline = time.monotonic() + timeout
+    try:
+        while fds:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            ready, _, _ = select.select(list(fds), [], [], remaining)
+            for fd in ready:
+                fds.pop(fd)
+                os.close(fd)
+        return sorted(fds.values())
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def signal_name(signum: int) -> str:
+    return signal.Signals(signum).name

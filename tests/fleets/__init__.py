@@ -1,0 +1,1 @@
+"""Fleets the tests run under a real master (importable as ``fleets.*``)."""

@@ -1,0 +1,71 @@
+"""What crosses the fork: the child starts like a standalone worker, with none of the
+master's signal handling, descriptors or exit handlers, and with the frozen floor."""
+
+from __future__ import annotations
+
+import signal
+
+import pytest
+from conftest import Events
+
+
+def _bits(mask: str) -> set[int]:
+    value = int(mask, 16)
+    return {n for n in range(1, 65) if value & (1 << (n - 1))}
+
+
+def test_child_starts_clean(start_master, events: Events, runtime_dir) -> None:
+    master = start_master("fleets.basic:inspect", "--preload", "fleets.preloaded")
+    seen = events.wait_kind("inspect")[0]
+    preloaded = events.wait_kind("preloaded")
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0
+
+    assert seen["ppid"] == master.pid
+    assert _bits(seen["sigblk"]) == set(), "signal mask not cleared"
+    caught = _bits(seen["sigcgt"])
+    assert signal.SIGTERM not in caught and signal.SIGCHLD not in caught
+    assert signal.SIGINT in caught  # Python's own KeyboardInterrupt handler, as standalone
+
+    fds = {int(fd): target for fd, target in seen["fds"].items()
+           if not target.startswith("/proc/")}  # the listing's own descriptor
+    floor_fd = preloaded[0]["floor_fd"]
+    assert set(fds) == {0, 1, 2, floor_fd}, f"master descriptors leaked: {fds}"
+    assert fds[floor_fd] == "/dev/null"  # the floor's own descriptor stays open
+    assert not any("lock" in t or "eventpoll" in t for t in fds.values())
+
+    assert seen["cmdline"] == "prefork: worker inspect [inspect]"  # ps
+    assert seen["comm"] == "inspect"  # top
+    assert seen["env_worker"] == "inspect" and seen["env_replica"] == "0"
+    assert seen["freeze_count"] > 1000  # the floor was frozen before the fork
+    assert seen["loop_running"] is False
+
+
+def test_preload_and_atexit_run_once_in_the_master(start_master, events: Events) -> None:
+    master = start_master("fleets.basic:sleepers", "--preload", "fleets.preloaded")
+    events.wait_kind("up", count=4)
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0
+    events.drain()
+    assert [e["pid"] for e in events.of("preloaded")] == [master.pid]
+    assert [e["pid"] for e in events.of("atexit")] == [master.pid]  # workers use os._exit
+
+
+@pytest.mark.parametrize(("flag", "frozen"), [("--freeze", True), ("--no-freeze", False)])
+def test_freeze_can_be_turned_off(start_master, events: Events, flag: str,
+                                  frozen: bool) -> None:
+    master = start_master("fleets.basic:inspect", flag)
+    seen = events.wait_kind("inspect")[0]
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0
+    assert (seen["freeze_count"] > 0) is frozen
+
+
+def test_worker_exception_is_logged_with_its_name(start_master, events: Events) -> None:
+    master = start_master("fleets.basic:raising")  # restart=never
+    events.wait_kind("up")
+    assert master.wait_exit() == 5
+    master.wait_log(r"\[\d+\] ERROR worker raiser crashed")
+    master.wait_log(r"ValueError: boom-42")
+    master.wait_log(r"worker raiser \(pid \d+\) exited: exit code 1")
+    master.wait_log(r"worker raiser failed \(restart=never\)")

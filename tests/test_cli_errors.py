@@ -1,0 +1,79 @@
+"""Bad input: one line naming the problem, exit 2, no traceback, and nothing forked."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import Events, master_env
+
+BAD_RUNS = [
+    (["--fleet", "nosuchfleet"], "unknown fleet 'nosuchfleet' (known: "),
+    (["--fleet", "no_such_module_xyz:fleet"], "fleet module 'no_such_module_xyz' not found"),
+    (["--fleet", "fleets.basic:nope"], "module 'fleets.basic' has no attribute 'nope'"),
+    (["--fleet", "fleets.basic:not_a_fleet"], "is a int, not a fleet"),
+    (["--fleet", "fleets.basic:empty"], "fleet 'empty' has no workers"),
+    (["--fleet", "fleets.basic:uncallable"], "worker 'w': 17 is not callable"),
+    (["--fleet", "fleets.basic:needs_args"], "takes arguments"),
+    (["--fleet", "fleets.basic:bad_name"], "worker name 'has space' must be"),
+    (["--fleet", "fleets.basic:bad_replicas"], "replicas must be an integer >= 1"),
+    (["--fleet", "fleets.basic:bad_policy"], "restart must be one of"),
+    (["--fleet", "fleets.basic:duplicate"], "two workers are named 'w'"),
+    (["--fleet", "fleets.broken_import:fleet"], "RuntimeError: database URL is not set"),
+    (["--fleet", "fleets.basic:sleepers", "--preload", "no_such_mod_q"],
+     "preload module 'no_such_mod_q' not found"),
+    (["--fleet", "fleets.basic:sleepers", "--grace", "-1"], "'--grace'"),
+    (["--fleet", "fleets.basic:sleepers", "--grace", "soon"], "not a number of seconds"),
+    (["--fleet", "fleets.basic:sleepers", "--max-backoff", "nan"], "finite number"),
+    (["--fleet", "fleets.basic:sleepers", "--start-limit-burst", "0"], "'--start-limit-burst'"),
+    (["--fleet", "fleets.basic:sleepers", "--start-limit-interval", "-5"], "'--start-limit-"),
+    (["--fleet", "fleets.basic:sleepers", "--restart", "sometimes"], "'--restart'"),
+    (["--fleet", "fleets.basic:sleepers", "--bogus"], "No such option"),
+    ([], "Missing option '--fleet'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_RUNS, ids=[" ".join(a) for a, _ in BAD_RUNS])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, events: Events,
+                                          runtime_dir: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "prefork", "run", *args], capture_output=True, text=True,
+        env=master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)), timeout=30,
+    )
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("prefork: error: ")
+    assert message in lines[0]
+    events.drain()
+    assert not events.of("up"), "a worker ran although the input was bad"
+
+
+def test_unsafe_runtime_dir_is_refused(events: Events, runtime_dir: Path,
+                                       tmp_path: Path) -> None:
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    result = subprocess.run(
+        [sys.executable, "-m", "prefork", "run", "--fleet", "fleets.basic:sleepers",
+         "--runtime-dir", str(shared)],
+        capture_output=True, text=True, env=master_env(events, runtime_dir), timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"prefork: error: runtime directory {shared} is writable by others; "
+        "use a private one (--runtime-dir)"
+    ]
+
+
+def test_unknown_command_and_help() -> None:
+    bad = subprocess.run([sys.executable, "-m", "prefork", "frobnicate"],
+                         capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2
+    assert bad.stderr.splitlines() == ["prefork: error: No such command 'frobnicate'."]
+    ok = subprocess.run([sys.executable, "-m", "prefork", "run", "--help"],
+                        capture_output=True, text=True, timeout=30)
+    assert ok.returncode == 0
+    assert "--max-backoff" in ok.stdout

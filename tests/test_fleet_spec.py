@@ -1,0 +1,82 @@
+"""Fleet specs: what a user may write, and the one-line error for what they may not."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefork import Backoff, Fleet, FleetError, StartLimit, Worker, as_fleet, load_fleet
+
+
+def work() -> None:
+    pass
+
+
+async def async_work() -> None:
+    pass
+
+
+def test_a_mapping_of_names_to_callables_is_a_fleet() -> None:
+    fleet = as_fleet({"a": work, "b": work}, name="jobs")
+    assert fleet.name == "jobs"
+    assert [w.name for w in fleet.workers] == ["a", "b"]
+    assert fleet.restart == "on-failure"
+
+
+def test_a_list_of_workers_is_a_fleet() -> None:
+    fleet = as_fleet([Worker("a", work, replicas=3)], name="jobs")
+    assert fleet.workers[0].replicas == 3
+
+
+def test_async_targets_are_wrapped_to_run_in_a_fresh_loop() -> None:
+    worker = Worker("a", async_work)
+    assert worker.target() is None  # ran to completion in its own asyncio.run()
+
+
+@pytest.mark.parametrize(("obj", "message"), [
+    (42, "is a int, not a fleet"),
+    ({}, "has no workers"),
+    ({"w": 17}, "17 is not callable"),
+    ({"w": lambda x: None}, "takes arguments"),
+    ({"has space": work}, "must be letters"),
+    (Fleet("f", [Worker("w", work, replicas=0)]), "replicas must be an integer >= 1"),
+    (Fleet("f", [Worker("w", work, replicas=True)]), "replicas must be an integer >= 1"),
+    (Fleet("f", [Worker("w", work, restart="sometimes")]), "restart must be one of"),  # type: ignore[arg-type]
+    (Fleet("f", [Worker("w", work), Worker("w", work)]), "two workers are named 'w'"),
+    (Fleet("f", [work]), "is not a prefork.Worker"),  # type: ignore[list-item]
+    (Fleet("f", [Worker("w", work)], backoff=Backoff(initial=-1)), "initial must be"),
+    (Fleet("f", [Worker("w", work)], backoff=Backoff(factor=0.5)), "factor must be"),
+    (Fleet("f", [Worker("w", work)], backoff=Backoff(jitter=1.0)), "jitter must be"),
+    (Fleet("f", [Worker("w", work)], backoff=Backoff(maximum=float("nan"))), "maximum must be"),
+    (Fleet("f", [Worker("w", work)], start_limit=StartLimit(burst=0)), "burst must be"),
+    (Fleet("f", [Worker("w", work, start_limit=StartLimit(interval=-2))]), "interval must be"),
+    ({"w": Worker("v", work)}, "filed under the key"),
+])
+def test_invalid_fleets_raise_one_line(obj: object, message: str) -> None:
+    with pytest.raises(FleetError) as caught:
+        as_fleet(obj, name="f")
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize(("spec", "message"), [
+    ("nosuchfleet", "unknown fleet 'nosuchfleet' (known: "),
+    ("no_such_module_xyz:fleet", "fleet module 'no_such_module_xyz' not found"),
+    ("fleets.basic:nope", "has no attribute 'nope'"),
+    ("fleets.broken_import:fleet", "RuntimeError: database URL is not set (at "),
+    (":fleet", "must look like package.module:ATTR"),
+])
+def test_load_fleet_errors_name_the_problem(spec: str, message: str) -> None:
+    with pytest.raises(FleetError) as caught:
+        load_fleet(spec)
+    assert message in str(caught.value)
+
+
+def test_registered_fleet_loads_by_name() -> None:
+    fleet = load_fleet("demo")
+    assert fleet.name == "demo"
+    assert {w.name for w in fleet.workers} == {"clock", "primes", "flaky"}
+
+
+def test_module_attr_fleet_is_named_after_its_spec_when_it_has_no_name() -> None:
+    assert load_fleet("fleets.basic:one_sleeper").name == "fleets.basic.one_sleeper"
+    assert load_fleet("fleets.basic:sleepers").name == "sleepers"

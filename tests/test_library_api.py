@@ -1,0 +1,57 @@
+"""The same fleets through the library (run_fleet) and through entry points."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from conftest import Events, MasterProcess, master_env
+
+
+def test_run_fleet_from_a_script(events: Events, runtime_dir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "app.py"
+    script.write_text(textwrap.dedent("""
+        import logging, sys
+        from fleets.basic import sleeper
+        from prefork import Fleet, Worker, run_fleet
+
+        logging.basicConfig(level=logging.INFO)
+        code = run_fleet(Fleet("app", [Worker("a", sleeper), Worker("b", sleeper)]), grace=5)
+        print("run_fleet returned", code, file=sys.stderr)
+        sys.exit(code)
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL,
+                            env=master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)))
+    master = MasterProcess(proc, events)
+    try:
+        ups = events.wait_kind("up", count=2)
+        assert {e["label"] for e in ups} == {"a", "b"}
+        assert {e["ppid"] for e in ups} == {proc.pid}
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit() == 0
+        master.wait_log(r"run_fleet returned 0")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+
+
+def test_bundled_demo_fleet_runs_by_its_registered_name(start_master, events: Events) -> None:
+    master = start_master("demo")
+    master.wait_log(r"worker flaky spawned")
+    assert len(master.workers()) == 4
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0
+
+
+def test_prefork_fleets_lists_the_registered_fleets() -> None:
+    result = subprocess.run([sys.executable, "-m", "prefork", "fleets"], capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0
+    assert "demo\tprefork_workers.demo:fleet" in result.stdout.splitlines()

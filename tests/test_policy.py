@@ -1,0 +1,125 @@
+"""Backoff, backoff reset, flap limit and restart decisions, checked without a process."""
+
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from prefork import Backoff, StartLimit
+from prefork.policy import (
+    ExitStatus,
+    backoff_delay,
+    exceeds_start_limit,
+    is_stable_run,
+    should_restart,
+)
+
+NO_JITTER = Backoff(initial=1.0, factor=2.0, maximum=30.0, jitter=0.0)
+
+
+def test_backoff_doubles_from_one_second_up_to_the_cap() -> None:
+    delays = [backoff_delay(n, NO_JITTER, 0.0) for n in range(1, 9)]
+    assert delays == [1, 2, 4, 8, 16, 30, 30, 30]
+
+
+def test_first_delay_never_exceeds_a_cap_below_it() -> None:
+    assert backoff_delay(1, Backoff(initial=1.0, maximum=0.25, jitter=0.0), 0.0) == 0.25
+
+
+def test_huge_attempt_counts_stay_at_the_cap() -> None:
+    assert backoff_delay(100_000, NO_JITTER, 0.0) == 30
+
+
+@pytest.mark.parametrize("attempt", [1, 3, 6, 50])
+@pytest.mark.parametrize("spread", [0.0, 0.3, 0.999])
+def test_jitter_only_shortens_and_by_at_most_its_fraction(attempt: int, spread: float) -> None:
+    backoff = Backoff(jitter=0.1)
+    nominal = backoff_delay(attempt, Backoff(jitter=0.0), 0.0)
+    delay = backoff_delay(attempt, backoff, spread)
+    assert nominal * 0.9 <= delay <= nominal <= backoff.maximum
+    assert delay == pytest.approx(nominal * (1 - 0.1 * spread))
+
+
+def test_jitter_spreads_workers_that_died_together() -> None:
+    delays = {backoff_delay(6, Backoff(), s / 10) for s in range(10)}
+    assert len(delays) == 10
+
+
+@pytest.mark.parametrize("bad", [(0, 0.5), (1, 1.0), (1, -0.1)])
+def test_backoff_delay_rejects_nonsense(bad: tuple[int, float]) -> None:
+    with pytest.raises(ValueError):
+        backoff_delay(bad[0], NO_JITTER, bad[1])
+
+
+def test_stable_run_resets_backoff_at_reset_after() -> None:
+    backoff = Backoff(reset_after=60.0)
+    assert not is_stable_run(59.9, backoff)
+    assert is_stable_run(60.0, backoff)
+    assert is_stable_run(86_400.0, backoff)
+
+
+def test_start_limit_allows_burst_starts_in_the_interval_and_not_one_more() -> None:
+    limit = StartLimit(burst=5, interval=60.0)
+    starts = [0.0, 1.0, 3.0, 7.0]
+    assert not exceeds_start_limit(starts, 15.0, limit)  # the 5th start
+    assert exceeds_start_limit([*starts, 15.0], 31.0, limit)  # a 6th within 60 s
+
+
+def test_start_limit_forgets_starts_older_than_the_interval() -> None:
+    limit = StartLimit(burst=2, interval=10.0)
+    assert exceeds_start_limit([0.0, 5.0], 9.9, limit)
+    assert not exceeds_start_limit([0.0, 5.0], 10.0, limit)  # 0.0 left the window
+
+
+def test_start_limit_with_zero_interval_never_trips() -> None:
+    assert not exceeds_start_limit([0.0] * 1000, 0.0, StartLimit(burst=1, interval=0))
+
+
+def test_default_backoff_and_limit_fail_an_instant_crasher_after_five_starts() -> None:
+    """With the defaults, a worker that dies at once is started 5 times, then failed."""
+    backoff, limit = Backoff(jitter=0.0), StartLimit()
+    starts: list[float] = [0.0]
+    attempt = 0
+    while True:
+        attempt += 1
+        nxt = starts[-1] + backoff_delay(attempt, backoff, 0.0)
+        if exceeds_start_limit(starts, nxt, limit):
+            break
+        starts.append(nxt)
+    assert starts == [0.0, 1.0, 3.0, 7.0, 15.0]
+
+
+def test_exit_status_from_a_real_wait_status() -> None:
+    pid = os.fork()
+    if pid == 0:
+        os._exit(7)
+    _, status = os.waitpid(pid, 0)
+    assert ExitStatus.from_wait_status(status) == ExitStatus(code=7)
+    pid = os.fork()
+    if pid == 0:
+        os.kill(os.getpid(), signal.SIGKILL)
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    killed = ExitStatus.from_wait_status(status)
+    assert killed == ExitStatus(signal=signal.SIGKILL)
+    assert killed.describe() == "killed by SIGKILL"
+    assert ExitStatus(code=7).describe() == "exit code 7"
+
+
+@pytest.mark.parametrize(
+    ("policy", "status", "restart"),
+    [
+        ("on-failure", ExitStatus(code=0), False),
+        ("on-failure", ExitStatus(code=1), True),
+        ("on-failure", ExitStatus(signal=signal.SIGKILL), True),
+        ("on-failure", ExitStatus(signal=signal.SIGTERM), True),
+        ("always", ExitStatus(code=0), True),
+        ("always", ExitStatus(code=2), True),
+        ("never", ExitStatus(code=1), False),
+        ("never", ExitStatus(signal=signal.SIGSEGV), False),
+    ],
+)
+def test_should_restart(policy: str, status: ExitStatus, restart: bool) -> None:
+    assert should_restart(policy, status) is restart  # type: ignore[arg-type]

@@ -1,0 +1,32 @@
+"""The worker state table: what the master may do, and what it must never do."""
+
+from __future__ import annotations
+
+import pytest
+
+from prefork.states import ALLOWED, IllegalTransition, WorkerState, check_transition
+
+S = WorkerState
+
+
+@pytest.mark.parametrize(("current", "new"), [
+    (S.STOPPED, S.RUNNING), (S.RUNNING, S.BACKOFF), (S.BACKOFF, S.RUNNING),
+    (S.RUNNING, S.STOPPING), (S.STOPPING, S.STOPPED), (S.RUNNING, S.FAILED),
+    (S.RUNNING, S.EXITED), (S.BACKOFF, S.STOPPED), (S.BACKOFF, S.FAILED),
+])
+def test_the_lifecycle_transitions_are_allowed(current: WorkerState, new: WorkerState) -> None:
+    check_transition(current, new)
+
+
+@pytest.mark.parametrize(("current", "new"), [
+    (S.FAILED, S.RUNNING), (S.EXITED, S.RUNNING), (S.STOPPING, S.RUNNING),
+    (S.STOPPING, S.BACKOFF), (S.STOPPED, S.STOPPING), (S.RUNNING, S.RUNNING),
+])
+def test_impossible_transitions_raise(current: WorkerState, new: WorkerState) -> None:
+    with pytest.raises(IllegalTransition):
+        check_transition(current, new)
+
+
+def test_every_state_has_a_row_and_final_states_lead_nowhere() -> None:
+    assert set(ALLOWED) == set(WorkerState)
+    assert ALLOWED[S.FAILED] == ALLOWED[S.EXITED] == frozenset()
