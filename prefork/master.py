@@ -47,6 +47,9 @@ EXIT_WORKERS_FAILED = 5
 HANDLED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD)
 STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGINT})
 
+# observer(event, slot, time.monotonic()) for each lifecycle event: "forking", "spawned",
+# "exited" (slot.pid is the pid that exited, slot.last_exit how), "backoff", "failed",
+# "finished", "ready" (all forked), "stopping". It runs in the master's loop: keep it quick.
 Observer = Callable[[str, "Slot | None", float], None]
 
 
@@ -209,11 +212,12 @@ class Master:
 
     def _on_exit(self, slot: Slot, pid: int | None, status: ExitStatus, now: float) -> None:
         uptime = now - slot.started_at
-        slot.pid, slot.last_exit = None, status
+        slot.last_exit = status
         level = logging.WARNING if status.failed and not self._stopping else logging.INFO
         log.log(level, "worker %s (pid %s) exited: %s after %.3fs",
                 slot.label, pid, status.describe(), uptime)
-        self._notify("exited", slot)
+        self._notify("exited", slot)  # slot.pid is still the pid that exited
+        slot.pid = None
         if self._stopping:
             slot.move(WorkerState.STOPPED)
             return

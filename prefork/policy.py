@@ -6,6 +6,7 @@ check every rule without a process.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from collections.abc import Iterable
@@ -60,13 +61,14 @@ def backoff_delay(attempt: int, backoff: Backoff, spread: float) -> float:
         raise ValueError(f"attempt counts from 1, got {attempt}")
     if not 0 <= spread < 1:
         raise ValueError(f"spread must be in [0, 1), got {spread}")
-    # Stop multiplying once past the cap: factor**attempt overflows a float near 1024.
-    nominal = backoff.initial
-    for _ in range(attempt - 1):
-        if nominal >= backoff.maximum:
-            break
-        nominal *= backoff.factor
-    nominal = min(nominal, backoff.maximum)
+    initial, factor, maximum = backoff.initial, backoff.factor, backoff.maximum
+    if initial <= 0 or factor == 1 or initial >= maximum:
+        nominal = min(initial, maximum)
+    else:
+        # Constant time for any attempt: the exponent never needs to pass the step that
+        # reaches the cap (and factor**attempt alone would overflow a float near 1024).
+        steps_to_cap = math.ceil(math.log(maximum / initial, factor)) + 1  # +1: log rounding
+        nominal = min(maximum, initial * factor ** min(attempt - 1, steps_to_cap))
     return nominal * (1.0 - backoff.jitter * spread)
 
 

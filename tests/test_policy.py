@@ -32,6 +32,27 @@ def test_huge_attempt_counts_stay_at_the_cap() -> None:
     assert backoff_delay(100_000, NO_JITTER, 0.0) == 30
 
 
+@pytest.mark.parametrize(("backoff", "expected"), [
+    (Backoff(initial=15.0, factor=1.0, jitter=0.0), 15.0),  # constant backoff
+    (Backoff(initial=0.0, jitter=0.0), 0.0),  # restart at once
+    (Backoff(initial=0.3, factor=3.0, maximum=1.0, jitter=0.0), 1.0),
+])
+def test_delay_for_a_billionth_attempt_is_computed_not_iterated(backoff: Backoff,
+                                                                expected: float) -> None:
+    # An earlier version looped once per attempt when the cap was never reached: a worker
+    # crash-looping for days made every restart slower. This would hit the test timeout.
+    assert backoff_delay(10**9, backoff, 0.0) == expected
+
+
+@pytest.mark.parametrize("factor", [1.5, 2.0, 3.0, 10.0])
+def test_closed_form_matches_repeated_multiplication(factor: float) -> None:
+    backoff = Backoff(initial=0.1, factor=factor, maximum=30.0, jitter=0.0)
+    nominal = 0.1
+    for attempt in range(1, 40):
+        assert backoff_delay(attempt, backoff, 0.0) == pytest.approx(min(nominal, 30.0))
+        nominal *= factor
+
+
 @pytest.mark.parametrize("attempt", [1, 3, 6, 50])
 @pytest.mark.parametrize("spread", [0.0, 0.3, 0.999])
 def test_jitter_only_shortens_and_by_at_most_its_fraction(attempt: int, spread: float) -> None:
