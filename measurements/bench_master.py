@@ -1,0 +1,925 @@
+"""Benchmarks of the prefork master, run side by side by ``make bench``.
+
+With no arguments this is the driver: it runs every benchmark, each in a fresh
+interpreter (``bench_master.py --case NAME``, which prints one line of JSON), and writes
+``master-bench.json`` (raw numbers) and ``master-bench.md`` (a dated table) next to
+itself. A master installs signal handlers and forks, so no two masters ever share an
+interpreter: a case either is the master itself, or is a probe that starts masters as
+``bench_master.py --master`` subprocesses and measures them from outside.
+
+Times are ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process on the
+machine), so a worker's timestamp and its master's can be subtracted. Workers report
+to a probe pipe that they inherit: each record is ``(kind, pid, time)`` packed into 16
+bytes, under PIPE_BUF, so every write is atomic. Targets come from the issue; results are
+reported against them, never asserted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import importlib
+import itertools
+import json
+import logging
+import os
+import platform
+import random
+import select
+import shutil
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import prefork
+from prefork.master import Observer, Slot
+
+HERE = Path(__file__).resolve().parent
+SCRIPT = Path(__file__).resolve()
+RESULTS_JSON = HERE / "master-bench.json"
+RESULTS_MD = HERE / "master-bench.md"
+
+# Probe records: what happened, in which process, when (CLOCK_MONOTONIC seconds).
+RECORD = struct.Struct("=iid")
+ENTRY, DIED, RUN_START, FIRST_FORK, READY = range(5)
+
+Json = dict[str, Any]
+
+# Set in the master before run(); every forked worker inherits it.
+_probe_fd = -1
+_forks = 0  # bumped by the crash benchmark's observer at "forking": a child sees its number
+
+
+# -- workers (they run in forked children) -----------------------------------------------
+
+
+def _report(kind: int, when: float) -> None:
+    os.write(_probe_fd, RECORD.pack(kind, os.getpid(), when))
+
+
+def entry_then_pause() -> None:
+    """Report the first line's time, then sleep until a signal (SIGTERM kills: default)."""
+    _report(ENTRY, time.monotonic())
+    while True:
+        signal.pause()
+
+
+def entry_then_exit() -> None:
+    """Report the first line's time, linger 10 ms (the next fork finds an idle master),
+    then exit 0 so ``restart="always"`` forks the next sample."""
+    _report(ENTRY, time.monotonic())
+    time.sleep(0.010)
+
+
+def crash_after_a_moment() -> None:
+    """Sleep 2-8 ms, so the master is asleep in select(), then report the time and die:
+    by SIGKILL in even-numbered children, by ``os._exit(1)`` in odd ones."""
+    time.sleep(random.SystemRandom().uniform(0.002, 0.008))
+    killed = _forks % 2 == 0
+    _report(DIED, time.monotonic())
+    if killed:
+        os.kill(os.getpid(), signal.SIGKILL)
+    os._exit(1)
+
+
+def exit_at_once() -> None:
+    """The flapping worker of the churn benchmark."""
+    os._exit(1)
+
+
+# -- helpers --------------------------------------------------------------------------
+
+
+def quiet_logging() -> None:
+    """Only errors: at WARNING every crash would still log a line (10,000 in the churn
+    benchmark), through logging's last-resort stderr handler."""
+    logging.getLogger("prefork").setLevel(logging.ERROR)
+
+
+def load_floor(enabled: bool) -> Json:
+    """Import measurements/floor.py into this (master) process if ``enabled``."""
+    if not enabled:
+        return {"floor": False, "rss_kib_before_run": vm_kib("self", "VmRSS")}
+    started = time.perf_counter()
+    floor = importlib.import_module("floor")
+    return {
+        "floor": True,
+        "floor_import_ms": (time.perf_counter() - started) * 1000,
+        "floor_tables": len(floor.TABLES),
+        "rss_kib_before_run": vm_kib("self", "VmRSS"),
+    }
+
+
+def vm_kib(pid: int | str, field: str) -> int:
+    """A ``kB`` field of /proc/PID/status (VmRSS, VmHWM, ...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise KeyError(field)
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of every thread of ``pid``."""
+    voluntary = involuntary = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        for line in (task / "status").read_text().splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                voluntary += int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                involuntary += int(line.split()[1])
+    return voluntary, involuntary
+
+
+def fleet_of(target: Callable[[], object], replicas: int, *, restart: str = "on-failure",
+             immediate: bool = False) -> prefork.Fleet:
+    """One worker with ``replicas``; ``immediate`` restarts at once and never gives up."""
+    backoff = prefork.Backoff(initial=0.0, factor=1.0, jitter=0.0) if immediate else None
+    start_limit = prefork.StartLimit(interval=0) if immediate else None
+    return prefork.Fleet(
+        "bench",
+        [prefork.Worker("w", target, replicas=replicas)],
+        restart=restart,  # type: ignore[arg-type]
+        backoff=backoff or prefork.Backoff(),
+        start_limit=start_limit or prefork.StartLimit(),
+    )
+
+
+@contextlib.contextmanager
+def private_runtime_dir() -> Iterator[Path]:
+    """A fresh 0700 directory of ours for the fleet lock."""
+    path = Path(tempfile.mkdtemp(prefix="prefork-bench-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def run_master(fleet: prefork.Fleet, observer: Observer, *, grace: float = 5.0,
+               before_run: Callable[[], None] | None = None) -> int:
+    """Run a master for ``fleet`` in this process until it stops."""
+    with private_runtime_dir() as runtime_dir:
+        master = prefork.Master(fleet, grace=grace, runtime_dir=runtime_dir,
+                                observer=observer)
+        if before_run is not None:
+            before_run()
+        return master.run()
+
+
+def stop_self() -> None:
+    """Ask the master running in this process to stop, as systemd would."""
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def read_records(fd: int, timeout: float = 0.0) -> list[tuple[int, int, float]]:
+    """The records in the probe pipe ``fd``: waits up to ``timeout`` for any to arrive,
+    then returns those read so far, always whole ones."""
+    data = b""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = max(0.0, deadline - time.monotonic())
+        ready, _, _ = select.select([fd], [], [], remaining)
+        if not ready:
+            break
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) % RECORD.size == 0:
+            break
+    if len(data) % RECORD.size:  # a record is written whole; finish a split read
+        data += os.read(fd, RECORD.size - len(data) % RECORD.size)
+    return [RECORD.unpack_from(data, i) for i in range(0, len(data), RECORD.size)]
+
+
+def summarize(values: list[float]) -> Json:
+    """n, median, p99 (linear interpolation), min, max, mean of ``values``."""
+    ordered = sorted(values)
+    if not ordered:
+        return {"n": 0}
+    return {
+        "n": len(ordered),
+        "median": statistics.median(ordered),
+        "p99": percentile(ordered, 99),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "mean": statistics.fmean(ordered),
+    }
+
+
+def percentile(ordered: list[float], q: float) -> float:
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+# -- probed masters: `--master` runs one, a probe measures it from outside ---------------
+
+
+def master_main(workers: int, probe_fd: int, floor: bool) -> Json:
+    """The process a probe starts: ``workers`` pausing workers under one master.
+
+    Reports RUN_START just before ``Master.run()``, FIRST_FORK and READY from the observer
+    to the probe pipe; prints its own timestamps as JSON once ``run()`` has returned.
+    """
+    global _probe_fd
+    _probe_fd = probe_fd
+    info = load_floor(floor)
+    marks: dict[str, float] = {}
+
+    def observer(event: str, _slot: Slot | None, now: float) -> None:
+        if event == "forking" and "first_fork" not in marks:
+            marks["first_fork"] = now
+            _report(FIRST_FORK, now)
+        elif event == "ready":
+            marks["ready"] = now
+            _report(READY, now)
+        elif event == "stopping":
+            marks["stopping"] = now
+
+    def before_run() -> None:
+        marks["run_start"] = time.monotonic()
+        _report(RUN_START, marks["run_start"])
+
+    rc = run_master(fleet_of(entry_then_pause, workers), observer, before_run=before_run)
+    marks["run_returned"] = time.monotonic()
+    return {"rc": rc, **marks, **info}
+
+
+@dataclass
+class ProbedMaster:
+    """A ``--master`` subprocess and the read end of its probe pipe."""
+
+    proc: subprocess.Popen[str]
+    probe: int
+    pidfd: int
+
+    @classmethod
+    def start(cls, workers: int, floor: bool) -> ProbedMaster:
+        read_end, write_end = os.pipe()
+        proc = subprocess.Popen(
+            [sys.executable, str(SCRIPT), "--master", "--workers", str(workers),
+             "--probe-fd", str(write_end), "--floor" if floor else "--no-floor"],
+            pass_fds=(write_end,), stdout=subprocess.PIPE, text=True,
+        )
+        os.close(write_end)
+        return cls(proc, read_end, os.pidfd_open(proc.pid))
+
+    def collect(self, wanted: dict[int, int], timeout: float) -> list[tuple[int, int, float]]:
+        """Read probe records until ``wanted[kind]`` of each kind have come."""
+        records: list[tuple[int, int, float]] = []
+        deadline = time.monotonic() + timeout
+        while any(sum(1 for r in records if r[0] == k) < n for k, n in wanted.items()):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                self.kill()
+                raise TimeoutError(f"probe: got {len(records)} records, wanted {wanted}")
+            records += read_records(self.probe, remaining)
+        return records
+
+    def stop(self, timeout: float = 30.0) -> tuple[float, float, Json]:
+        """SIGTERM the master; return when it was sent, when the process ended (its pidfd
+        turned readable: exact, no polling) and the JSON the master printed."""
+        sent = time.monotonic()
+        os.kill(self.proc.pid, signal.SIGTERM)
+        ready, _, _ = select.select([self.pidfd], [], [], timeout)
+        ended = time.monotonic()
+        if not ready:
+            self.kill()
+            raise TimeoutError(f"master {self.proc.pid} still running {timeout}s after SIGTERM")
+        assert self.proc.stdout is not None
+        out = self.proc.stdout.read()
+        rc = self.proc.wait()
+        self.close()
+        if rc != 0:
+            raise RuntimeError(f"master exited {rc}")
+        return sent, ended, json.loads(out.strip().splitlines()[-1])
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
+        self.close()
+
+    def close(self) -> None:
+        for fd in (self.probe, self.pidfd):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+# -- the cases ------------------------------------------------------------------------
+
+
+def case_crash(samples: int, floor: bool) -> Json:
+    """(a) Crash to noticed: a worker stamps the time just before it dies (SIGKILL or
+    ``os._exit(1)``, alternately); the observer's ``now`` at "exited" is when the master
+    noticed. One worker, restarted at once, so samples never overlap."""
+    global _probe_fd
+    info = load_floor(floor)
+    read_end, _probe_fd = os.pipe()
+    os.set_blocking(read_end, False)
+    latencies: dict[str, list[float]] = {"SIGKILL": [], "_exit": []}
+    stopping = False
+
+    def observer(event: str, _slot: Slot | None, now: float) -> None:
+        global _forks
+        nonlocal stopping
+        if event == "forking":
+            _forks += 1
+        elif event == "exited" and not stopping:
+            try:
+                kind, _pid, died = RECORD.unpack(os.read(read_end, RECORD.size))
+            except BlockingIOError:
+                return  # died before reporting (not ours to time)
+            assert kind == DIED
+            # The child that just died was fork number _forks; even ones were SIGKILLed.
+            latencies["SIGKILL" if _forks % 2 == 0 else "_exit"].append((now - died) * 1000)
+            if sum(map(len, latencies.values())) >= samples:
+                stopping = True
+                stop_self()
+
+    rc = run_master(fleet_of(crash_after_a_moment, 1, immediate=True), observer)
+    every = latencies["SIGKILL"] + latencies["_exit"]
+    baseline = kernel_exit_baseline(read_end, max(20, samples // 4))
+    return {"rc": rc, **info, "latency_ms": summarize(every),
+            "by_death": {k: summarize(v) for k, v in latencies.items()},
+            "kernel_baseline_ms": summarize(baseline),
+            "samples_ms": every, "kernel_baseline_samples_ms": baseline}
+
+
+def kernel_exit_baseline(read_end: int, samples: int) -> list[float]:
+    """The kernel's share of crash-to-noticed, without prefork: from the same process
+    (same size, same floor) after its master returned, fork a child that dies like the
+    crash worker and wait for it on a pidfd, which turns readable once the child has
+    exited (its memory torn down, SIGCHLD sent). Only a master that spins could beat it."""
+    global _forks
+    latencies: list[float] = []
+    os.set_blocking(read_end, True)
+    for _ in range(samples):
+        _forks += 1
+        pid = os.fork()
+        if pid == 0:
+            try:
+                crash_after_a_moment()
+            finally:
+                os._exit(1)
+        pidfd = os.pidfd_open(pid)
+        select.select([pidfd], [], [])
+        now = time.monotonic()
+        os.close(pidfd)
+        os.waitpid(pid, 0)
+        _kind, _pid, died = RECORD.unpack(os.read(read_end, RECORD.size))
+        latencies.append((now - died) * 1000)
+    return latencies
+
+
+def case_fork(samples: int, floor: bool) -> Json:
+    """(b) Fork to worker entry (the issue's case has the floor imported): the observer's
+    time at "forking" against the time on the worker's first line, matched by pid. One
+    worker with ``restart="always"`` that exits 10 ms after its entry, so forks happen one
+    at a time."""
+    global _probe_fd
+    info = load_floor(floor)
+    read_end, _probe_fd = os.pipe()
+    forking: dict[str, float] = {}
+    fork_at: dict[int, float] = {}
+    spawned_ms: list[float] = []
+    exits = 0
+
+    def observer(event: str, slot: Slot | None, now: float) -> None:
+        nonlocal exits
+        if event == "forking":
+            forking["last"] = now
+        elif event == "spawned" and slot is not None and slot.pid is not None:
+            fork_at[slot.pid] = forking["last"]
+            spawned_ms.append((now - forking["last"]) * 1000)
+        elif event == "exited":
+            exits += 1
+            if exits == samples:
+                stop_self()
+
+    rc = run_master(fleet_of(entry_then_exit, 1, restart="always", immediate=True), observer)
+    entries = {pid: t for kind, pid, t in read_records(read_end) if kind == ENTRY}
+    latencies = [(entries[pid] - t) * 1000 for pid, t in fork_at.items() if pid in entries]
+    latencies = latencies[:samples]
+    baseline = bare_fork_baseline(read_end, max(20, samples // 2))
+    return {"rc": rc, **info, "latency_ms": summarize(latencies),
+            "master_side_ms": summarize(spawned_ms[:samples]),
+            "bare_fork_baseline_ms": summarize(baseline),
+            "samples_ms": latencies, "bare_fork_baseline_samples_ms": baseline}
+
+
+def bare_fork_baseline(read_end: int, samples: int) -> list[float]:
+    """What ``os.fork()`` alone costs this process (same floor, gc already frozen by the
+    master that ran here): from just before the call to the child's first line, with no
+    prefork in between. The rest of fork-to-entry is prefork's child setup."""
+    latencies: list[float] = []
+    for _ in range(samples):
+        before = time.monotonic()
+        pid = os.fork()
+        if pid == 0:
+            _report(ENTRY, time.monotonic())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        time.sleep(0.005)
+        _kind, _pid, entered = read_records(read_end, timeout=5)[0]
+        latencies.append((entered - before) * 1000)
+    return latencies
+
+
+def case_fresh(samples: int, warmup: int = 1) -> Json:
+    """(b) What a systemd unit per worker pays: from just before ``Popen`` of a fresh
+    interpreter to the moment it has imported the floor (it prints time.monotonic()).
+    The first ``warmup`` runs are not counted. A deployed service has its .pyc files, so
+    PYTHONDONTWRITEBYTECODE is dropped: the warm-up writes floor's (``__pycache__`` is
+    git-ignored) and the measured runs load it, as they load site-packages' own."""
+    code = "import floor, time; print(time.monotonic(), flush=True)"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+    latencies: list[float] = []
+    for i in range(warmup + samples):
+        before = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=env,
+                                stdout=subprocess.PIPE, text=True)
+        assert proc.stdout is not None
+        imported = float(proc.stdout.readline())
+        proc.wait()
+        if i >= warmup:
+            latencies.append((imported - before) * 1000)
+    return {"latency_ms": summarize(latencies), "samples_ms": latencies,
+            "python": sys.executable}
+
+
+def case_idle(seconds: float, workers: int = 8, settle: float = 3.0) -> Json:
+    """(c) Idle wake-ups: the kernel's count of the master's context switches
+    (voluntary + involuntary, all threads, from /proc/PID/task/*/status) over ``seconds``
+    with ``workers`` healthy pausing workers, starting ``settle`` s after all reported in."""
+    master = ProbedMaster.start(workers, floor=True)
+    master.collect({ENTRY: workers}, timeout=60)
+    time.sleep(settle)
+    threads = len(list(Path(f"/proc/{master.proc.pid}/task").iterdir()))
+    start = time.monotonic()
+    first = context_switches(master.proc.pid)
+    per_second: list[int] = []
+    previous = sum(first)
+    for tick in range(1, int(seconds) + 1):
+        time.sleep(max(0.0, start + tick - time.monotonic()))
+        now = sum(context_switches(master.proc.pid))
+        per_second.append(now - previous)
+        previous = now
+    last = context_switches(master.proc.pid)
+    elapsed = time.monotonic() - start
+    master.stop()
+    wakeups = sum(last) - sum(first)
+    return {
+        "seconds": elapsed, "workers": workers, "master_threads": threads,
+        "voluntary": last[0] - first[0], "involuntary": last[1] - first[1],
+        "wakeups": wakeups, "wakeups_per_s": wakeups / elapsed,
+        "per_second": per_second,
+    }
+
+
+def case_shutdown(runs: int, workers: int, floor: bool) -> Json:
+    """(d) Graceful stop: once all ``workers`` (default SIGTERM disposition) reported in,
+    SIGTERM the master and time until its process has ended (pidfd readable). Split into
+    signal -> "stopping", "stopping" -> run() returned, run() returned -> process gone."""
+    totals: list[float] = []
+    phases: dict[str, list[float]] = {"to_stopping": [], "reaping": [], "teardown": []}
+    for _ in range(runs):
+        master = ProbedMaster.start(workers, floor)
+        master.collect({ENTRY: workers}, timeout=60)
+        time.sleep(0.3)
+        sent, ended, marks = master.stop()
+        totals.append((ended - sent) * 1000)
+        phases["to_stopping"].append((marks["stopping"] - sent) * 1000)
+        phases["reaping"].append((marks["run_returned"] - marks["stopping"]) * 1000)
+        phases["teardown"].append((ended - marks["run_returned"]) * 1000)
+    return {"workers": workers, "floor": floor, "stop_ms": summarize(totals),
+            "phases_ms": {k: summarize(v) for k, v in phases.items()}, "samples_ms": totals}
+
+
+def case_start(runs: int, workers: int, floor: bool) -> Json:
+    """(e) Start-up of ``workers``: from just before ``Master.run()`` (and from the first
+    "forking") to the last worker's first line, read from the probe pipe."""
+    from_run: list[float] = []
+    from_fork: list[float] = []
+    forked: list[float] = []
+    stops: list[float] = []
+    for _ in range(runs):
+        master = ProbedMaster.start(workers, floor)
+        records = master.collect({RUN_START: 1, FIRST_FORK: 1, READY: 1, ENTRY: workers},
+                                 timeout=120)
+        at = {kind: t for kind, _pid, t in records if kind != ENTRY}
+        last_entry = max(t for kind, _pid, t in records if kind == ENTRY)
+        from_run.append((last_entry - at[RUN_START]) * 1000)
+        from_fork.append((last_entry - at[FIRST_FORK]) * 1000)
+        forked.append((at[READY] - at[RUN_START]) * 1000)
+        sent, ended, _marks = master.stop()
+        stops.append((ended - sent) * 1000)
+    return {"workers": workers, "floor": floor, "from_run_ms": summarize(from_run),
+            "from_first_fork_ms": summarize(from_fork), "all_forked_ms": summarize(forked),
+            "stop_ms": summarize(stops), "samples_ms": from_run}
+
+
+def case_churn(cycles: int, workers: int, floor: bool, every: int = 1000) -> Json:
+    """(f) RSS under churn: ``workers`` that exit at once, restarted with no delay and no
+    start limit. Every ``every`` exits the observer reads the master's own VmRSS and
+    pymalloc's allocated block count; growth is from exit 1,000 to exit ``cycles``."""
+    info = load_floor(floor)
+    marks: list[Json] = []
+    exits = 0
+    started: dict[str, float] = {}
+
+    def observer(event: str, _slot: Slot | None, now: float) -> None:
+        nonlocal exits
+        if event == "ready":
+            started["t"] = now
+            marks.append({"exits": 0, "t": 0.0, "rss_kib": vm_kib("self", "VmRSS"),
+                          "blocks": sys.getallocatedblocks()})
+        elif event == "exited" and exits < cycles:
+            exits += 1
+            if exits % every == 0:
+                marks.append({"exits": exits, "t": now - started["t"],
+                              "rss_kib": vm_kib("self", "VmRSS"),
+                              "blocks": sys.getallocatedblocks()})
+            if exits == cycles:
+                stop_self()
+
+    rc = run_master(fleet_of(exit_at_once, workers, immediate=True), observer)
+    at = {m["exits"]: m for m in marks}
+    first, last = at[every], at[cycles]
+    rates = [every / (b["t"] - a["t"]) for a, b in itertools.pairwise(marks)]
+    return {
+        "rc": rc, **info, "workers": workers, "cycles": cycles, "marks": marks,
+        "rss_growth_kib": last["rss_kib"] - first["rss_kib"],
+        "blocks_growth": last["blocks"] - first["blocks"],
+        "cycles_per_s_first_last": [rates[0], rates[-1]],
+        "seconds": last["t"],
+    }
+
+
+def run_case(name: str, args: argparse.Namespace) -> Json:
+    quiet_logging()
+    if name == "crash":
+        return case_crash(args.samples or 200, args.floor)
+    if name == "fork":
+        return case_fork(args.samples or 50, args.floor)
+    if name == "fresh":
+        return case_fresh(args.samples or 10)
+    if name == "idle":
+        return case_idle(args.seconds or 30.0)
+    if name == "shutdown":
+        return case_shutdown(args.runs or 7, args.workers or 64, args.floor)
+    if name == "start":
+        return case_start(args.runs or 5, args.workers or 256, args.floor)
+    if name == "churn":
+        return case_churn(args.cycles or 10_000, args.workers or 4, args.floor)
+    raise SystemExit(f"unknown case {name!r}")
+
+
+# -- the driver -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One subprocess the driver runs: a key for the results and its arguments."""
+
+    key: str
+    argv: tuple[str, ...]
+    quick_argv: tuple[str, ...]
+
+
+PLANS: tuple[Plan, ...] = (
+    Plan("crash", ("--case", "crash", "--floor", "--samples", "200"),
+         ("--case", "crash", "--floor", "--samples", "40")),
+    Plan("crash_no_floor", ("--case", "crash", "--no-floor", "--samples", "200"),
+         ("--case", "crash", "--no-floor", "--samples", "40")),
+    Plan("fork", ("--case", "fork", "--floor", "--samples", "50"),
+         ("--case", "fork", "--floor", "--samples", "20")),
+    Plan("fork_no_floor", ("--case", "fork", "--no-floor", "--samples", "50"),
+         ("--case", "fork", "--no-floor", "--samples", "20")),
+    Plan("fresh", ("--case", "fresh", "--samples", "10"), ("--case", "fresh", "--samples", "3")),
+    Plan("idle", ("--case", "idle", "--seconds", "30"), ("--case", "idle", "--seconds", "5")),
+    Plan("shutdown", ("--case", "shutdown", "--floor", "--runs", "7", "--workers", "64"),
+         ("--case", "shutdown", "--floor", "--runs", "2", "--workers", "64")),
+    Plan("shutdown_no_floor", ("--case", "shutdown", "--no-floor", "--runs", "5"),
+         ("--case", "shutdown", "--no-floor", "--runs", "2")),
+    Plan("start", ("--case", "start", "--floor", "--runs", "5", "--workers", "256"),
+         ("--case", "start", "--floor", "--runs", "2", "--workers", "256")),
+    Plan("start_no_floor", ("--case", "start", "--no-floor", "--runs", "3"),
+         ("--case", "start", "--no-floor", "--runs", "1")),
+    Plan("churn", ("--case", "churn", "--floor", "--cycles", "10000"),
+         ("--case", "churn", "--floor", "--cycles", "2000")),
+)
+
+
+def environment() -> Json:
+    """Where these numbers come from."""
+    cpu = "unknown"
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            cpu = line.split(":", 1)[1].strip()
+            break
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
+                                capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = "unknown"
+    return {
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "python": sys.version,
+        "kernel": f"{platform.system()} {platform.release()} {platform.version()}",
+        "cpu": cpu,
+        "nproc": len(os.sched_getaffinity(0)),
+        "mem_total_kib": vm_kib_meminfo("MemTotal"),
+        "prefork": prefork.__version__,
+        "commit": commit,
+        "packages": {name: metadata.version(name)
+                     for name in ("sqlmodel", "sqlalchemy", "pydantic", "psutil")},
+    }
+
+
+def vm_kib_meminfo(field: str) -> int:
+    for line in Path("/proc/meminfo").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def drive(quick: bool, only: list[str] | None) -> int:
+    """Run every plan in a fresh interpreter; write the JSON and the Markdown report."""
+    results: Json = {"environment": environment(), "quick": quick, "cases": {}}
+    failed = 0
+    began = time.monotonic()
+    for plan in PLANS:
+        if only and plan.key not in only:
+            continue
+        argv = plan.quick_argv if quick else plan.argv
+        print(f"bench: {plan.key} ({' '.join(argv)})", file=sys.stderr, flush=True)
+        started = time.monotonic()
+        proc = subprocess.run([sys.executable, str(SCRIPT), *argv], capture_output=True,
+                              text=True, timeout=600, check=False)
+        took = time.monotonic() - started
+        if proc.returncode != 0 or not proc.stdout.strip():
+            failed += 1
+            results["cases"][plan.key] = {"error": f"exit {proc.returncode}",
+                                          "stderr": proc.stderr[-4000:]}
+            print(f"bench: {plan.key} FAILED (exit {proc.returncode}):\n{proc.stderr[-4000:]}",
+                  file=sys.stderr, flush=True)
+            continue
+        if proc.stderr.strip():
+            print(proc.stderr.rstrip(), file=sys.stderr)
+        case = json.loads(proc.stdout.strip().splitlines()[-1])
+        case["wall_s"] = took
+        results["cases"][plan.key] = case
+        print(f"bench: {plan.key} done in {took:.1f}s", file=sys.stderr, flush=True)
+    results["total_wall_s"] = time.monotonic() - began
+    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
+    RESULTS_MD.write_text(render_markdown(results))
+    print(RESULTS_MD.read_text())
+    return 1 if failed else 0
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f} ms" if value < 10 else f"{value:.0f} ms"
+
+
+def _met(ok: bool | None) -> str:
+    return "n/a" if ok is None else ("yes" if ok else "**no**")
+
+
+def _met_latency(stats: Json, limit_ms: float) -> str:
+    """Judged on the median; says whether the p99 is under the target too."""
+    if stats["median"] >= limit_ms:
+        return "**no**"
+    return "yes (p99 too)" if stats["p99"] < limit_ms else "median yes, **p99 no**"
+
+
+def table_rows(cases: Json) -> list[tuple[str, str, str, str, str]]:
+    """(benchmark, median, p99 or max, target, met?) for each benchmark that ran."""
+    rows: list[tuple[str, str, str, str, str]] = []
+
+    def ok(key: str) -> bool:
+        return key in cases and "error" not in cases[key]
+
+    for key, label in (("crash", "a. crash to noticed (floor in master)"),
+                       ("crash_no_floor", "a. crash to noticed (no floor)")):
+        if ok(key):
+            s = cases[key]["latency_ms"]
+            rows.append((f"{label}, n={s['n']}", _ms(s["median"]), f"p99 {_ms(s['p99'])}",
+                         "< 5 ms", _met_latency(s, 5)))
+    for key, label in (("fork", "b. fork to worker entry (floor in master)"),
+                       ("fork_no_floor", "b. fork to worker entry (no floor)")):
+        if ok(key):
+            s = cases[key]["latency_ms"]
+            rows.append((f"{label}, n={s['n']}", _ms(s["median"]), f"p99 {_ms(s['p99'])}",
+                         "< 3 ms", _met_latency(s, 3)))
+    if ok("fresh"):
+        s = cases["fresh"]["latency_ms"]
+        rows.append((f"b. fresh interpreter + floor, n={s['n']}", _ms(s["median"]),
+                     f"p99 {_ms(s['p99'])}", "(baseline)", _met(None)))
+    if ok("fork") and ok("fresh"):
+        ratio = cases["fresh"]["latency_ms"]["median"] / cases["fork"]["latency_ms"]["median"]
+        rows.append(("b. fresh / fork (medians)", f"{ratio:.0f}x", "", ">= 150x",
+                     _met(ratio >= 150)))
+    if ok("idle"):
+        c = cases["idle"]
+        rows.append((f"c. idle master wake-ups, 8 workers, {c['seconds']:.0f} s",
+                     f"{c['wakeups_per_s']:.2f} /s", f"max {max(c['per_second'])} in 1 s",
+                     "<= 1 /s", _met(c["wakeups_per_s"] <= 1)))
+    for key, label in (("shutdown", "d. graceful stop, 64 workers (floor)"),
+                       ("shutdown_no_floor", "d. graceful stop, 64 workers (no floor)")):
+        if ok(key):
+            s = cases[key]["stop_ms"]
+            rows.append((f"{label}, {s['n']} runs", _ms(s["median"]), f"max {_ms(s['max'])}",
+                         "< 250 ms", _met(s["median"] < 250)))
+    for key, label in (("start", "e. start 256 workers (floor)"),
+                       ("start_no_floor", "e. start 256 workers (no floor)")):
+        if ok(key):
+            s = cases[key]["from_run_ms"]
+            rows.append((f"{label}, {s['n']} runs", _ms(s["median"]), f"max {_ms(s['max'])}",
+                         "< 3 s", _met(s["median"] < 3000)))
+    if ok("churn"):
+        c = cases["churn"]
+        growth = c["rss_growth_kib"]
+        rows.append((f"f. master RSS growth, exit 1,000 to {c['cycles']:,}",
+                     f"{growth:+d} KiB", f"{c['blocks_growth']:+d} pymalloc blocks",
+                     "~0 (<= 256 KiB)", _met(growth <= 256)))
+    return rows
+
+
+METHOD = """\
+## Method
+
+Every benchmark runs in a fresh interpreter (`bench_master.py --case NAME`), and so does
+every master: a master installs signal handlers and forks, so none shares a process
+with another. Times are `time.monotonic()` (CLOCK_MONOTONIC, one clock for every process
+on the machine); workers write `(kind, pid, time)` records to a pipe they inherit. The
+`prefork` logger is set to ERROR so that log lines (one per crash) do not weigh on the
+timings. "Floor" means the master imported `measurements/floor.py` (26 SQLModel tables,
+SQLAlchemy, pydantic; a master of ~60 MiB RSS) before `Master.run()`, as a real fleet
+does; most cases also run without it, to show what the floor's size costs.
+
+- **a. Crash to noticed.** One worker sleeps 2-8 ms (so the master is asleep in
+  `select()`), writes `time.monotonic()` to the pipe, and dies: SIGKILL in half the
+  samples, `os._exit(1)` in the other half. The observer's `now` at `"exited"` is when
+  the master noticed; latency = noticed - died. The worker is restarted at once
+  (Backoff(initial=0), no start limit), one sample at a time. This includes the kernel
+  tearing down the dying process's memory before it signals SIGCHLD, so the same
+  process, once its master has returned, also forks children that die the same way and
+  waits for each on a pidfd: the kernel's share, with no prefork in between.
+- **b. Fork to worker entry.** With the floor imported in the master, the observer's
+  time at `"forking"` against the first line of the worker (matched by pid); one worker
+  with `restart="always"` that exits 10 ms after its first line. For scale, the same
+  process then times a bare `os.fork()` to the child's first line. The comparison is
+  what a systemd unit per worker pays: from just before `Popen([python, "-c", "import
+  floor; ..."])` to the moment that fresh interpreter reports it has imported the floor
+  (after one uncounted warm-up run that writes floor's `.pyc`; PYTHONDONTWRITEBYTECODE
+  is dropped for these runs, as a deployed service has its bytecode cached). Ratio =
+  fresh median / fork median (with the floor).
+- **c. Idle wake-ups.** A master with the floor and 8 workers that `signal.pause()`.
+  Once all 8 reported in and 3 s more have passed, the probe reads the master's
+  `voluntary_ctxt_switches + nonvoluntary_ctxt_switches` (all threads,
+  `/proc/PID/task/*/status`) every second for 30 s; reading /proc does not wake the
+  master. Every wake-up of a sleeping process is at least one context switch.
+- **d. Graceful stop.** A master with 64 pausing workers (default SIGTERM disposition).
+  Once all reported in, the probe sends SIGTERM and waits on a pidfd of the master, which
+  turns readable the moment the process has ended (no polling); the time includes the
+  interpreter's own exit after `run()` returns. Phases come from the master's observer
+  ("stopping") and a timestamp after `run()` returned.
+- **e. Start 256 workers.** From just before `Master.run()` (which takes the lock and
+  runs `gc.collect(); gc.freeze()` first) to the latest first line among the 256
+  workers. Also reported: from the first `"forking"`, and until all forks were made.
+- **f. RSS under churn.** 4 workers that `os._exit(1)` at once, Backoff(initial=0.0,
+  factor=1.0, jitter=0.0), StartLimit(interval=0). The observer reads the master's own
+  VmRSS (and `sys.getallocatedblocks()`) every 1,000 exits; growth is from exit 1,000 to
+  exit 10,000. "Met" means under 256 KiB, allocator noise; a leak of even 100 bytes a
+  cycle would show as ~900 KiB.
+"""
+
+
+def render_markdown(results: Json) -> str:
+    env = results["environment"]
+    cases = results["cases"]
+    lines = [
+        f"# prefork master benchmarks, {env['date'][:10]}",
+        "",
+        f"Measured {env['date']} by `make bench` (`measurements/bench_master.py`)"
+        + (", **quick mode** (fewer samples)" if results["quick"] else "") + ".",
+        "",
+        f"- Python: {env['python'].splitlines()[0]}",
+        f"- Kernel: {env['kernel']}",
+        f"- CPU: {env['cpu']}, nproc {env['nproc']}, "
+        f"{env['mem_total_kib'] // 1024} MiB RAM",
+        f"- prefork {env['prefork']} at {env['commit']}; "
+        + ", ".join(f"{k} {v}" for k, v in env["packages"].items()),
+        f"- Whole run: {results['total_wall_s']:.0f} s",
+        "",
+        "| Benchmark | Measured (median) | Spread | Target | Met? |",
+        "|---|---|---|---|---|",
+    ]
+    lines += [f"| {' | '.join(row)} |" for row in table_rows(cases)]
+    errors = [key for key, case in cases.items() if "error" in case]
+    if errors:
+        lines += ["", "Failed to run: " + ", ".join(errors) + " (see master-bench.json)."]
+    lines += ["", details(cases), METHOD]
+    return "\n".join(lines)
+
+
+def details(cases: Json) -> str:
+    """A few derived numbers worth a line each."""
+    out = ["## Details", ""]
+    for key in ("fork", "fork_no_floor"):
+        if key not in cases or "error" in cases[key]:
+            continue
+        c = cases[key]
+        what = (f"Floor import in the master: {c['floor_import_ms']:.0f} ms, "
+                f"{c['floor_tables']} tables" if c["floor"] else "No floor")
+        out.append(f"- {key}: {what}, master RSS {c['rss_kib_before_run'] // 1024}"
+                   f" MiB. Master side of a fork (\"forking\" to \"spawned\"): median "
+                   f"{_ms(c['master_side_ms']['median'])}. A bare `os.fork()` of the same "
+                   f"process reaches the child's first line in "
+                   f"{_ms(c['bare_fork_baseline_ms']['median'])} (median), so prefork's "
+                   f"child setup accounts for "
+                   f"{_ms(c['latency_ms']['median'] - c['bare_fork_baseline_ms']['median'])}.")
+    for key in ("crash", "crash_no_floor"):
+        if key in cases and "error" not in cases[key]:
+            by = cases[key]["by_death"]
+            base = cases[key]["kernel_baseline_ms"]
+            out.append(f"- {key}: median by SIGKILL {_ms(by['SIGKILL']['median'])}, "
+                       f"by `os._exit(1)` {_ms(by['_exit']['median'])}; "
+                       f"max {_ms(cases[key]['latency_ms']['max'])}. The kernel alone (a "
+                       f"pidfd on the same kind of child, no prefork): median "
+                       f"{_ms(base['median'])}, p99 {_ms(base['p99'])}.")
+    if "idle" in cases and "error" not in cases["idle"]:
+        c = cases["idle"]
+        out.append(f"- idle: {c['voluntary']} voluntary + {c['involuntary']} involuntary "
+                   f"switches in {c['seconds']:.1f} s; master threads: {c['master_threads']}.")
+    for key in ("shutdown", "shutdown_no_floor"):
+        if key in cases and "error" not in cases[key]:
+            p = cases[key]["phases_ms"]
+            out.append(f"- {key} phases (medians): SIGTERM to \"stopping\" "
+                       f"{_ms(p['to_stopping']['median'])}, reaping 64 "
+                       f"{_ms(p['reaping']['median'])}, after run() returned "
+                       f"{_ms(p['teardown']['median'])}.")
+    for key in ("start", "start_no_floor"):
+        if key in cases and "error" not in cases[key]:
+            c = cases[key]
+            out.append(f"- {key}: from first \"forking\" "
+                       f"{_ms(c['from_first_fork_ms']['median'])}; all 256 forked after "
+                       f"{_ms(c['all_forked_ms']['median'])}; stopping 256 took "
+                       f"{_ms(c['stop_ms']['median'])}.")
+    if "churn" in cases and "error" not in cases["churn"]:
+        c = cases["churn"]
+        rss = ", ".join(f"{m['rss_kib'] // 1024}" for m in c["marks"][:: max(1, len(c["marks"])
+                                                                         // 6)])
+        first, last = c["cycles_per_s_first_last"]
+        out.append(f"- churn: {c['cycles']:,} exits in {c['seconds']:.1f} s; "
+                   f"restarts/s {first:.0f} in the first 1,000, {last:.0f} in the last; "
+                   f"RSS MiB along the way: {rss}.")
+    return "\n".join(out) + "\n"
+
+
+# -- entry point ----------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", help="run one benchmark and print its JSON")
+    parser.add_argument("--master", action="store_true",
+                        help="(internal) be a probed master of pausing workers")
+    parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
+                        help="import measurements/floor.py in the master first")
+    parser.add_argument("--samples", type=int)
+    parser.add_argument("--runs", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--seconds", type=float)
+    parser.add_argument("--cycles", type=int)
+    parser.add_argument("--probe-fd", type=int)
+    parser.add_argument("--quick", action="store_true", help="fewer samples, ~1 minute")
+    parser.add_argument("--only", nargs="+", metavar="KEY",
+                        help=f"driver: run only these ({', '.join(p.key for p in PLANS)})")
+    args = parser.parse_args(argv)
+    if args.master:
+        quiet_logging()
+        print(json.dumps(master_main(args.workers, args.probe_fd, args.floor)))
+        return 0
+    if args.case:
+        print(json.dumps(run_case(args.case, args)))
+        return 0
+    return drive(args.quick, args.only)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
