@@ -37,6 +37,30 @@ def pytest_configure(config: pytest.Config) -> None:
     ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
 
 
+class LineReader:
+    """Complete lines from a descriptor, as they arrive, waiting in ``select()``."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.eof = False
+        self._partial = b""
+
+    def read(self, timeout: float) -> list[bytes]:
+        """Wait up to ``timeout`` for data; return the lines it completed (maybe none)."""
+        ready, _, _ = select.select([self.fd], [], [], timeout)
+        if not ready:
+            return []
+        try:
+            chunk = os.read(self.fd, 65536)
+        except BlockingIOError:
+            return []
+        if not chunk:
+            self.eof = True
+            return []
+        *lines, self._partial = (self._partial + chunk).split(b"\n")
+        return lines
+
+
 class Events:
     """Lines of JSON that workers write to a FIFO, read as they come."""
 
@@ -46,7 +70,7 @@ class Events:
         self._r = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         # Our own writer keeps the FIFO from reporting EOF whenever no worker has it open.
         self._keep = os.open(path, os.O_WRONLY)
-        self._buffer = b""
+        self._lines = LineReader(self._r)
         self.seen: list[dict] = []
 
     def wait(self, predicate: Callable[[dict], bool], timeout: float = WAIT,
@@ -90,16 +114,7 @@ class Events:
         self._read(0)
 
     def _read(self, timeout: float) -> None:
-        ready, _, _ = select.select([self._r], [], [], timeout)
-        if not ready:
-            return
-        try:
-            chunk = os.read(self._r, 65536)
-        except BlockingIOError:
-            return
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
-        self.seen.extend(json.loads(line) for line in lines if line)
+        self.seen.extend(json.loads(line) for line in self._lines.read(timeout) if line)
 
     def close(self) -> None:
         os.close(self._r)
@@ -111,8 +126,10 @@ class MasterProcess:
     proc: subprocess.Popen[bytes]
     events: Events
     lines: list[str] = field(default_factory=list)
-    _buffer: bytes = b""
-    _eof: bool = False
+
+    def __post_init__(self) -> None:
+        assert self.proc.stderr is not None
+        self._stderr = LineReader(self.proc.stderr.fileno())
 
     @property
     def pid(self) -> int:
@@ -127,7 +144,7 @@ class MasterProcess:
             if len(matches) >= count:
                 return matches[count - 1]
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or (self._eof and not self._read(0)):
+            if remaining <= 0 or (self._stderr.eof and not self._read(0)):
                 raise AssertionError(f"no {count} x {pattern!r} in master's log:\n{self.log}")
             self._read(remaining)
 
@@ -140,19 +157,10 @@ class MasterProcess:
         return "\n".join(self.lines)
 
     def _read(self, timeout: float) -> bool:
-        assert self.proc.stderr is not None
-        fd = self.proc.stderr.fileno()
-        ready, _, _ = select.select([fd], [], [], timeout)
-        if not ready:
-            return False
-        chunk = os.read(fd, 65536)
-        if not chunk:
-            self._eof = True
-            return False
-        self._buffer += chunk
-        *lines, self._buffer = self._buffer.split(b"\n")
+        """Read what is there (waiting up to ``timeout``); True if a line arrived."""
+        lines = self._stderr.read(timeout)
         self.lines.extend(line.decode(errors="replace") for line in lines)
-        return True
+        return bool(lines)
 
     def signal(self, signum: int) -> None:
         self.proc.send_signal(signum)
@@ -160,7 +168,7 @@ class MasterProcess:
     def wait_exit(self, timeout: float = WAIT) -> int:
         """Wait for the master to exit, reading all of its log; return its exit code."""
         deadline = time.monotonic() + timeout
-        while not self._eof:
+        while not self._stderr.eof:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise AssertionError(f"master did not close stderr in {timeout}s:\n{self.log}")
