@@ -6,6 +6,7 @@ import signal
 import time
 
 import psutil
+
 from conftest import Events, wait_gone
 
 

@@ -6,6 +6,7 @@ import os
 import signal
 
 import psutil
+
 from conftest import Events
 
 

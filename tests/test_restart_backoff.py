@@ -8,6 +8,7 @@ import signal
 from itertools import pairwise
 
 import pytest
+
 from conftest import Events
 
 FAST_JITTER = 0.1

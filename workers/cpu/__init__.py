@@ -1,0 +1,1 @@
+"""The bundled `cpu` fleet: four workers that analyse what a deception network observed."""

@@ -1,0 +1,314 @@
+"""The cpu fleet's four worker loops: read what is new, run a kernel, write, repeat.
+
+Every batch is one ``BEGIN IMMEDIATE`` transaction that reads past the worker's watermark,
+writes its results and moves the watermark. A batch is all or nothing, so a worker killed
+mid-batch (even by SIGKILL) loses nothing it committed and redoes the rest after its
+restart; writing a batch twice cannot happen.
+
+- ``clusterer`` is incremental: it reads at most ``batch_size`` new observations, links
+  them with the stored clusters through their indicators, and re-points clusters that the
+  batch merged. A cluster's id is its smallest observation id, so the result is the same
+  as clustering everything at once.
+- ``campaign-clusterer``, ``attribution`` and ``reuse-correlate`` recompute from all the
+  data whenever their input moved past their watermark: a new observation can change
+  their results anywhere, and their kernels are fast enough to rerun.
+
+On SIGTERM (or SIGINT) a worker finishes the batch it is in, then exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import sqlite3
+import sys
+import time
+from collections import defaultdict
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiosqlite
+
+from prefork_workers.cpu import kernels
+from prefork_workers.cpu.db import BUSY_TIMEOUT, Database, DatabaseError, connect, database_path
+
+log = logging.getLogger("prefork_workers.cpu")
+
+BatchHook = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How a cpu worker runs. ``db_path`` ``None`` means :func:`db.database_path` in the
+    child. ``before_commit`` is called inside every batch's transaction, after the writes
+    (a fault-injection point for tests)."""
+
+    poll_interval: float = 5.0
+    batch_size: int = 50_000
+    campaign_window: float = 3600.0
+    min_targets: int = 2
+    min_sources: int = 2
+    db_path: Path | None = None
+    busy_timeout: float = BUSY_TIMEOUT
+    before_commit: BatchHook | None = None
+
+
+Step = Callable[[Database, Settings], Awaitable[str | None]]
+
+
+def worker(name: str, settings: Settings | None = None) -> Callable[[], None]:
+    """The zero-argument target prefork forks for worker ``name``."""
+    step = STEPS[name]
+    chosen = settings or Settings()
+
+    def run() -> None:
+        try:
+            asyncio.run(_poll(name, step, chosen))
+        except (DatabaseError, sqlite3.Error) as exc:
+            # One line and a non-zero exit; the master's backoff decides when to retry.
+            sys.exit(f"{name}: database error: {exc}")
+
+    run.__qualname__ = f"cpu.{name}"
+    return run
+
+
+async def _poll(name: str, step: Step, settings: Settings) -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    path = settings.db_path or database_path()
+    async with connect(path, settings.busy_timeout) as db:
+        log.info("%s: polling %s every %gs", name, path, settings.poll_interval)
+        while not stop.is_set():
+            started = time.perf_counter()
+            summary = await step(db, settings)
+            if summary is not None:
+                log.info("%s: %s in %.0f ms", name, summary,
+                         (time.perf_counter() - started) * 1000)
+                continue  # there may be more: poll again at once
+            try:
+                await asyncio.wait_for(stop.wait(), settings.poll_interval)
+            except TimeoutError:
+                pass
+    log.info("%s: stopped", name)
+
+
+# -- watermarks ----------------------------------------------------------------------
+
+
+async def _watermark(c: aiosqlite.Connection, worker: str) -> int:
+    rows = await c.execute_fetchall(
+        "SELECT last_id FROM worker_watermarks WHERE worker = ?", (worker,))
+    return next(iter(rows))[0] if rows else 0
+
+
+async def _set_watermark(c: aiosqlite.Connection, worker: str, last_id: int) -> None:
+    await c.execute(
+        "INSERT INTO worker_watermarks (worker, last_id, batches, updated_at) "
+        "VALUES (?, ?, 1, ?) ON CONFLICT (worker) DO UPDATE SET last_id = excluded.last_id, "
+        "batches = batches + 1, updated_at = excluded.updated_at",
+        (worker, last_id, time.time()))
+
+
+async def _latest_observation(c: aiosqlite.Connection) -> int:
+    rows = await c.execute_fetchall("SELECT coalesce(max(id), 0) FROM observations")
+    return next(iter(rows))[0]
+
+
+async def _fill_temp(c: aiosqlite.Connection, table: str, values: Iterable[int]) -> None:
+    """A temporary one-column table of ids, to join on instead of a huge IN (...)."""
+    await c.execute(f"CREATE TEMP TABLE IF NOT EXISTS {table} (id INTEGER PRIMARY KEY)")
+    await c.execute(f"DELETE FROM {table}")
+    await c.executemany(f"INSERT OR IGNORE INTO {table} (id) VALUES (?)",
+                        ((v,) for v in values))
+
+
+def _before_commit(settings: Settings, name: str) -> None:
+    if settings.before_commit is not None:
+        settings.before_commit(name)
+
+
+# -- clusterer -----------------------------------------------------------------------
+
+
+async def cluster_step(db: Database, settings: Settings) -> str | None:
+    """Cluster up to ``batch_size`` new observations into the stored clusters."""
+    async with db.transaction() as c:
+        mark = await _watermark(c, "clusterer")
+        rows: Sequence[kernels.ObservationKeys] = [tuple(r) for r in await c.execute_fetchall(
+            "SELECT id, source_id, credential_id, fingerprint_id, payload_id "
+            "FROM observations WHERE id > ? ORDER BY id LIMIT ?",
+            (mark, settings.batch_size))]  # type: ignore[misc]
+        if not rows:
+            return None
+        keys = {k for row in rows for k in kernels.observation_indicators(row)}
+        await _fill_temp(c, "batch_keys", keys)
+        known = dict(await c.execute_fetchall(  # type: ignore[arg-type]
+            "SELECT indicator, cluster_id FROM cluster_indicators "
+            "JOIN temp.batch_keys ON batch_keys.id = indicator"))
+        update = kernels.cluster_observations(rows, known)
+        for old, new in update.merged.items():
+            await c.execute("UPDATE observation_clusters SET cluster_id = ? "
+                            "WHERE cluster_id = ?", (new, old))
+            await c.execute("UPDATE cluster_indicators SET cluster_id = ? WHERE cluster_id = ?",
+                            (new, old))
+            await c.execute("DELETE FROM clusters WHERE id = ?", (old,))
+        await c.executemany("INSERT INTO observation_clusters (observation_id, cluster_id) "
+                            "VALUES (?, ?)", update.assignments.items())
+        await c.executemany("INSERT OR REPLACE INTO cluster_indicators (indicator, cluster_id) "
+                            "VALUES (?, ?)", update.indicators.items())
+        touched = set(update.assignments.values()) | set(update.merged.values())
+        await _fill_temp(c, "batch_clusters", touched)
+        await c.execute(
+            "INSERT OR REPLACE INTO clusters "
+            "(id, observations, sources, decoys, first_seen, last_seen) "
+            "SELECT oc.cluster_id, count(*), count(DISTINCT o.source_id), "
+            "count(DISTINCT o.decoy_id), min(o.observed_at), max(o.observed_at) "
+            "FROM observation_clusters oc JOIN temp.batch_clusters b ON b.id = oc.cluster_id "
+            "JOIN observations o ON o.id = oc.observation_id GROUP BY oc.cluster_id")
+        last = rows[-1][0]
+        await _set_watermark(c, "clusterer", last)
+        _before_commit(settings, "clusterer")
+    return (f"{len(rows)} observations -> {len(touched)} clusters touched, "
+            f"{len(update.merged)} merged (watermark {last})")
+
+
+# -- campaign-clusterer --------------------------------------------------------------
+
+
+async def campaign_step(db: Database, settings: Settings) -> str | None:
+    """Group the current clusters into campaigns, when the clusterer has moved on."""
+    async with db.transaction() as c:
+        clustered = await _watermark(c, "clusterer")
+        if clustered <= await _watermark(c, "campaign-clusterer"):
+            return None
+        spans = await _cluster_spans(c)
+        campaign_of = kernels.campaigns(spans, settings.campaign_window)
+        sizes = {row[0]: row[1] for row in await c.execute_fetchall(
+            "SELECT id, observations FROM clusters")}
+        members: dict[int, list[kernels.ClusterSpan]] = defaultdict(list)
+        for span in spans:
+            members[campaign_of[span[0]]].append(span)
+        campaigns = {cid: group for cid, group in members.items() if len(group) >= 2}
+        await c.execute("DELETE FROM campaign_members")
+        await c.execute("DELETE FROM campaigns")
+        await c.executemany(
+            "INSERT INTO campaigns (id, clusters, observations, first_seen, last_seen) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(cid, len(group), sum(sizes[s[0]] for s in group), min(s[1] for s in group),
+              max(s[2] for s in group)) for cid, group in campaigns.items()])
+        await c.executemany(
+            "INSERT INTO campaign_members (cluster_id, campaign_id) VALUES (?, ?)",
+            [(s[0], cid) for cid, group in campaigns.items() for s in group])
+        await _set_watermark(c, "campaign-clusterer", clustered)
+        _before_commit(settings, "campaign-clusterer")
+    return f"{len(spans)} clusters -> {len(campaigns)} campaigns (watermark {clustered})"
+
+
+async def _cluster_spans(c: aiosqlite.Connection) -> list[kernels.ClusterSpan]:
+    decoys: dict[int, set[int]] = defaultdict(set)
+    networks: dict[int, set[int]] = defaultdict(set)
+    async with c.execute(
+            "SELECT oc.cluster_id, o.decoy_id, s.network_id FROM observation_clusters oc "
+            "JOIN observations o ON o.id = oc.observation_id "
+            "JOIN sources s ON s.id = o.source_id") as cursor:
+        async for cluster_id, decoy_id, network_id in cursor:
+            decoys[cluster_id].add(decoy_id)
+            networks[cluster_id].add(network_id)
+    return [(cid, first, last, tuple(sorted(decoys[cid])), tuple(sorted(networks[cid])))
+            for cid, first, last in await c.execute_fetchall(
+                "SELECT id, first_seen, last_seen FROM clusters ORDER BY id")]
+
+
+# -- attribution ---------------------------------------------------------------------
+
+
+async def attribution_step(db: Database, settings: Settings) -> str | None:
+    """Assign every session to an identity; report identities seen from several sources."""
+    async with db.transaction() as c:
+        latest = await _latest_observation(c)
+        if latest <= await _watermark(c, "attribution"):
+            return None
+        sessions = await session_keys(c, latest)
+        update = kernels.attribute_sessions(sessions)
+        members = update.assignments
+        source_of = {s[0]: s[1] for s in sessions}
+        across = kernels.identities_across_sources(members, source_of, settings.min_sources)
+        times = {row[0]: (row[1], row[2]) for row in await c.execute_fetchall(
+            "SELECT id, started_at, coalesce(ended_at, started_at) FROM sessions "
+            "WHERE id IN (SELECT DISTINCT session_id FROM observations WHERE id <= ?)",
+            (latest,))}
+        identities: dict[int, list[int]] = defaultdict(list)
+        for session_id, identity_id in members.items():
+            identities[identity_id].append(session_id)
+        await c.execute("DELETE FROM attributions")
+        await c.execute("DELETE FROM identity_members")
+        await c.execute("DELETE FROM identities")
+        await c.executemany(
+            "INSERT INTO identities (id, sessions, sources, first_seen, last_seen) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(iid, len(sids), len({source_of[s] for s in sids}),
+              min(times[s][0] for s in sids), max(times[s][1] for s in sids))
+             for iid, sids in identities.items()])
+        await c.executemany("INSERT INTO identity_members (session_id, identity_id) "
+                            "VALUES (?, ?)", members.items())
+        await c.executemany("INSERT INTO attributions (identity_id, sources, sessions) "
+                            "VALUES (?, ?, ?)",
+                            [(iid, n, len(identities[iid])) for iid, n in across.items()])
+        await _set_watermark(c, "attribution", latest)
+        _before_commit(settings, "attribution")
+    return (f"{len(sessions)} sessions -> {len(identities)} identities, {len(across)} "
+            f"across sources (watermark {latest})")
+
+
+async def session_keys(c: aiosqlite.Connection, latest: int) -> list[kernels.SessionKeys]:
+    """Every session with an observation up to ``latest``: its source, fingerprint and the
+    credentials its observations used."""
+    credentials: dict[int, set[int]] = defaultdict(set)
+    async with c.execute(
+            "SELECT DISTINCT session_id, credential_id FROM observations "
+            "WHERE id <= ? AND credential_id IS NOT NULL", (latest,)) as cursor:
+        async for session_id, credential_id in cursor:
+            credentials[session_id].add(credential_id)
+    return [(sid, source_id, fingerprint_id, tuple(sorted(credentials.get(sid, ()))))
+            for sid, source_id, fingerprint_id in await c.execute_fetchall(
+                "SELECT id, source_id, fingerprint_id FROM sessions WHERE id IN "
+                "(SELECT DISTINCT session_id FROM observations WHERE id <= ?) ORDER BY id",
+                (latest,))]
+
+
+# -- reuse-correlate -----------------------------------------------------------------
+
+
+async def reuse_step(db: Database, settings: Settings) -> str | None:
+    """Find credentials tried against at least ``min_targets`` distinct decoys."""
+    async with db.transaction() as c:
+        latest = await _latest_observation(c)
+        if latest <= await _watermark(c, "reuse-correlate"):
+            return None
+        uses = await credential_uses(c, latest)
+        findings = kernels.credential_reuse(uses, settings.min_targets)
+        await c.execute("DELETE FROM credential_reuse")
+        await c.executemany(
+            "INSERT INTO credential_reuse (credential_id, decoys, sources, first_seen, "
+            "last_seen) VALUES (?, ?, ?, ?, ?)", findings)
+        await _set_watermark(c, "reuse-correlate", latest)
+        _before_commit(settings, "reuse-correlate")
+    return f"{len(uses)} credential uses -> {len(findings)} reused (watermark {latest})"
+
+
+async def credential_uses(c: aiosqlite.Connection, latest: int) -> list[kernels.CredentialUse]:
+    return [tuple(row) for row in await c.execute_fetchall(  # type: ignore[misc]
+        "SELECT credential_id, decoy_id, source_id, observed_at FROM observations "
+        "WHERE id <= ? AND credential_id IS NOT NULL ORDER BY id", (latest,))]
+
+
+STEPS: dict[str, Step] = {
+    "clusterer": cluster_step,
+    "campaign-clusterer": campaign_step,
+    "attribution": attribution_step,
+    "reuse-correlate": reuse_step,
+}
