@@ -139,6 +139,18 @@ class Database:
         self.busy_timeout = busy_timeout
 
     @asynccontextmanager
+    async def snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A read transaction: one consistent view, and no lock that stops a writer (WAL)."""
+        try:
+            await self.connection.execute("BEGIN")
+        except sqlite3.Error as exc:
+            raise _describe(self.path, exc, self.busy_timeout) from None
+        try:
+            yield self.connection
+        finally:
+            await self.connection.execute("COMMIT")
+
+    @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
         """BEGIN IMMEDIATE ... COMMIT, or ROLLBACK on any exception (cancellation too).
 

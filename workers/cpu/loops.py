@@ -1,9 +1,11 @@
 """The cpu fleet's four worker loops: read what is new, run a kernel, write, repeat.
 
-Every batch is one ``BEGIN IMMEDIATE`` transaction that reads past the worker's watermark,
-writes its results and moves the watermark. A batch is all or nothing, so a worker killed
-mid-batch (even by SIGKILL) loses nothing it committed and redoes the rest after its
-restart; writing a batch twice cannot happen.
+A batch reads past the worker's watermark in a snapshot (WAL: no lock that stops the
+other workers), runs its kernel with no transaction open, then writes its results and
+the new watermark in one short ``BEGIN IMMEDIATE`` transaction that first checks the
+watermark is still the one it read. A batch is all or nothing: a worker killed mid-batch
+(even by SIGKILL) loses nothing it committed and redoes the rest after its restart, and
+a second copy of a worker writing to the same database is caught, not doubled.
 
 - ``clusterer`` is incremental: it reads at most ``batch_size`` new observations, links
   them with the stored clusters through their indicators, and re-points clusters that the
@@ -25,7 +27,7 @@ import sqlite3
 import sys
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -96,7 +98,11 @@ async def _poll(name: str, step: Step, settings: Settings) -> None:
     log.info("%s: stopped", name)
 
 
-# -- watermarks ----------------------------------------------------------------------
+# -- watermarks and the write transaction ---------------------------------------------
+
+
+class WatermarkMoved(DatabaseError):
+    """Someone else moved this worker's watermark while it worked: a second copy of it."""
 
 
 async def _watermark(c: aiosqlite.Connection, worker: str) -> int:
@@ -105,12 +111,26 @@ async def _watermark(c: aiosqlite.Connection, worker: str) -> int:
     return next(iter(rows))[0] if rows else 0
 
 
-async def _set_watermark(c: aiosqlite.Connection, worker: str, last_id: int) -> None:
-    await c.execute(
-        "INSERT INTO worker_watermarks (worker, last_id, batches, updated_at) "
-        "VALUES (?, ?, 1, ?) ON CONFLICT (worker) DO UPDATE SET last_id = excluded.last_id, "
-        "batches = batches + 1, updated_at = excluded.updated_at",
-        (worker, last_id, time.time()))
+Writer = Callable[[aiosqlite.Connection], Awaitable[None]]
+
+
+async def _commit(db: Database, settings: Settings, worker: str, read_mark: int,
+                  new_mark: int, write: Writer) -> None:
+    """Write a batch's results and move the watermark from ``read_mark`` to ``new_mark``,
+    in one transaction, or raise WatermarkMoved and write nothing."""
+    async with db.transaction() as c:
+        current = await _watermark(c, worker)
+        if current != read_mark:
+            raise WatermarkMoved(f"{worker}'s watermark moved from {read_mark} to {current} "
+                                 f"while it worked: is another {worker} writing to {db.path}?")
+        await write(c)
+        await c.execute(
+            "INSERT INTO worker_watermarks (worker, last_id, batches, updated_at) "
+            "VALUES (?, ?, 1, ?) ON CONFLICT (worker) DO UPDATE SET "
+            "last_id = excluded.last_id, batches = batches + 1, "
+            "updated_at = excluded.updated_at", (worker, new_mark, time.time()))
+        if settings.before_commit is not None:
+            settings.before_commit(worker)
 
 
 async def _latest_observation(c: aiosqlite.Connection) -> int:
@@ -126,30 +146,29 @@ async def _fill_temp(c: aiosqlite.Connection, table: str, values: Iterable[int])
                         ((v,) for v in values))
 
 
-def _before_commit(settings: Settings, name: str) -> None:
-    if settings.before_commit is not None:
-        settings.before_commit(name)
-
-
 # -- clusterer -----------------------------------------------------------------------
 
 
 async def cluster_step(db: Database, settings: Settings) -> str | None:
     """Cluster up to ``batch_size`` new observations into the stored clusters."""
-    async with db.transaction() as c:
+    async with db.snapshot() as c:
         mark = await _watermark(c, "clusterer")
-        rows: Sequence[kernels.ObservationKeys] = [tuple(r) for r in await c.execute_fetchall(
+        rows: list[kernels.ObservationKeys] = [tuple(r) for r in await c.execute_fetchall(
             "SELECT id, source_id, credential_id, fingerprint_id, payload_id "
             "FROM observations WHERE id > ? ORDER BY id LIMIT ?",
             (mark, settings.batch_size))]  # type: ignore[misc]
         if not rows:
             return None
-        keys = {k for row in rows for k in kernels.observation_indicators(row)}
-        await _fill_temp(c, "batch_keys", keys)
+        await _fill_temp(c, "batch_keys",
+                         {k for row in rows for k in kernels.observation_indicators(row)})
+        # Only the clusterer writes cluster_indicators, so this stays true until it commits.
         known = dict(await c.execute_fetchall(  # type: ignore[arg-type]
             "SELECT indicator, cluster_id FROM cluster_indicators "
             "JOIN temp.batch_keys ON batch_keys.id = indicator"))
-        update = kernels.cluster_observations(rows, known)
+    update = kernels.cluster_observations(rows, known)
+    touched = set(update.assignments.values()) | set(update.merged.values())
+
+    async def write(c: aiosqlite.Connection) -> None:
         for old, new in update.merged.items():
             await c.execute("UPDATE observation_clusters SET cluster_id = ? "
                             "WHERE cluster_id = ?", (new, old))
@@ -160,7 +179,6 @@ async def cluster_step(db: Database, settings: Settings) -> str | None:
                             "VALUES (?, ?)", update.assignments.items())
         await c.executemany("INSERT OR REPLACE INTO cluster_indicators (indicator, cluster_id) "
                             "VALUES (?, ?)", update.indicators.items())
-        touched = set(update.assignments.values()) | set(update.merged.values())
         await _fill_temp(c, "batch_clusters", touched)
         await c.execute(
             "INSERT OR REPLACE INTO clusters "
@@ -169,9 +187,9 @@ async def cluster_step(db: Database, settings: Settings) -> str | None:
             "count(DISTINCT o.decoy_id), min(o.observed_at), max(o.observed_at) "
             "FROM observation_clusters oc JOIN temp.batch_clusters b ON b.id = oc.cluster_id "
             "JOIN observations o ON o.id = oc.observation_id GROUP BY oc.cluster_id")
-        last = rows[-1][0]
-        await _set_watermark(c, "clusterer", last)
-        _before_commit(settings, "clusterer")
+
+    last = rows[-1][0]
+    await _commit(db, settings, "clusterer", mark, last, write)
     return (f"{len(rows)} observations -> {len(touched)} clusters touched, "
             f"{len(update.merged)} merged (watermark {last})")
 
@@ -181,18 +199,21 @@ async def cluster_step(db: Database, settings: Settings) -> str | None:
 
 async def campaign_step(db: Database, settings: Settings) -> str | None:
     """Group the current clusters into campaigns, when the clusterer has moved on."""
-    async with db.transaction() as c:
+    async with db.snapshot() as c:
+        mark = await _watermark(c, "campaign-clusterer")
         clustered = await _watermark(c, "clusterer")
-        if clustered <= await _watermark(c, "campaign-clusterer"):
+        if clustered <= mark:
             return None
         spans = await _cluster_spans(c)
-        campaign_of = kernels.campaigns(spans, settings.campaign_window)
-        sizes = {row[0]: row[1] for row in await c.execute_fetchall(
-            "SELECT id, observations FROM clusters")}
-        members: dict[int, list[kernels.ClusterSpan]] = defaultdict(list)
-        for span in spans:
-            members[campaign_of[span[0]]].append(span)
-        campaigns = {cid: group for cid, group in members.items() if len(group) >= 2}
+        sizes = dict(await c.execute_fetchall(  # type: ignore[arg-type]
+            "SELECT id, observations FROM clusters"))
+    campaign_of = kernels.campaigns(spans, settings.campaign_window)
+    members: dict[int, list[kernels.ClusterSpan]] = defaultdict(list)
+    for span in spans:
+        members[campaign_of[span[0]]].append(span)
+    campaigns = {cid: group for cid, group in members.items() if len(group) >= 2}
+
+    async def write(c: aiosqlite.Connection) -> None:
         await c.execute("DELETE FROM campaign_members")
         await c.execute("DELETE FROM campaigns")
         await c.executemany(
@@ -203,8 +224,8 @@ async def campaign_step(db: Database, settings: Settings) -> str | None:
         await c.executemany(
             "INSERT INTO campaign_members (cluster_id, campaign_id) VALUES (?, ?)",
             [(s[0], cid) for cid, group in campaigns.items() for s in group])
-        await _set_watermark(c, "campaign-clusterer", clustered)
-        _before_commit(settings, "campaign-clusterer")
+
+    await _commit(db, settings, "campaign-clusterer", mark, clustered, write)
     return f"{len(spans)} clusters -> {len(campaigns)} campaigns (watermark {clustered})"
 
 
@@ -228,22 +249,24 @@ async def _cluster_spans(c: aiosqlite.Connection) -> list[kernels.ClusterSpan]:
 
 async def attribution_step(db: Database, settings: Settings) -> str | None:
     """Assign every session to an identity; report identities seen from several sources."""
-    async with db.transaction() as c:
+    async with db.snapshot() as c:
+        mark = await _watermark(c, "attribution")
         latest = await _latest_observation(c)
-        if latest <= await _watermark(c, "attribution"):
+        if latest <= mark:
             return None
         sessions = await session_keys(c, latest)
-        update = kernels.attribute_sessions(sessions)
-        members = update.assignments
-        source_of = {s[0]: s[1] for s in sessions}
-        across = kernels.identities_across_sources(members, source_of, settings.min_sources)
         times = {row[0]: (row[1], row[2]) for row in await c.execute_fetchall(
             "SELECT id, started_at, coalesce(ended_at, started_at) FROM sessions "
             "WHERE id IN (SELECT DISTINCT session_id FROM observations WHERE id <= ?)",
             (latest,))}
-        identities: dict[int, list[int]] = defaultdict(list)
-        for session_id, identity_id in members.items():
-            identities[identity_id].append(session_id)
+    members = kernels.attribute_sessions(sessions).assignments
+    source_of = {s[0]: s[1] for s in sessions}
+    across = kernels.identities_across_sources(members, source_of, settings.min_sources)
+    identities: dict[int, list[int]] = defaultdict(list)
+    for session_id, identity_id in members.items():
+        identities[identity_id].append(session_id)
+
+    async def write(c: aiosqlite.Connection) -> None:
         await c.execute("DELETE FROM attributions")
         await c.execute("DELETE FROM identity_members")
         await c.execute("DELETE FROM identities")
@@ -258,8 +281,8 @@ async def attribution_step(db: Database, settings: Settings) -> str | None:
         await c.executemany("INSERT INTO attributions (identity_id, sources, sessions) "
                             "VALUES (?, ?, ?)",
                             [(iid, n, len(identities[iid])) for iid, n in across.items()])
-        await _set_watermark(c, "attribution", latest)
-        _before_commit(settings, "attribution")
+
+    await _commit(db, settings, "attribution", mark, latest, write)
     return (f"{len(sessions)} sessions -> {len(identities)} identities, {len(across)} "
             f"across sources (watermark {latest})")
 
@@ -285,18 +308,21 @@ async def session_keys(c: aiosqlite.Connection, latest: int) -> list[kernels.Ses
 
 async def reuse_step(db: Database, settings: Settings) -> str | None:
     """Find credentials tried against at least ``min_targets`` distinct decoys."""
-    async with db.transaction() as c:
+    async with db.snapshot() as c:
+        mark = await _watermark(c, "reuse-correlate")
         latest = await _latest_observation(c)
-        if latest <= await _watermark(c, "reuse-correlate"):
+        if latest <= mark:
             return None
         uses = await credential_uses(c, latest)
-        findings = kernels.credential_reuse(uses, settings.min_targets)
+    findings = kernels.credential_reuse(uses, settings.min_targets)
+
+    async def write(c: aiosqlite.Connection) -> None:
         await c.execute("DELETE FROM credential_reuse")
         await c.executemany(
             "INSERT INTO credential_reuse (credential_id, decoys, sources, first_seen, "
             "last_seen) VALUES (?, ?, ?, ?, ?)", findings)
-        await _set_watermark(c, "reuse-correlate", latest)
-        _before_commit(settings, "reuse-correlate")
+
+    await _commit(db, settings, "reuse-correlate", mark, latest, write)
     return f"{len(uses)} credential uses -> {len(findings)} reused (watermark {latest})"
 
 
