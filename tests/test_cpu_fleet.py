@@ -41,8 +41,12 @@ def wait_all_caught_up(master: MasterProcess, last_id: int) -> None:
 def expected_results(db: Path) -> dict[str, object]:
     """Every worker's result, computed straight from the kernels on the whole data set."""
     c = sqlite3.connect(db)
-    rows = c.execute("SELECT id, source_id, credential_id, fingerprint_id, payload_id "
-                     "FROM observations ORDER BY id").fetchall()
+    # Common (stop-listed) credentials and fingerprints link nothing.
+    rows = c.execute(
+        "SELECT o.id, o.source_id, iif(cr.common, NULL, o.credential_id), "
+        "iif(fp.common, NULL, o.fingerprint_id), o.payload_id FROM observations o "
+        "LEFT JOIN credentials cr ON cr.id = o.credential_id "
+        "LEFT JOIN fingerprints fp ON fp.id = o.fingerprint_id ORDER BY o.id").fetchall()
     clusters = kernels.cluster_observations(rows).assignments
     by_cluster: dict[int, list[int]] = defaultdict(list)
     for obs, cluster in clusters.items():
@@ -51,8 +55,7 @@ def expected_results(db: Path) -> dict[str, object]:
         "SELECT o.id, o.observed_at, o.decoy_id, s.network_id FROM observations o "
         "JOIN sources s ON s.id = o.source_id")}
     spans = [(cid, min(info[o][0] for o in members), max(info[o][0] for o in members),
-              tuple(sorted({info[o][1] for o in members})),
-              tuple(sorted({info[o][2] for o in members})))
+              tuple(sorted({kernels.target_key(info[o][1], info[o][2]) for o in members})))
              for cid, members in sorted(by_cluster.items())]
     campaign_of = kernels.campaigns(spans, 3600.0)
     sizes: dict[int, int] = defaultdict(int)
@@ -60,12 +63,14 @@ def expected_results(db: Path) -> dict[str, object]:
         sizes[campaign] += 1
     credentials: dict[int, set[int]] = defaultdict(set)
     for session_id, credential_id in c.execute(
-            "SELECT session_id, credential_id FROM observations WHERE credential_id IS NOT NULL"):
+            "SELECT o.session_id, o.credential_id FROM observations o "
+            "JOIN credentials cr ON cr.id = o.credential_id WHERE cr.common = 0"):
         credentials[session_id].add(credential_id)
     sessions = [(sid, src, fp, tuple(sorted(credentials.get(sid, ()))))
                 for sid, src, fp in c.execute(
-                    "SELECT id, source_id, fingerprint_id FROM sessions WHERE id IN "
-                    "(SELECT session_id FROM observations) ORDER BY id")]
+                    "SELECT s.id, s.source_id, iif(fp.common, NULL, s.fingerprint_id) "
+                    "FROM sessions s LEFT JOIN fingerprints fp ON fp.id = s.fingerprint_id "
+                    "WHERE s.id IN (SELECT session_id FROM observations) ORDER BY s.id")]
     identities = kernels.attribute_sessions(sessions).assignments
     across = kernels.identities_across_sources(identities, {s[0]: s[1] for s in sessions})
     uses = c.execute("SELECT credential_id, decoy_id, source_id, observed_at FROM observations "

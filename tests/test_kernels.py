@@ -38,6 +38,7 @@ from prefork_workers.cpu.kernels import (
     naive_credential_reuse,
     naive_link_components,
     observation_indicators,
+    target_key,
 )
 
 # Small and quick: the whole project suite has a budget, and small universes of ids are
@@ -85,10 +86,10 @@ def batches_of(draw: st.DrawFn, rows: list[Any]) -> list[list[Any]]:
 
 # 15-minute grid, so that spans touch, overlap and sit exactly `window` apart.
 spans = st.builds(
-    lambda cid, start, length, decoys, nets: (cid, start * 900.0, (start + length) * 900.0,
-                                              tuple(decoys), tuple(nets)),
+    lambda cid, start, length, targets: (cid, start * 900.0, (start + length) * 900.0,
+                                         tuple(targets)),
     st.integers(0, 500), st.integers(0, 40), st.integers(0, 8),
-    st.lists(st.integers(0, 4), max_size=2), st.lists(st.integers(0, 3), max_size=2))
+    st.lists(st.integers(0, 6), max_size=3))
 cluster_lists = st.lists(spans, max_size=14, unique_by=lambda c: c[0])
 windows = st.sampled_from([0.0, 900.0, 1800.0, HOUR, 2.5 * HOUR])
 
@@ -330,42 +331,44 @@ def test_campaigns_match_pairwise_reference(clusters: list, window: float) -> No
 
 
 def test_campaigns_examples() -> None:
-    def pair(gap: float, window: float = HOUR, decoys: tuple[int, ...] = (1,),
-             nets: tuple[int, ...] = ()) -> dict[int, int]:
-        first = (10, 0.0, 600.0, (1,), ())
-        second = (20, 600.0 + gap, 1200.0 + gap, decoys, nets)
+    here = target_key(decoy_id=1, network_id=7)
+
+    def pair(gap: float, window: float = HOUR, targets: tuple[int, ...] = (here,)
+             ) -> dict[int, int]:
+        first = (10, 0.0, 600.0, (here,))
+        second = (20, 600.0 + gap, 1200.0 + gap, targets)
         return campaigns([second, first], window)
 
     assert pair(2 * HOUR) == {10: 10, 20: 20}  # same decoy, 2 h apart: not one campaign
     assert pair(HOUR / 2) == {10: 10, 20: 10}  # 30 min apart: one campaign
     assert pair(HOUR) == {10: 10, 20: 10}  # exactly the window apart still counts
     assert pair(-300.0) == {10: 10, 20: 10}  # overlapping spans are 0 apart
-    assert pair(0.0, decoys=(2,)) == {10: 10, 20: 20}  # nothing shared
-    assert pair(0.0, decoys=(2,), nets=(3,)) == {10: 10, 20: 20}
-    assert campaigns([(10, 0.0, 1.0, (), (3,)), (20, 2.0, 3.0, (), (3,))]) == {10: 10, 20: 10}
+    assert pair(0.0, targets=(target_key(2, 7),)) == {10: 10, 20: 20}  # another decoy
+    assert pair(0.0, targets=(target_key(1, 8),)) == {10: 10, 20: 20}  # same decoy, other /24
+    assert pair(0.0, targets=(target_key(2, 8), here)) == {10: 10, 20: 10}
     assert pair(2 * HOUR, window=3 * HOUR) == {10: 10, 20: 10}
 
 
 def test_campaigns_chain_and_long_spans() -> None:
     # A chain: 1-2 and 2-3 are within the window, 1-3 are not; one campaign all the same.
-    chain = [(1, 0.0, 0.0, (5,), ()), (2, 3000.0, 3000.0, (5,), ()),
-             (3, 6000.0, 6000.0, (5,), ())]
+    chain = [(1, 0.0, 0.0, (5,)), (2, 3000.0, 3000.0, (5,)),
+             (3, 6000.0, 6000.0, (5,))]
     assert campaigns(chain) == {1: 1, 2: 1, 3: 1}
     # A long span (1) contains a short one (2); 3 starts 2000 s after 1 ends but 11,800 s
     # after 2 ends: linked to 1, so a sweep must carry the running max, not the last end.
-    nested = [(1, 0.0, 10_000.0, (5,), ()), (2, 100.0, 200.0, (5,), ()),
-              (3, 12_000.0, 13_000.0, (5,), ())]
+    nested = [(1, 0.0, 10_000.0, (5,)), (2, 100.0, 200.0, (5,)),
+              (3, 12_000.0, 13_000.0, (5,))]
     assert campaigns(nested) == {1: 1, 2: 1, 3: 1}
     assert naive_campaigns(nested) == {1: 1, 2: 1, 3: 1}
 
 
 def test_campaigns_reject_bad_input() -> None:
     with pytest.raises(ValueError):
-        campaigns([(1, 10.0, 5.0, (1,), ())])
+        campaigns([(1, 10.0, 5.0, (1,))])
     with pytest.raises(ValueError):
-        campaigns([(1, 0.0, 5.0, (1,), ())], window=-1.0)
+        campaigns([(1, 0.0, 5.0, (1,))], window=-1.0)
     with pytest.raises(ValueError):
-        campaigns([(1, 0.0, 5.0, (1,), ()), (1, 0.0, 5.0, (2,), ())])
+        campaigns([(1, 0.0, 5.0, (1,)), (1, 0.0, 5.0, (2,))])
 
 
 # ------------------------------------------------------------------------ credential reuse

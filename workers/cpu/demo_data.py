@@ -404,20 +404,23 @@ class _Generator:
         seen: set[tuple[str, str]] = set()
         creds: list[tuple] = []
 
-        def add(user: str, secret: str, honeytoken: int = 0) -> int | None:
+        def add(user: str, secret: str, honeytoken: int = 0, common: int = 0) -> int | None:
             if (user, secret) in seen:
                 return None
             seen.add((user, secret))
-            creds.append((len(creds) + 1, user, secret, honeytoken))
+            creds.append((len(creds) + 1, user, secret, honeytoken, common))
             return len(creds)
 
+        # Wordlist pairs are flagged common: the stop-list that keeps every scanner that
+        # tries root:123456 from being linked into one cluster.
         for user, secret in _TOP:
-            add(user, secret)
+            add(user, secret, common=1)
         while len(creds) < size:
             if rng.random() < 0.35 + 0.6 * (len(creds) < 400):
                 # Dictionary pairs: the common head of the distribution.
                 user = _USERS[int(len(_USERS) * rng.random() ** 2.5)]
                 secret = _PASSWORDS[int(len(_PASSWORDS) * rng.random() ** 2)]
+                add(user, secret, common=1)
             else:
                 user = rng.choice(_USERS) if rng.random() < 0.7 else \
                     f"{rng.choice(_FIRST)}{rng.choice(_LAST)}"
@@ -426,7 +429,7 @@ class _Generator:
                     word = word.capitalize()
                 number = rng.randint(0, 9999) if rng.random() < 0.8 else rng.randint(1990, 2026)
                 secret = f"{word}{number}{rng.choice(['', '', '!', '@', '#'])}"
-            add(user, secret)
+                add(user, secret)
         self.pool = list(range(1, len(creds) + 1))
         self.pick_cred = _picker(rng, self.pool, _zipf(len(creds), 1.05))
         # Honeytokens: twice as many as get used; most lures are never touched.
@@ -454,16 +457,18 @@ class _Generator:
         self.values: set[str] = set()
         pools: dict[str, list[int]] = {}
         for kind, count in (("hassh", 140), ("ja4", 90), ("ja4h", 70)):
-            pools[kind] = [self._fingerprint(kind) for _ in range(count)]
+            # Stock clients, shared by thousands of unrelated sources: common.
+            pools[kind] = [self._fingerprint(kind, common=1) for _ in range(count)]
         self.pick_fp = {kind: _picker(rng, ids, _zipf(len(ids), 1.2))
                         for kind, ids in pools.items()}
 
-    def _fingerprint(self, kind: str) -> int:
+    def _fingerprint(self, kind: str, common: int = 0) -> int:
         while True:
             value = _fingerprint_value(self.rng, kind)
             if value not in self.values:
                 self.values.add(value)
-                self.fingerprint_rows.append((len(self.fingerprint_rows) + 1, kind, value))
+                self.fingerprint_rows.append((len(self.fingerprint_rows) + 1, kind, value,
+                                              common))
                 return len(self.fingerprint_rows)
 
     def _payloads(self) -> None:
@@ -763,8 +768,8 @@ _COLUMNS = {
     "decoy_tags": "decoy_id, tag_id",
     "networks": "id, cidr, asn, country",
     "sources": "id, address, network_id, first_seen, last_seen",
-    "credentials": "id, username, secret, honeytoken",
-    "fingerprints": "id, kind, value",
+    "credentials": "id, username, secret, honeytoken, common",
+    "fingerprints": "id, kind, value, common",
     "payloads": "id, sha256, size, mime",
     "sessions": "id, source_id, decoy_id, service_id, fingerprint_id, started_at, ended_at",
     "observations": "id, observed_at, session_id, source_id, decoy_id, service_id, action, "
@@ -944,7 +949,8 @@ class _Feeder:
                 if rng.random() < 0.01:
                     top["credentials"] += 1
                     new_credentials.append((top["credentials"], rng.choice(_USERS),
-                                            f"{rng.choice(_WORDS)}{rng.randint(0, 99999)}", 0))
+                                            f"{rng.choice(_WORDS)}{rng.randint(0, 99999)}", 0,
+                                            0))
                     # The new one first, then the usual ones (iter(f, None) calls f forever).
                     cred = itertools.chain([top["credentials"]],
                                            iter(self.pick_cred, None)).__next__
@@ -957,7 +963,7 @@ class _Feeder:
                         top["fingerprints"] += 1
                         fingerprint = top["fingerprints"]
                         new_fingerprints.append((fingerprint, kind,
-                                                 _fingerprint_value(rng, kind)))
+                                                 _fingerprint_value(rng, kind), 0))
                     else:
                         fingerprint = self.pick_fp[kind]()
                 span = sum(step[0] for step in steps)

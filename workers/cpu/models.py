@@ -114,6 +114,8 @@ class Credential(SQLModel, table=True):
     username: str = Field(index=True, max_length=128)
     secret: str = Field(max_length=256)  # the password tried, as received
     honeytoken: bool = False  # one the network planted in a lure
+    # On a public wordlist: too common to link observations (the workers' stop-list).
+    common: bool = Field(default=False, sa_column_kwargs={"server_default": "0"})
 
 
 class Fingerprint(SQLModel, table=True):
@@ -123,6 +125,8 @@ class Fingerprint(SQLModel, table=True):
     id: int | None = Field(default=None, primary_key=True)
     kind: str = Field(max_length=16)
     value: str = Field(unique=True, max_length=128)
+    # A stock client shared by unrelated sources: too common to link observations.
+    common: bool = Field(default=False, sa_column_kwargs={"server_default": "0"})
 
 
 class Payload(SQLModel, table=True):
