@@ -3,9 +3,9 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
-FLEET  ?= demo
+FLEET  ?= cpu
 
-.PHONY: install run test lint bench clean
+.PHONY: install run demo-data feed test lint bench clean
 
 # `make install`: .venv with prefork installed (editable) and .venv/bin/prefork on hand.
 install: $(VENV)/.installed
@@ -19,8 +19,17 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(PIP) -e '.[test]'
 	touch $@
 
-run: install
+# The cpu fleet's database ($$PREFORK_DB, else ~/.local/share/prefork/cpu.sqlite3) is
+# filled with a generated data set on first use.
+run: install $(if $(filter cpu,$(FLEET)),demo-data)
 	$(BIN)/prefork run --fleet $(FLEET)
+
+demo-data: install
+	$(BIN)/python -m prefork_workers.cpu generate --if-empty
+
+# New observations while the fleet runs (in a second terminal), so the workers react.
+feed: install
+	$(BIN)/python -m prefork_workers.cpu feed
 
 lint: $(VENV)/.installed-test
 	$(BIN)/ruff check prefork workers tests measurements
@@ -30,6 +39,7 @@ test: lint
 
 bench: install
 	$(BIN)/python measurements/bench_master.py
+	$(BIN)/python measurements/bench_kernels.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
