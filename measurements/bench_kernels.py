@@ -19,13 +19,10 @@ left on, as in a worker. Targets are reported against, never asserted.
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import os
-import platform
 import random
 import statistics
-import subprocess
 import sys
 import time
 from collections import Counter
@@ -33,6 +30,8 @@ from collections.abc import Callable
 from itertools import accumulate
 from pathlib import Path
 from typing import Any
+
+from machine import describe_machine
 
 from prefork_workers.cpu.kernels import (
     ClusterSpan,
@@ -205,26 +204,7 @@ def bench_reuse() -> Json:
 
 def environment() -> Json:
     """Where these numbers come from."""
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
-    return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "python": sys.version,
-        "implementation": platform.python_implementation(),
-        "kernel": f"{platform.system()} {platform.release()} {platform.version()}",
-        "cpu": cpu,
-        "nproc": len(os.sched_getaffinity(0)),
-        "loadavg_at_start": os.getloadavg(),
-        "commit": commit,
-    }
+    return describe_machine()
 
 
 def ms(seconds: float) -> str:

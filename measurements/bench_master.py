@@ -18,13 +18,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
 import importlib
 import itertools
 import json
 import logging
 import os
-import platform
 import random
 import select
 import shutil
@@ -40,6 +38,8 @@ from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from machine import describe_machine
 
 import prefork
 from prefork.master import Observer, Slot
@@ -622,36 +622,13 @@ PLANS: tuple[Plan, ...] = (
 
 
 def environment() -> Json:
-    """Where these numbers come from."""
-    cpu = "unknown"
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE,
-                                capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    """Where these numbers come from: the machine, and the versions under the floor."""
     return {
-        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-        "python": sys.version,
-        "kernel": f"{platform.system()} {platform.release()} {platform.version()}",
-        "cpu": cpu,
-        "nproc": len(os.sched_getaffinity(0)),
-        "mem_total_kib": vm_kib_meminfo("MemTotal"),
+        **describe_machine(),
         "prefork": prefork.__version__,
-        "commit": commit,
         "packages": {name: metadata.version(name)
                      for name in ("sqlmodel", "sqlalchemy", "pydantic", "psutil")},
     }
-
-
-def vm_kib_meminfo(field: str) -> int:
-    for line in Path("/proc/meminfo").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
 def drive(quick: bool, only: list[str] | None) -> int:

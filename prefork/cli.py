@@ -12,6 +12,7 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 import click
 
@@ -152,15 +153,26 @@ def _with_cli_defaults(
                                restart=restart or fleet.restart).validate()
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the CLI, turn every user error into one line and an exit code."""
+def run_cli(command: click.Command, prog: str, argv: list[str] | None = None) -> NoReturn:
+    """Run a click command as a program: every user error is one line, ``PROG: error: ...``,
+    with click's exit code (2 for bad input); a command's int result is the exit code."""
     try:
-        result = cli.main(args=argv, prog_name="prefork", standalone_mode=False)
+        result = command.main(args=argv, prog_name=prog, standalone_mode=False)
+    except click.UsageError as exc:
+        if exc.ctx is not None and type(exc).__name__ == "NoArgsIsHelpError":
+            click.echo(exc.ctx.get_help(), err=True)  # no command at all: the help, as click does
+        else:
+            click.echo(f"{prog}: error: {' '.join(exc.format_message().split())}", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        message = " ".join(exc.format_message().split())
-        click.echo(f"prefork: error: {message}", err=True)
+        click.echo(f"{prog}: error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(exc.exit_code)
     except (click.Abort, KeyboardInterrupt):
         # Ctrl-C before the master took over its signals (e.g. while importing the floor).
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """The ``prefork`` console entry point."""
+    run_cli(cli, "prefork", argv)

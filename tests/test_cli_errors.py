@@ -69,6 +69,14 @@ def test_unsafe_runtime_dir_is_refused(events: Events, runtime_dir: Path,
     ]
 
 
+def test_bare_prefork_shows_its_help_not_an_error_line() -> None:
+    result = subprocess.run([sys.executable, "-m", "prefork"], capture_output=True, text=True,
+                            timeout=30)
+    assert result.returncode == 2  # click's code for "no command given"
+    assert result.stderr.startswith("Usage: prefork [OPTIONS] COMMAND")
+    assert "\n  run " in result.stderr and "error" not in result.stderr
+
+
 def test_unknown_command_and_help() -> None:
     bad = subprocess.run([sys.executable, "-m", "prefork", "frobnicate"],
                          capture_output=True, text=True, timeout=30)

@@ -8,13 +8,14 @@ the commands, not here, so that a usage error answers at once.
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 import click
+
+from prefork.cli import run_cli
 
 PROG = "prefork-cpu"
 EXIT_USAGE = 2
@@ -152,21 +153,7 @@ def info(location: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI; every user error is one line and exit status 2."""
-    try:
-        result = cli.main(args=argv, prog_name=PROG, standalone_mode=False)
-    except click.UsageError as exc:
-        if exc.ctx is not None and type(exc).__name__ == "NoArgsIsHelpError":
-            click.echo(exc.ctx.get_help(), err=True)  # no command at all: the help, as click does
-        else:
-            click.echo(f"{PROG}: error: {' '.join(exc.format_message().split())}", err=True)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        message = " ".join(exc.format_message().split())
-        click.echo(f"{PROG}: error: {message}", err=True)
-        sys.exit(exc.exit_code)
-    except (click.Abort, KeyboardInterrupt):
-        sys.exit(130)
-    sys.exit(result if isinstance(result, int) else 0)
+    run_cli(cli, PROG, argv)
 
 
 if __name__ == "__main__":

@@ -212,6 +212,9 @@ def observation_indicators(obs: ObservationKeys) -> list[int]:
 
 
 def _observation_keysets(observations: Iterable[ObservationKeys]) -> Iterator[list[int]]:
+    # observation_indicators inlined on purpose: this runs once per observation, and
+    # map(observation_indicators, ...) measured 1.97 s against 1.68 s (medians of 4,
+    # interleaved in one run) for 1M observations.
     for _, source, credential, fingerprint, payload in observations:
         keys = [source * 8]  # SOURCE is 0
         if credential is not None:

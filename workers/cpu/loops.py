@@ -133,9 +133,12 @@ async def _commit(db: Database, settings: Settings, worker: str, read_mark: int,
             settings.before_commit(worker)
 
 
-async def _latest_observation(c: aiosqlite.Connection) -> int:
+async def _observations_past(c: aiosqlite.Connection, worker: str) -> tuple[int, int] | None:
+    """(watermark, latest observation id) if observations arrived past ``worker``'s mark."""
+    mark = await _watermark(c, worker)
     rows = await c.execute_fetchall("SELECT coalesce(max(id), 0) FROM observations")
-    return next(iter(rows))[0]
+    latest = next(iter(rows))[0]
+    return (mark, latest) if latest > mark else None
 
 
 async def _fill_temp(c: aiosqlite.Connection, table: str, values: Iterable[int]) -> None:
@@ -260,10 +263,10 @@ async def _cluster_spans(c: aiosqlite.Connection) -> list[kernels.ClusterSpan]:
 async def attribution_step(db: Database, settings: Settings) -> str | None:
     """Assign every session to an identity; report identities seen from several sources."""
     async with db.snapshot() as c:
-        mark = await _watermark(c, "attribution")
-        latest = await _latest_observation(c)
-        if latest <= mark:
+        moved = await _observations_past(c, "attribution")
+        if moved is None:
             return None
+        mark, latest = moved
         sessions = await session_keys(c, latest)
         times = {row[0]: (row[1], row[2]) for row in await c.execute_fetchall(
             "SELECT id, started_at, coalesce(ended_at, started_at) FROM sessions "
@@ -322,10 +325,10 @@ async def session_keys(c: aiosqlite.Connection, latest: int) -> list[kernels.Ses
 async def reuse_step(db: Database, settings: Settings) -> str | None:
     """Find credentials tried against at least ``min_targets`` distinct decoys."""
     async with db.snapshot() as c:
-        mark = await _watermark(c, "reuse-correlate")
-        latest = await _latest_observation(c)
-        if latest <= mark:
+        moved = await _observations_past(c, "reuse-correlate")
+        if moved is None:
             return None
+        mark, latest = moved
         uses = await credential_uses(c, latest)
     findings = kernels.credential_reuse(uses, settings.min_targets)
 
