@@ -27,6 +27,7 @@ from setproctitle import setproctitle
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.fleet import Backoff, Fleet, RestartPolicy, StartLimit, Worker
 from prefork.lock import FleetLock, default_runtime_dir
+from prefork.notify import Notifier
 from prefork.policy import (
     ExitStatus,
     backoff_delay,
@@ -111,6 +112,7 @@ class Master:
         runtime_dir: Path | None = None,
         observer: Observer | None = None,
         rng: random.Random | None = None,
+        systemd_notify: bool = True,
     ) -> None:
         self.fleet = fleet.validate()
         self.grace = grace
@@ -129,6 +131,10 @@ class Master:
         self._signal_defaults: dict[int, object] = {}
         self._wake_r = self._wake_w = -1
         self._selector: selectors.BaseSelector | None = None
+        self._systemd_notify = systemd_notify
+        self._notifier: Notifier | None = None
+        self._next_ping: float | None = None
+        self._status = ""
 
     # -- the loop ------------------------------------------------------------------
 
@@ -137,6 +143,9 @@ class Master:
         try:
             self._open_wakeup()
             self._install_signal_handlers()
+            if self._systemd_notify:
+                self._notifier = Notifier.from_environment()
+            self._tell_systemd(time.monotonic())  # the first watchdog ping goes out at once
             setproctitle(f"prefork: master [{self.fleet.name}]")
             self._prepare_floor()
             log.info("master %d: fleet %s, %d workers: %s", self._pid, self.fleet.name,
@@ -147,12 +156,16 @@ class Master:
                     break
                 self._spawn(slot)
             else:
-                self._notify("ready", None)
+                self._observe("ready", None)
+                if self._notifier is not None:
+                    self._status = self.summary()
+                    self._notifier.send("READY=1", f"STATUS={self._status}")
             while not self._finished():
                 self._wait()
                 self._handle_signals()
                 self._reap()
                 self._run_due()
+                self._tell_systemd(time.monotonic())
             return self._summarize()
         except BaseException:
             self._kill_everything()
@@ -160,6 +173,8 @@ class Master:
         finally:
             self._restore_signal_handlers()
             self._close_wakeup()
+            if self._notifier is not None:
+                self._notifier.close()
             self.lock.release()
 
     def _wait(self) -> None:
@@ -175,9 +190,12 @@ class Master:
                 pass
 
     def _next_deadline(self) -> float | None:
+        deadlines = [self._next_ping]
         if self._stopping:
-            return self._stop_deadline
-        return min((s.due for s in self.slots if s.due is not None), default=None)
+            deadlines.append(self._stop_deadline)
+        else:
+            deadlines.extend(s.due for s in self.slots)
+        return min((d for d in deadlines if d is not None), default=None)
 
     def _finished(self) -> bool:
         busy = ALIVE if self._stopping else ACTIVE
@@ -216,7 +234,7 @@ class Master:
         level = logging.WARNING if status.failed and not self._stopping else logging.INFO
         log.log(level, "worker %s (pid %s) exited: %s after %.3fs",
                 slot.label, pid, status.describe(), uptime)
-        self._notify("exited", slot)  # slot.pid is still the pid that exited
+        self._observe("exited", slot)  # slot.pid is still the pid that exited
         slot.pid = None
         if self._stopping:
             slot.move(WorkerState.STOPPED)
@@ -226,7 +244,7 @@ class Master:
             log.log(logging.ERROR if status.failed else logging.INFO,
                     "worker %s %s (restart=%s)", slot.label,
                     "failed" if status.failed else "finished", slot.restart)
-            self._notify("failed" if status.failed else "finished", slot)
+            self._observe("failed" if status.failed else "finished", slot)
             return
         self._schedule_restart(slot, now, uptime)
 
@@ -243,12 +261,12 @@ class Master:
             log.error("worker %s marked failed: started %d times within %gs "
                       "(start limit %d); not restarting it",
                       slot.label, len(slot.start_times), limit.interval, limit.burst)
-            self._notify("failed", slot)
+            self._observe("failed", slot)
             return
         slot.due = now + delay
         slot.move(WorkerState.BACKOFF)
         log.info("worker %s restart %d in %.3fs", slot.label, slot.attempt, delay)
-        self._notify("backoff", slot)
+        self._observe("backoff", slot)
 
     def _run_due(self) -> None:
         now = time.monotonic()
@@ -262,12 +280,39 @@ class Master:
                 slot.restarts += 1
                 self._spawn(slot)
 
+    # -- systemd -------------------------------------------------------------------
+
+    def summary(self) -> str:
+        """One line for systemd's STATUS=: "4 running, 0 in backoff, 1 failed"."""
+        count = {state: 0 for state in WorkerState}
+        for slot in self.slots:
+            count[slot.state] += 1
+        text = (f"{count[WorkerState.RUNNING]} running, {count[WorkerState.BACKOFF]} in "
+                f"backoff, {count[WorkerState.FAILED]} failed")
+        if self._stopping:
+            text = f"stopping: {count[WorkerState.STOPPING]} left; " + text
+        return text
+
+    def _tell_systemd(self, now: float) -> None:
+        """Ping the watchdog when due and report a changed summary (no-op without systemd)."""
+        notifier = self._notifier
+        if notifier is None:
+            return
+        if notifier.watchdog_interval is not None and (
+                self._next_ping is None or now >= self._next_ping):
+            notifier.send("WATCHDOG=1")
+            self._next_ping = now + notifier.watchdog_interval / 2
+        status = self.summary()
+        if status != self._status and self._status:  # the first STATUS goes with READY=1
+            self._status = status
+            notifier.send(f"STATUS={status}")
+
     # -- fork ----------------------------------------------------------------------
 
     def _spawn(self, slot: Slot) -> None:
         flush_stdio()  # or the child's exit would never flush, and the master's twice
         context = WorkerContext(self.fleet.name, slot.worker.name, slot.replica, self._pid)
-        self._notify("forking", slot)
+        self._observe("forking", slot)
         saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED_SIGNALS)
         try:
             pid = os.fork()
@@ -293,7 +338,7 @@ class Master:
         slot.move(WorkerState.RUNNING)
         self._by_pid[pid] = slot
         log.info("worker %s spawned (pid %d)", slot.label, pid)
-        self._notify("spawned", slot)
+        self._observe("spawned", slot)
 
     def _prepare_floor(self) -> None:
         """Collect, then freeze every object the floor made, so a child's own collections
@@ -313,7 +358,9 @@ class Master:
         self._stopping = True
         self._stop_started = time.monotonic()
         self._stop_deadline = self._stop_started + self.grace
-        self._notify("stopping", None)
+        self._observe("stopping", None)
+        if self._notifier is not None:
+            self._notifier.send("STOPPING=1")
         for slot in self.slots:
             if slot.state is WorkerState.BACKOFF:
                 slot.due = None
@@ -377,6 +424,8 @@ class Master:
             fds.append(self._selector.fileno())  # type: ignore[attr-defined]
         if self.lock.fd is not None:
             fds.append(self.lock.fd)
+        if self._notifier is not None:
+            fds.append(self._notifier.fileno())
         return fds
 
     def _install_signal_handlers(self) -> None:
@@ -398,7 +447,7 @@ class Master:
         # Only record: no logging or I/O here (a handler can interrupt a log call).
         self._signals.append(signum)
 
-    def _notify(self, event: str, slot: Slot | None) -> None:
+    def _observe(self, event: str, slot: Slot | None) -> None:
         if self._observer is not None:
             self._observer(event, slot, time.monotonic())
 

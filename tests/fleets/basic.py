@@ -73,6 +73,8 @@ def inspect_self() -> None:
          sigign=status["SigIgn"].strip(), fds=fds, cmdline=cmdline,
          freeze_count=gc.get_freeze_count(), env_worker=os.environ.get("PREFORK_WORKER"),
          env_replica=os.environ.get("PREFORK_REPLICA"), loop_running=loop_running,
+         env_notify=[k for k in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+                     if k in os.environ],
          comm=Path("/proc/self/comm").read_text().strip())
     idle_forever()
 

@@ -1,0 +1,69 @@
+"""The systemd notify protocol (sd_notify(3)), for a master run as a ``Type=notify`` unit.
+
+A notification is one datagram of ``KEY=VALUE`` lines sent to the ``AF_UNIX`` socket named
+by ``$NOTIFY_SOCKET`` (a leading ``@`` means the abstract namespace). The master sends
+``READY=1`` once every worker is forked, ``STATUS=...`` whenever its one-line summary
+changes, ``WATCHDOG=1`` every half ``$WATCHDOG_USEC`` (the first one at once, so a slow
+start never looks like a hang), and ``STOPPING=1`` when it begins to stop.
+
+Notifying is best effort: a socket that is gone or full drops the message, never the
+master. Ten lines do not need a library.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import MutableMapping
+
+log = logging.getLogger("prefork")
+
+_VARIABLES = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+
+
+class Notifier:
+    """Sends notifications to systemd; ``watchdog_interval`` is ``None`` without a watchdog."""
+
+    def __init__(self, address: str, watchdog_interval: float | None = None) -> None:
+        self.address = "\0" + address[1:] if address.startswith("@") else address
+        self.watchdog_interval = watchdog_interval
+        self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                                     | socket.SOCK_NONBLOCK)
+        self._warned = False
+
+    @classmethod
+    def from_environment(cls, environ: MutableMapping[str, str] | None = None,
+                         pid: int | None = None) -> Notifier | None:
+        """A notifier for ``$NOTIFY_SOCKET``, or ``None`` when not started by systemd.
+
+        Removes the variables (as sd_notify's ``unset_environment`` does) so the workers,
+        which are not the unit's main process, do not inherit them. The watchdog applies
+        only if ``$WATCHDOG_PID`` is unset or names this process.
+        """
+        env = os.environ if environ is None else environ
+        values = {name: env.pop(name, "") for name in _VARIABLES}
+        if not values["NOTIFY_SOCKET"]:
+            return None
+        interval = None
+        watchdog_pid = values["WATCHDOG_PID"]
+        if values["WATCHDOG_USEC"].isdigit() and int(values["WATCHDOG_USEC"]) > 0 and (
+                not watchdog_pid or watchdog_pid == str(os.getpid() if pid is None else pid)):
+            interval = int(values["WATCHDOG_USEC"]) / 1_000_000
+        return cls(values["NOTIFY_SOCKET"], interval)
+
+    def send(self, *fields: str) -> None:
+        """Send ``fields`` (``"READY=1"``, ``"STATUS=..."``) as one datagram."""
+        try:
+            self._socket.sendto("\n".join(fields).encode(), self.address)
+        except OSError as exc:  # systemd gone, or its queue full: drop, never block
+            if not self._warned:
+                log.warning("systemd notify to %r failed: %s (further failures not logged)",
+                            self.address.replace("\0", "@"), exc)
+                self._warned = True
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def close(self) -> None:
+        self._socket.close()
