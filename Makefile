@@ -32,7 +32,7 @@ feed: install
 	$(BIN)/python -m prefork_workers.cpu feed
 
 lint: $(VENV)/.installed-test
-	$(BIN)/ruff check prefork workers tests measurements
+	$(BIN)/ruff check prefork workers tests measurements systemd
 
 test: lint
 	$(BIN)/python -m pytest

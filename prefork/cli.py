@@ -28,6 +28,7 @@ from prefork.fleet import (
 )
 from prefork.lock import AlreadyRunning, RuntimeDirError
 from prefork.master import EXIT_ALREADY_RUNNING, EXIT_USAGE, Master
+from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
 
 log = logging.getLogger("prefork")
 
@@ -130,6 +131,57 @@ def fleets() -> None:
     """List the registered fleets (entry point group prefork.fleets)."""
     for name, entry_point in sorted(registered_fleets().items()):
         click.echo(f"{name}\t{entry_point.value}")
+
+
+@cli.command()
+@click.option("--fleet", "-f", "fleet_spec", required=True, metavar="NAME|module:ATTR",
+              help="A registered fleet (see `prefork fleets`) or module:ATTR.")
+@click.option("--user", metavar="USER", default=None,
+              help="Run as USER (and its group) [a DynamicUser= of the unit's own].")
+@click.option("--group", metavar="GROUP", default=None, help="Run with GROUP (needs --user).")
+@click.option("--venv", type=click.Path(path_type=Path), default=None,
+              help="The virtual environment with prefork and the fleet installed "
+                   "[this one's, sys.prefix].")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None,
+              help="WorkingDirectory= of the master and its workers.")
+@click.option("--conflicts", multiple=True, metavar="UNIT",
+              help="A unit this fleet replaces, stopped before it starts (repeatable).")
+@click.option("--grace", type=SECONDS, default=15.0, show_default=True,
+              help="The master's --grace; TimeoutStopSec= is 15 s longer.")
+@click.option("--memory-max", metavar="SIZE", default=None,
+              help="MemoryMax= for the whole fleet, master and workers together "
+                   "(512M, 2G, 50%, infinity).")
+@click.option("--watchdog", type=SECONDS, default=30.0, show_default=True,
+              help="WatchdogSec=; 0 leaves the watchdog off.")
+@click.option("--network/--no-network", default=False, show_default=True,
+              help="Let the workers use IPv4/IPv6 [no: local sockets only].")
+def systemd(
+    fleet_spec: str,
+    user: str | None,
+    group: str | None,
+    venv: Path | None,
+    workdir: Path | None,
+    conflicts: tuple[str, ...],
+    grace: float,
+    memory_max: str | None,
+    watchdog: float,
+    network: bool,
+) -> None:
+    """Print a hardened systemd unit that runs the fleet's master.
+
+    Save it as /etc/systemd/system/prefork-NAME.service (its first line names it).
+    """
+    venv = default_venv() if venv is None else venv
+    try:
+        text = render_unit(fleet_spec, venv=venv, user=user, group=group, workdir=workdir,
+                           conflicts=conflicts, grace=grace, memory_max=memory_max,
+                           watchdog=watchdog, network=network)
+        load_fleet(fleet_spec)  # after the cheap checks: this imports the fleet's floor
+    except (UnitError, FleetError) as exc:
+        raise CliError(str(exc)) from None
+    for warning in reachability_warnings(venv, user, workdir):
+        click.echo(f"prefork: warning: {warning}", err=True)
+    click.echo(text, nl=False)
 
 
 def _with_cli_defaults(

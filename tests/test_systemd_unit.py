@@ -1,0 +1,395 @@
+"""``prefork systemd``: a unit that systemd accepts and rates SAFE, and that a fleet runs under.
+
+No systemd runs here, so "runs under" is checked by hand: the unit's seccomp settings
+(SystemCallFilter=, SystemCallErrorNumber=, MemoryDenyWriteExecute=,
+RestrictAddressFamilies=, RestrictNamespaces=) are rebuilt with libseccomp, one filter per
+setting as systemd does, and applied to a real master and its workers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import re
+import select
+import shlex
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+import prefork.unit
+from conftest import WAIT, Events, MasterProcess
+from prefork.unit import UnitError, reachability_warnings, render_unit, unit_name
+
+VENV = Path(sys.prefix)  # verify checks that ExecStart= exists: use the real venv
+MAX_EXPOSURE = 2.0
+SYSTEMD_ANALYZE = shutil.which("systemd-analyze")
+needs_systemd_analyze = pytest.mark.skipif(
+    SYSTEMD_ANALYZE is None,
+    reason="systemd-analyze is not installed: cannot verify or rate the unit")
+
+
+def directives(text: str) -> dict[str, list[str]]:
+    """Every ``Key=value`` of a unit, in order, ignoring sections and comments."""
+    found: dict[str, list[str]] = {}
+    for line in text.splitlines():
+        if line and not line.startswith(("#", ";", "[")):
+            key, _, value = line.partition("=")
+            found.setdefault(key, []).append(value)
+    return found
+
+
+def fake_venv(parent: Path, name: str = "venv") -> Path:
+    """A directory with an executable bin/prefork: enough for render_unit and verify."""
+    script = parent / name / "bin" / "prefork"
+    script.parent.mkdir(parents=True)
+    script.write_text("#!/bin/sh\nexit 0\n")
+    script.chmod(0o755)
+    return parent / name
+
+
+def seconds(value: str) -> float:
+    assert value.endswith("s"), value
+    return float(value[:-1])
+
+
+# -- the rendered text ------------------------------------------------------------------
+
+def test_the_template_ships_in_prefork_units() -> None:
+    template = resources.files("prefork_units").joinpath("prefork-fleet.service.in")
+    assert template.is_file()
+    assert "${exec_start}" in template.read_text()
+
+
+def test_defaults_for_the_demo_fleet() -> None:
+    text = render_unit("demo", venv=VENV)
+    unit = directives(text)
+    assert text.startswith("# prefork-demo.service: ")
+    assert unit_name("demo") == "prefork-demo.service"
+    assert unit["Type"] == ["notify"]
+    assert unit["NotifyAccess"] == ["main"]
+    assert unit["ExecStart"] == [f"{VENV}/bin/prefork run --fleet demo --grace 15"]
+    assert unit["KillMode"] == ["mixed"]
+    assert seconds(unit["TimeoutStopSec"][0]) > 15
+    assert unit["Restart"] == ["on-failure"]
+    assert seconds(unit["RestartSec"][0]) > 0
+    assert unit["WatchdogSec"] == ["30s"]
+    assert unit["DynamicUser"] == ["yes"]
+    assert "User" not in unit and "Group" not in unit
+    assert unit["RuntimeDirectory"] == ["prefork/demo"]
+    assert unit["StateDirectory"] == ["prefork/demo"]
+    assert unit["Environment"] == ["XDG_DATA_HOME=%S/prefork/demo"]
+    assert unit["CapabilityBoundingSet"] == [""] and unit["AmbientCapabilities"] == [""]
+    assert unit["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert unit["IPAddressDeny"] == ["any"] and unit["PrivateNetwork"] == ["yes"]
+    for absent in ("Conflicts", "After", "MemoryMax", "WorkingDirectory"):
+        assert absent not in unit, absent
+    assert "\n\n\n" not in text and "${" not in text
+
+
+def test_every_option_shows_in_the_unit(tmp_path: Path) -> None:
+    unit = directives(render_unit(
+        "cpu", venv=VENV, user="prefork", group="prefork", workdir=tmp_path,
+        conflicts=["cpu-clusterer.service", "cpu-attribution.service", "cpu-clusterer.service"],
+        grace=42.5, memory_max="2G", watchdog=0, network=True))
+    assert unit["ExecStart"] == [f"{VENV}/bin/prefork run --fleet cpu --grace 42.5"]
+    assert seconds(unit["TimeoutStopSec"][0]) > 42.5
+    assert unit["User"] == ["prefork"] and unit["Group"] == ["prefork"]
+    assert "DynamicUser" not in unit
+    assert unit["WorkingDirectory"] == [str(tmp_path)]
+    both = "cpu-clusterer.service cpu-attribution.service"
+    assert unit["Conflicts"] == [both]
+    assert both in unit["After"]
+    assert unit["MemoryMax"] == ["2G"]
+    assert "WatchdogSec" not in unit
+    assert unit["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    assert "IPAddressDeny" not in unit and "PrivateNetwork" not in unit
+
+
+def test_protect_home_is_read_only_only_when_the_unit_needs_a_home(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    venv = fake_venv(tmp_path)
+    assert directives(render_unit("demo", venv=venv))["ProtectHome"] == ["yes"]
+    monkeypatch.setattr(prefork.unit, "_HOME_ROOTS", (tmp_path,))
+    assert directives(render_unit("demo", venv=venv))["ProtectHome"] == ["read-only"]
+
+
+def test_a_dynamic_user_is_warned_about_a_closed_directory(tmp_path: Path) -> None:
+    closed = tmp_path / "closed"
+    closed.mkdir(mode=0o700)
+    venv = fake_venv(closed)
+    # pytest's own base directory may be closed too (/tmp/pytest-of-root is 0700).
+    [warning] = reachability_warnings(venv, user=None)
+    assert warning.startswith(f"{venv} is not reachable for the unit's dynamic user (")
+    assert warning.endswith("is not searchable by others): pass --user, or use a venv and "
+                            "Python outside it")
+    assert reachability_warnings(venv, user="prefork") == []
+    closed.chmod(0o711)
+    assert f"({closed} is not" not in "".join(reachability_warnings(venv, user=None))
+
+
+@pytest.mark.parametrize(("fleet", "options", "message"), [
+    ("demo", {"grace": float("nan")}, "--grace must be a finite number"),
+    ("demo", {"watchdog": -1}, "--watchdog must be a finite number"),
+    ("a..b:c", {}, "cannot go into a unit"),
+    ("de mo", {}, "cannot go into a unit"),
+    ("demo", {"memory_max": "0"}, "no memory at all"),
+    ("demo", {"memory_max": "150%"}, "at most 100"),
+    ("demo", {"user": "-rf"}, "not a valid user or group name"),
+])
+def test_render_unit_refuses(fleet: str, options: dict[str, object], message: str) -> None:
+    with pytest.raises(UnitError, match=re.escape(message)):
+        render_unit(fleet, venv=VENV, **options)  # type: ignore[arg-type]
+
+
+# -- what systemd makes of it -----------------------------------------------------------
+
+def analyze(*args: str) -> subprocess.CompletedProcess[str]:
+    assert SYSTEMD_ANALYZE is not None
+    return subprocess.run([SYSTEMD_ANALYZE, *args], capture_output=True, text=True, timeout=30)
+
+
+def exposure(path: Path) -> float:
+    """The overall exposure ``systemd-analyze security`` gives the unit (0 best, 10 worst)."""
+    result = analyze("security", "--offline=true", str(path))
+    output = result.stdout + result.stderr
+    match = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", output)
+    assert match, output
+    return float(match.group(1))
+
+
+UNITS: dict[str, Callable[[Path], str]] = {
+    "demo": lambda tmp: render_unit("demo", venv=VENV),
+    "demo outside home": lambda tmp: render_unit("demo", venv=fake_venv(tmp)),
+    "escaped paths": lambda tmp: render_unit(
+        "pkg.mod:fleet", venv=fake_venv(tmp, "my venv %i$x"), workdir=fake_venv(tmp, "w %n"),
+        memory_max="50%", watchdog=0.5, grace=0),
+    "cpu, every option": lambda tmp: render_unit(
+        "cpu", venv=VENV, user="prefork", group="prefork", workdir=tmp,
+        conflicts=["cpu-clusterer.service", "legacy.target"], grace=2.5, memory_max="1.5G",
+        watchdog=10, network=True),
+}
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize("case", UNITS)
+def test_systemd_accepts_the_unit_and_rates_it_safe(case: str, tmp_path: Path) -> None:
+    text = UNITS[case](tmp_path)
+    path = tmp_path / "prefork-test.service"
+    path.write_text(text)
+    result = analyze("verify", str(path))
+    # verify reports a bad setting ("Invalid memory limit ..., ignoring") and still exits 0.
+    complaints = [line for line in (result.stdout + result.stderr).splitlines()
+                  if path.name in line]
+    assert result.returncode == 0 and not complaints, result.stdout + result.stderr
+    assert exposure(path) <= MAX_EXPOSURE
+
+
+# -- the command ------------------------------------------------------------------------
+
+def prefork_systemd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "prefork", "systemd", *args],
+                          capture_output=True, text=True, timeout=30)
+
+
+def test_the_command_prints_the_rendered_unit() -> None:
+    result = prefork_systemd("--fleet", "demo", "--conflicts", "old.service",
+                             "--memory-max", "512M", "--grace", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render_unit("demo", venv=VENV, conflicts=["old.service"],
+                                        memory_max="512M", grace=5)
+    assert all(line.startswith("prefork: warning: ") for line in result.stderr.splitlines())
+
+
+BAD_OPTIONS = [
+    (["--fleet", "nosuchfleet"], "unknown fleet 'nosuchfleet' (known: "),
+    (["--fleet", "demo", "--venv", "/"], "venv / has no executable bin/prefork"),
+    (["--fleet", "demo", "--workdir", "/no/such/dir"], "/no/such/dir does not exist"),
+    (["--fleet", "demo", "--conflicts", "old-mailer"], "'old-mailer' is not a unit name"),
+    (["--fleet", "demo", "--conflicts", "a b.service"], "'a b.service' is not a unit name"),
+    (["--fleet", "demo", "--conflicts", "x/y.service"], "'x/y.service' is not a unit name"),
+    (["--fleet", "demo", "--memory-max", "lots"], "--memory-max 'lots' is not a systemd size"),
+    (["--fleet", "demo", "--memory-max", "512m"], "--memory-max '512m' is not a systemd size"),
+    (["--fleet", "demo", "--grace", "-1"], "'--grace'"),
+    (["--fleet", "demo", "--watchdog", "-5"], "'--watchdog'"),
+    (["--fleet", "demo", "--group", "staff"], "--group needs --user"),
+    (["--fleet", "demo", "--network", "--bogus"], "No such option"),
+    ([], "Missing option '--fleet'"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_OPTIONS,
+                         ids=[" ".join(a) for a, _ in BAD_OPTIONS])
+def test_bad_options_are_one_line_and_exit_2(args: list[str], message: str) -> None:
+    result = prefork_systemd(*args)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("prefork: error: ") and message in lines[0], lines[0]
+    assert result.stdout == ""
+
+
+# -- a fleet under the unit's seccomp filters -------------------------------------------
+
+SCMP_ACT_ALLOW = 0x7FFF0000
+SCMP_CMP_NE, SCMP_CMP_EQ, SCMP_CMP_GT, SCMP_CMP_MASKED_EQ = 1, 4, 6, 7
+PROT_WRITE, PROT_EXEC, SHM_EXEC = 0x2, 0x4, 0o100000
+NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000,
+                   0x40000000, 0x00000080)  # CLONE_NEW{NS,CGROUP,UTS,IPC,USER,PID,NET,TIME}
+# Allowed whatever SystemCallFilter= says (systemd.exec(5)).
+IMPLICIT_SYSCALLS = {"execve", "exit", "exit_group", "getrlimit", "rt_sigreturn", "sigreturn"}
+
+
+class ArgCmp(ctypes.Structure):
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int),
+                ("datum_a", ctypes.c_uint64), ("datum_b", ctypes.c_uint64)]
+
+
+def errno_action(number: int) -> int:
+    return 0x00050000 | number
+
+
+def libseccomp() -> ctypes.CDLL:
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError:
+        pytest.skip("libseccomp is not installed: cannot apply the unit's seccomp filters")
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int,
+                                           ctypes.c_uint, ctypes.POINTER(ArgCmp)]
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def syscall_groups() -> dict[str, set[str]]:
+    """Each ``@group`` of ``systemd-analyze syscall-filter``, nested groups expanded."""
+    groups: dict[str, list[str]] = {}
+    for line in analyze("syscall-filter").stdout.splitlines():
+        if line.startswith("@"):
+            current = groups.setdefault(line.strip(), [])
+        elif line.startswith(" ") and not line.strip().startswith("#") and line.strip():
+            current.append(line.strip())
+
+    def expand(name: str) -> set[str]:
+        return set().union(*(expand(m) if m.startswith("@") else {m} for m in groups[name]))
+
+    return {name: expand(name) for name in groups}
+
+
+def seccomp_loader(unit: dict[str, list[str]]) -> Callable[[], None]:
+    """Build the unit's filters now; the returned function loads them (in the child)."""
+    lib = libseccomp()
+    groups = syscall_groups()
+
+    def names(words: str) -> set[str]:
+        return set().union(*(groups[w] if w.startswith("@") else {w} for w in words.split()))
+
+    def rule(ctx: int, action: int, syscall: str, *compare: tuple[int, int, int, int]) -> None:
+        number = lib.seccomp_syscall_resolve_name(syscall.encode())
+        if number < 0:  # not a system call of this architecture
+            return
+        args = (ArgCmp * max(1, len(compare)))(*(ArgCmp(*c) for c in compare))
+        rc = lib.seccomp_rule_add_array(ctx, action, number, len(compare), args)
+        assert rc == 0, f"seccomp rule for {syscall}: {os.strerror(-rc)}"
+
+    contexts = []
+    if unit.get("MemoryDenyWriteExecute") == ["yes"]:
+        ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+        eperm = errno_action(errno.EPERM)
+        rule(ctx, eperm, "mmap", (2, SCMP_CMP_MASKED_EQ, PROT_WRITE | PROT_EXEC,
+                                  PROT_WRITE | PROT_EXEC))
+        rule(ctx, eperm, "mprotect", (2, SCMP_CMP_MASKED_EQ, PROT_EXEC, PROT_EXEC))
+        rule(ctx, eperm, "pkey_mprotect", (2, SCMP_CMP_MASKED_EQ, PROT_EXEC, PROT_EXEC))
+        rule(ctx, eperm, "shmat", (2, SCMP_CMP_MASKED_EQ, SHM_EXEC, SHM_EXEC))
+        contexts.append(ctx)
+    if "RestrictAddressFamilies" in unit:
+        allowed = {getattr(socket, name) for name in unit["RestrictAddressFamilies"][0].split()}
+        ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+        refuse = errno_action(errno.EAFNOSUPPORT)
+        for family in set(range(max(allowed) + 1)) - allowed:
+            rule(ctx, refuse, "socket", (0, SCMP_CMP_EQ, family, 0))
+        rule(ctx, refuse, "socket", (0, SCMP_CMP_GT, max(allowed), 0))
+        contexts.append(ctx)
+    if unit.get("RestrictNamespaces") == ["yes"]:
+        ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
+        for flag in NAMESPACE_FLAGS:
+            for syscall in ("unshare", "clone"):
+                rule(ctx, errno_action(errno.EPERM), syscall,
+                     (0, SCMP_CMP_MASKED_EQ, flag, flag))
+        rule(ctx, errno_action(errno.EPERM), "setns")
+        rule(ctx, errno_action(errno.ENOSYS), "clone3")  # flags out of seccomp's reach
+        contexts.append(ctx)
+    filters = unit["SystemCallFilter"]
+    assert not filters[0].startswith("~"), "expected an allow list"
+    allowed_calls = names(filters[0]) | IMPLICIT_SYSCALLS
+    for words in filters[1:]:
+        if words.startswith("~"):
+            allowed_calls -= names(words[1:])
+        else:
+            allowed_calls |= names(words)
+    ctx = lib.seccomp_init(errno_action(getattr(errno, unit["SystemCallErrorNumber"][0])))
+    for syscall in sorted(allowed_calls):
+        rule(ctx, SCMP_ACT_ALLOW, syscall)
+    contexts.append(ctx)  # last: loading the others needs seccomp(2), which it denies
+
+    def load() -> None:
+        for ctx in contexts:
+            if lib.seccomp_load(ctx) != 0:
+                raise OSError(ctypes.get_errno(), "seccomp_load")
+
+    return load
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(("fleet", "ready"), [("demo", r"worker \S+ spawned"),
+                                              ("cpu", r": polling \S+ every")])
+def test_the_fleet_runs_under_the_units_seccomp_filters(
+        fleet: str, ready: str, tmp_path: Path, events: Events) -> None:
+    unit = directives(render_unit(fleet, venv=VENV))
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("PREFORK_RUNTIME_DIR", "PREFORK_DB", "JOURNAL_STREAM")}
+    env.update(RUNTIME_DIRECTORY=str(runtime), NOTIFY_SOCKET=str(tmp_path / "notify"),
+               WATCHDOG_USEC="2000000")
+    for assignment in unit["Environment"]:
+        key, _, value = assignment.partition("=")
+        env[key] = value.replace("%S", str(tmp_path / "state"))
+    try:
+        proc = subprocess.Popen(shlex.split(unit["ExecStart"][0]), env=env,
+                                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, preexec_fn=seccomp_loader(unit))
+    except subprocess.SubprocessError as exc:
+        pytest.skip(f"seccomp filters cannot be loaded here: {exc}")
+    master = MasterProcess(proc, events)
+    try:
+        master.wait_log(ready, count=4)
+        # Type=notify: without READY=1 through the AF_UNIX-only filter, the start times out.
+        received: list[str] = []
+        while "READY=1" not in received:
+            assert select.select([notify], [], [], WAIT)[0], f"no READY=1, only {received}"
+            received += notify.recv(4096).decode().splitlines()
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit() == 0, master.log
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        assert proc.stderr is not None
+        proc.stderr.close()
+        notify.close()
+    for trouble in ("Traceback", "Errno", "not permitted", "not supported", " WARNING ",
+                    " ERROR "):
+        assert trouble not in master.log, master.log
