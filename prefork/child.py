@@ -147,7 +147,9 @@ def _system_exit_code(exc: SystemExit) -> int:
         return 0
     if isinstance(exc.code, int):
         return exc.code & 0xFF
-    print(exc.code, file=sys.stderr)
+    # One write of message and newline together: print() makes two, and the workers
+    # share the master's stderr, so two exiting at once interleaved their lines.
+    sys.stderr.write(f"{exc.code}\n")
     return 1
 
 

@@ -85,3 +85,12 @@ def test_worker_exception_is_logged_with_its_name(start_master, events: Events) 
     master.wait_log(r"ValueError: boom-42")
     master.wait_log(r"worker raiser \(pid \d+\) exited: exit code 1")
     master.wait_log(r"worker raiser failed \(restart=never\)")
+
+
+def test_exit_messages_of_workers_dying_together_stay_whole_lines(start_master,
+                                                                   events: Events) -> None:
+    master = start_master("fleets.basic:goodbyes")  # 16 replicas exit with a message at once
+    assert master.wait_exit() == 5
+    said = [line for line in master.lines if "says goodbye" in line]
+    assert sorted(said) == sorted(f"worker shout{'' if n == 0 else f'.{n}'} says goodbye"
+                                  for n in range(16))

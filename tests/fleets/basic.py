@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from fleets.common import bump, emit, idle_forever
-from prefork import Backoff, Fleet, StartLimit, Worker
+from prefork import Backoff, Fleet, StartLimit, Worker, current_worker
 
 
 def sleeper() -> None:
@@ -85,6 +85,18 @@ async def async_sleeper() -> None:
     await asyncio.Event().wait()
 
 
+def say_goodbye() -> None:
+    """Exit with a message (as a worker does on a fatal error) once all 16 replicas are up,
+    so that their messages race for the shared stderr."""
+    me = current_worker()
+    assert me is not None
+    here = Path(os.environ["PREFORK_TEST_DIR"])
+    (here / f"ready-{me.replica}").touch()
+    while len(list(here.glob("ready-*"))) < 16:
+        time.sleep(0.001)  # the start line of the race
+    sys.exit(f"worker {me.label} says goodbye")
+
+
 def _atexit_report() -> None:
     emit("atexit")
 
@@ -114,6 +126,7 @@ failing_never = Fleet("failing_never", [Worker("bad", crasher), Worker("good", c
 always = Fleet("always", [Worker("again", clean_exit, restart="always", backoff=FAST,
                                  start_limit=StartLimit(burst=3, interval=60))])
 many = Fleet("many", [Worker("sleeper", sleeper, replicas=48)])
+goodbyes = Fleet("goodbyes", [Worker("shout", say_goodbye, replicas=16)], restart="never")
 mixed = Fleet("mixed", [Worker("sleeper", sleeper), Worker("crasher", crasher),
                         Worker("async", async_sleeper)], backoff=FAST,
               start_limit=StartLimit(interval=0))
