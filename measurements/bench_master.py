@@ -823,13 +823,18 @@ def details(cases: Json) -> str:
         c = cases[key]
         what = (f"Floor import in the master: {c['floor_import_ms']:.0f} ms, "
                 f"{c['floor_tables']} tables" if c["floor"] else "No floor")
+        extra = c["latency_ms"]["median"] - c["bare_fork_baseline_ms"]["median"]
+        # The bare forks run after the master's, not interleaved with them: on a busy
+        # machine the difference can come out negative, which means noise, not a saving.
+        share = (f"so prefork's child setup accounts for about {_ms(extra)}" if extra > 0
+                 else f"{_ms(-extra)} slower than through prefork: the two sequential "
+                      "measurements differ by more than prefork's own share, which this "
+                      "run cannot resolve")
         out.append(f"- {key}: {what}, master RSS {c['rss_kib_before_run'] // 1024}"
                    f" MiB. Master side of a fork (\"forking\" to \"spawned\"): median "
                    f"{_ms(c['master_side_ms']['median'])}. A bare `os.fork()` of the same "
                    f"process reaches the child's first line in "
-                   f"{_ms(c['bare_fork_baseline_ms']['median'])} (median), so prefork's "
-                   f"child setup accounts for "
-                   f"{_ms(c['latency_ms']['median'] - c['bare_fork_baseline_ms']['median'])}.")
+                   f"{_ms(c['bare_fork_baseline_ms']['median'])} (median), {share}.")
     for key in ("crash", "crash_no_floor"):
         if key in cases and "error" not in cases[key]:
             by = cases[key]["by_death"]
