@@ -6,11 +6,11 @@ from __future__ import annotations
 import hashlib
 import itertools
 import re
+import select
 import signal
 import sqlite3
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -238,17 +238,20 @@ def test_cli_generate_feed_until_sigterm_info(tmp_path: Path) -> None:
                                str(path), "--rate", "100"], stdout=subprocess.PIPE,
                               stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + 20
-        while _query(path, "SELECT max(id) FROM observations")[0][0] == 2000:
-            assert feeder.poll() is None and time.monotonic() < deadline, feeder.stderr
-            time.sleep(0.05)
+        # The feeder reports its first committed batch at once: wait for that line.
+        assert feeder.stderr is not None
+        ready, _, _ = select.select([feeder.stderr], [], [], 20)
+        assert ready, "the feeder reported nothing in 20 s"
+        first = feeder.stderr.readline()
+        assert "observations added" in first, first
+        assert _query(path, "SELECT max(id) FROM observations")[0][0] > 2000
         feeder.send_signal(signal.SIGTERM)
         out, err = feeder.communicate(timeout=10)
     finally:
         feeder.kill()
         feeder.wait()
     assert feeder.returncode == 0, err
-    assert "observations added" in out and "Traceback" not in err
+    assert "observations added" in out and "Traceback" not in first + err
     result = _cli("info", "--db", f"sqlite:///{path}")
     assert result.returncode == 0, result.stderr
     last = re.search(r"observations +\d+ +\(ids 1\.\.(\d+)\)", result.stdout)

@@ -1051,7 +1051,8 @@ def feed(path: Path, *, rate: float = 50.0, duration: float | None = None,
     One ``BEGIN IMMEDIATE`` transaction per second or so, ids continuing after the current
     maximum, ``observed_at`` the time of writing. Runs for ``duration`` seconds (forever if
     None) or until SIGINT/SIGTERM, finishing the transaction under way; returns the
-    number of observations added. Progress goes to stderr every ~5 s.
+    number of observations added. Progress goes to stderr after the first batch, then
+    every ~5 s.
     """
     if not (rate > 0 and math.isfinite(rate)):
         raise ValueError("rate must be a finite number > 0")
@@ -1072,10 +1073,8 @@ def feed(path: Path, *, rate: float = 50.0, duration: float | None = None,
             deadline = math.inf if duration is None else started + duration
             reported, last_id = 0, 0
             while True:
-                wake = min(last_write + 1.0, deadline)
-                while not stop.is_set() and time.time() < wake:
-                    time.sleep(min(0.05, max(0.0, wake - time.time())))
-                if stop.is_set():
+                # Event.wait, not a sleep loop: the signal handler's stop.set() ends it.
+                if stop.wait(max(0.0, min(last_write + 1.0, deadline) - time.time())):
                     break
                 now = time.time()
                 due = int(rate * (min(now, deadline) - started)) - added
@@ -1083,7 +1082,8 @@ def feed(path: Path, *, rate: float = 50.0, duration: float | None = None,
                     written, last_id = feeder.write(due, last_write, now)
                     added += written
                 last_write = now
-                if now - last_report >= 5.0:
+                # Report the first batch at once (the user sees writes land), then every 5 s.
+                if now - last_report >= 5.0 or (added and not reported):
                     print(f"prefork-cpu feed: {added} observations added "
                           f"({(added - reported) / (now - last_report):.0f}/s), "
                           f"last id {last_id}", file=sys.stderr, flush=True)
