@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -106,6 +107,7 @@ def run(
 ) -> int:
     """Run a fleet until SIGTERM or SIGINT (Ctrl-C)."""
     logs.configure(log_level)
+    _import_from_working_directory()
     started = time.perf_counter()
     try:
         for module in preload:
@@ -176,12 +178,21 @@ def systemd(
         text = render_unit(fleet_spec, venv=venv, user=user, group=group, workdir=workdir,
                            conflicts=conflicts, grace=grace, memory_max=memory_max,
                            watchdog=watchdog, network=network)
+        _import_from_working_directory()
         load_fleet(fleet_spec)  # after the cheap checks: this imports the fleet's floor
     except (UnitError, FleetError) as exc:
         raise CliError(str(exc)) from None
     for warning in reachability_warnings(venv, user, workdir):
         click.echo(f"prefork: warning: {warning}", err=True)
     click.echo(text, nl=False)
+
+
+def _import_from_working_directory() -> None:
+    """Let ``--fleet module:ATTR`` and ``--preload`` find modules in the current directory,
+    as gunicorn and ``python -m`` do; the installed ``prefork`` script alone would not."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _with_cli_defaults(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -55,3 +56,26 @@ def test_prefork_fleets_lists_the_registered_fleets() -> None:
                             text=True, timeout=30)
     assert result.returncode == 0
     assert "demo\tprefork_workers.demo:fleet" in result.stdout.splitlines()
+
+
+def test_the_prefork_script_finds_a_fleet_module_in_the_working_directory(
+        tmp_path: Path, runtime_dir: Path) -> None:
+    """As with gunicorn: `prefork run --fleet myfleet:fleet` from the project directory,
+    through the installed console script (not `python -m`, which adds the cwd itself)."""
+    (tmp_path / "myfleet.py").write_text(textwrap.dedent("""
+        from pathlib import Path
+        from prefork import Fleet, Worker
+
+        def once() -> None:
+            Path("ran").write_text("yes")
+
+        fleet = Fleet("myfleet", [Worker("once", once)], restart="never")
+    """))
+    script = Path(sys.executable).parent / "prefork"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["PREFORK_RUNTIME_DIR"] = str(runtime_dir)
+    result = subprocess.run([str(script), "run", "--fleet", "myfleet:fleet", "--preload",
+                             "myfleet"], cwd=tmp_path, env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "ran").read_text() == "yes"
