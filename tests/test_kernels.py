@@ -20,9 +20,7 @@ from hypothesis import strategies as st
 
 from prefork_workers.cpu.kernels import (
     CREDENTIAL,
-    DECOY,
     FINGERPRINT,
-    NETWORK,
     PAYLOAD,
     SOURCE,
     ComponentUpdate,
@@ -207,10 +205,10 @@ def test_link_components_rejects_a_batch_older_than_the_store() -> None:
 
 
 def test_indicator_keys_are_unique_per_kind_and_id() -> None:
-    kinds = (SOURCE, CREDENTIAL, FINGERPRINT, PAYLOAD, NETWORK, DECOY)
-    assert kinds == (0, 1, 2, 3, 4, 5)
+    kinds = (SOURCE, CREDENTIAL, FINGERPRINT, PAYLOAD)
+    assert kinds == (0, 1, 2, 3)
     keys = {indicator_key(kind, ident) for kind in kinds for ident in range(100)}
-    assert len(keys) == 600
+    assert len(keys) == 400
     assert indicator_key(PAYLOAD, 7) == 7 * 8 + 3
 
 
@@ -408,4 +406,3 @@ def test_results_are_plain_picklable_data() -> None:
     assert type(pickle.loads(pickle.dumps(update))) is ComponentUpdate
     finding = credential_reuse([(1, 1, 1, 0.0), (1, 2, 1, 1.0)])
     assert pickle.loads(pickle.dumps(finding)) == finding
-    assert NETWORK == 4 and DECOY == 5

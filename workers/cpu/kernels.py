@@ -24,9 +24,7 @@ from typing import NamedTuple
 
 __all__ = [
     "CREDENTIAL",
-    "DECOY",
     "FINGERPRINT",
-    "NETWORK",
     "PAYLOAD",
     "SOURCE",
     "ClusterSpan",
@@ -50,7 +48,7 @@ __all__ = [
 ]
 
 # Indicator kinds. An indicator key packs (kind, id) into one int: ``id * 8 + kind``.
-SOURCE, CREDENTIAL, FINGERPRINT, PAYLOAD, NETWORK, DECOY = range(6)
+SOURCE, CREDENTIAL, FINGERPRINT, PAYLOAD = range(4)
 
 ObservationKeys = tuple[int, int, int | None, int | None, int | None]
 """(observation_id, source_id, credential_id, fingerprint_id, payload_id)"""
