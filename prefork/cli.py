@@ -221,14 +221,12 @@ def run_cli(command: click.Command, prog: str, argv: list[str] | None = None) ->
     with click's exit code (2 for bad input); a command's int result is the exit code."""
     try:
         result = command.main(args=argv, prog_name=prog, standalone_mode=False)
-    except click.UsageError as exc:
-        if exc.ctx is not None and type(exc).__name__ == "NoArgsIsHelpError":
+    except click.ClickException as exc:
+        no_command = type(exc).__name__ == "NoArgsIsHelpError"  # a UsageError since click 8.2
+        if no_command and isinstance(exc, click.UsageError) and exc.ctx is not None:
             click.echo(exc.ctx.get_help(), err=True)  # no command at all: the help, as click does
         else:
             click.echo(f"{prog}: error: {' '.join(exc.format_message().split())}", err=True)
-        sys.exit(exc.exit_code)
-    except click.ClickException as exc:
-        click.echo(f"{prog}: error: {' '.join(exc.format_message().split())}", err=True)
         sys.exit(exc.exit_code)
     except (click.Abort, KeyboardInterrupt):
         # Ctrl-C before the master took over its signals (e.g. while importing the floor).
