@@ -178,6 +178,14 @@ class MasterProcess:
     def workers(self) -> list[psutil.Process]:
         return psutil.Process(self.pid).children()
 
+    def close(self) -> None:
+        """Kill the master if the test left it running, reap it, close its stderr."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        assert self.proc.stderr is not None
+        self.proc.stderr.close()
+
 
 @pytest.fixture
 def runtime_dir(tmp_path: Path) -> Path:
@@ -223,11 +231,7 @@ def start_master(events: Events, runtime_dir: Path, tmp_path: Path
 
     yield start
     for master in started:
-        if master.proc.poll() is None:
-            master.proc.kill()
-            master.proc.wait()
-        assert master.proc.stderr is not None
-        master.proc.stderr.close()
+        master.close()
 
 
 @pytest.fixture(autouse=True)

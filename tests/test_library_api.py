@@ -36,11 +36,7 @@ def test_run_fleet_from_a_script(events: Events, runtime_dir: Path, tmp_path: Pa
         assert master.wait_exit() == 0
         master.wait_log(r"run_fleet returned 0")
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        master.close()
 
 
 def test_bundled_demo_fleet_runs_by_its_registered_name(start_master, events: Events) -> None:

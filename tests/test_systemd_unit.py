@@ -384,11 +384,7 @@ def test_the_fleet_runs_under_the_units_seccomp_filters(
         master.signal(signal.SIGTERM)
         assert master.wait_exit() == 0, master.log
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        assert proc.stderr is not None
-        proc.stderr.close()
+        master.close()
         notify.close()
     for trouble in ("Traceback", "Errno", "not permitted", "not supported", " WARNING ",
                     " ERROR "):
