@@ -7,6 +7,7 @@ non-zero exit (2 for bad input); never a traceback.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import math
 import os
@@ -126,6 +127,63 @@ def run(
     log.info("prefork %s on Python %s: floor of fleet %s imported in %.0f ms", __version__,
              sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
     return master.run()
+
+
+@cli.command()
+@click.option("--fleet", "-f", "fleet_spec", default="cpu", show_default=True,
+              metavar="NAME|module:ATTR", help="The fleet whose floor to measure.")
+@click.option("--workers", "-w", type=click.IntRange(min=1), default=None,
+              help="Children to fork; more than the fleet's workers cycles through them "
+                   "[one per worker].")
+@click.option("--idle", type=SECONDS, multiple=True, metavar="SECONDS",
+              help="Measure the idle children this long after they are up "
+                   "(repeatable: one sample each) [1].")
+@click.option("--freeze/--no-freeze", default=True, show_default=True,
+              help="gc.collect() and gc.freeze() before forking, as `prefork run` does.")
+@click.option("--warm-up/--no-warm-up", default=False, show_default=True,
+              help="Run every worker's warm-up in the master before forking.")
+@click.option("--baseline/--no-baseline", default=True, show_default=True,
+              help="Also measure the same workers as fresh interpreters, one per worker.")
+@click.option("--pid", "master_pid", type=click.IntRange(min=1), default=None,
+              metavar="MASTER_PID", help="Measure a running fleet instead; reads /proc only.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON document (see the README).")
+@click.pass_context
+def probe(
+    ctx: click.Context,
+    fleet_spec: str,
+    workers: int | None,
+    idle: tuple[float, ...],
+    freeze: bool,
+    warm_up: bool,
+    baseline: bool,
+    master_pid: int | None,
+    as_json: bool,
+) -> None:
+    """Measure how much of each worker's memory is shared with the master and how much
+    is its own (RSS, USS, PSS, shared, swap), against one fresh interpreter per worker."""
+    from prefork.probe import ProbeError, format_report, probe_fleet, probe_running
+
+    try:
+        if master_pid is not None:
+            given = [f"--{name.replace('_', '-')}" for name in
+                     ("fleet", "workers", "idle", "freeze", "warm_up", "baseline")
+                     if ctx.get_parameter_source(name if name != "fleet" else "fleet_spec")
+                     is click.core.ParameterSource.COMMANDLINE]
+            if given:
+                raise CliError(f"--pid measures a running fleet as it is: "
+                               f"{', '.join(given)} cannot be used with it")
+            report = probe_running(master_pid)
+        else:
+            _import_from_working_directory()
+            fleet = load_fleet(fleet_spec)
+            report = probe_fleet(fleet, fleet_spec, workers=workers, idle=idle or (1.0,),
+                                 freeze=freeze, warm_up=warm_up, baseline=baseline)
+    except (FleetError, ProbeError) as exc:
+        raise CliError(str(exc)) from None
+    if as_json:
+        click.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        click.echo(format_report(report))
 
 
 @cli.command()

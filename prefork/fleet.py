@@ -82,6 +82,8 @@ class Worker:
 
     ``None`` for ``restart``, ``backoff`` or ``start_limit`` means the fleet's setting.
     An ``async def`` target is run with :func:`asyncio_worker` automatically.
+    ``warmup``, if given, runs the worker's real code once on sample data and returns:
+    ``prefork probe`` calls it to measure a working child.
     """
 
     name: str
@@ -90,10 +92,13 @@ class Worker:
     restart: RestartPolicy | None = None
     backoff: Backoff | None = None
     start_limit: StartLimit | None = None
+    warmup: WorkerTarget | None = None
 
     def __post_init__(self) -> None:
         if inspect.iscoroutinefunction(self.target):
             object.__setattr__(self, "target", asyncio_worker(self.target))
+        if inspect.iscoroutinefunction(self.warmup):
+            object.__setattr__(self, "warmup", asyncio_worker(self.warmup))  # type: ignore[arg-type]
 
 
 @dataclass(frozen=True)
@@ -245,6 +250,12 @@ def _check_worker(worker: Worker) -> None:
     if (isinstance(worker.replicas, bool) or not isinstance(worker.replicas, int)
             or worker.replicas < 1):
         raise FleetError(f"{where}: replicas must be an integer >= 1, got {worker.replicas!r}")
+    if worker.warmup is not None:
+        if not callable(worker.warmup):
+            raise FleetError(f"{where}: warmup {worker.warmup!r} is not callable")
+        if _required_arguments(worker.warmup):
+            raise FleetError(f"{where}: warmup {_callable_name(worker.warmup)} takes "
+                             "arguments; it must be a zero-argument callable")
     if worker.restart is not None:
         _check_restart(where, worker.restart)
     if worker.backoff is not None:

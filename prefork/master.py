@@ -147,7 +147,7 @@ class Master:
                 self._notifier = Notifier.from_environment()
             self._tell_systemd(time.monotonic())  # the first watchdog ping goes out at once
             setproctitle(f"prefork: master [{self.fleet.name}]")
-            self._prepare_floor()
+            prepare_floor(self.fleet, freeze=self.freeze)
             log.info("master %d: fleet %s, %d workers: %s", self._pid, self.fleet.name,
                      len(self.slots), ", ".join(s.label for s in self.slots))
             for slot in self.slots:
@@ -340,18 +340,6 @@ class Master:
         log.info("worker %s spawned (pid %d)", slot.label, pid)
         self._observe("spawned", slot)
 
-    def _prepare_floor(self) -> None:
-        """Collect, then freeze every object the floor made, so a child's own collections
-        never write to the floor's pages (measured: an unfrozen child's first full
-        collection dirties ~24 MiB of a 60 MiB SQLModel floor; frozen, under 2 MiB)."""
-        if not self.freeze:
-            return
-        started = time.perf_counter()
-        gc.collect()
-        gc.freeze()
-        log.debug("gc: froze %d objects in %.1f ms", gc.get_freeze_count(),
-                  (time.perf_counter() - started) * 1000)
-
     # -- stop ----------------------------------------------------------------------
 
     def _begin_stop(self, reason: str) -> None:
@@ -450,6 +438,30 @@ class Master:
     def _observe(self, event: str, slot: Slot | None) -> None:
         if self._observer is not None:
             self._observer(event, slot, time.monotonic())
+
+
+def prepare_floor(fleet: Fleet, *, freeze: bool, warm_up: bool = False) -> None:
+    """Make the floor ready to fork: optionally run every worker's warm-up once, then
+    collect and freeze every object the floor made, so a child's own collections never
+    write to the floor's pages (measured: an unfrozen child's first full collection
+    dirties ~24 MiB of a 60 MiB SQLModel floor; frozen, under 2 MiB).
+
+    A warm-up's exception propagates: the master has not forked yet.
+    """
+    if warm_up:
+        for worker in fleet.workers:
+            if worker.warmup is not None:
+                started = time.perf_counter()
+                worker.warmup()
+                log.debug("worker %s: warmed up in the master in %.0f ms", worker.name,
+                          (time.perf_counter() - started) * 1000)
+    if not freeze:
+        return
+    started = time.perf_counter()
+    gc.collect()
+    gc.freeze()
+    log.debug("gc: froze %d objects in %.1f ms", gc.get_freeze_count(),
+              (time.perf_counter() - started) * 1000)
 
 
 def _forget_before(times: deque[float], cutoff: float) -> None:

@@ -1,0 +1,73 @@
+"""How much of a process's memory is its own: the figures the probe, and later the
+master's status and recycling, are built on.
+
+Under prefork most of a worker's RSS is the floor it shares, copy-on-write, with the
+master and its siblings, so RSS says little. What matters:
+
+- ``uss``: unique set size, the pages only this process maps (Private_Clean +
+  Private_Dirty): what its death would free, and what it dirtied since the fork;
+- ``pss``: proportional set size, each page divided by the number of processes that map
+  it: the PSS of all processes sums to what they really cost the machine;
+- ``shared``: ``rss - uss``, pages some other process maps too.
+
+The figures come from psutil's ``memory_full_info()``, which on Linux reads
+``/proc/PID/smaps_rollup``: measured at 0.7-1.1 ms a process for a 60 MiB floor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import psutil
+
+MIB = 1024 * 1024
+
+
+class MemoryUnavailable(Exception):
+    """A process's memory cannot be read. ``str()`` is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Memory:
+    """One process's memory in bytes."""
+
+    rss: int
+    uss: int
+    pss: int
+    shared: int
+    swap: int
+
+    def as_dict(self) -> dict[str, int]:
+        return asdict(self)
+
+
+def measure(pid: int) -> Memory:
+    """Read ``pid``'s memory; raise :class:`MemoryUnavailable` if it is gone or not ours."""
+    try:
+        info = psutil.Process(pid).memory_full_info()
+    except psutil.NoSuchProcess:
+        raise MemoryUnavailable(f"process {pid} does not exist (any more)") from None
+    except psutil.AccessDenied:
+        raise MemoryUnavailable(f"cannot read the memory of process {pid}: permission denied "
+                                "(run as its user or as root)") from None
+    # psutil's own `shared` is the file-backed part of RSS (statm), not what the fork
+    # shares: the fork's sharing is everything this process does not map alone.
+    return Memory(rss=info.rss, uss=info.uss, pss=info.pss,
+                  shared=max(info.rss - info.uss, 0), swap=info.swap)
+
+
+def smaps_rollup(pid: int) -> dict[str, int]:
+    """``/proc/PID/smaps_rollup`` as ``{field: bytes}``: the kernel's own figures, which
+    :func:`measure` must agree with."""
+    fields: dict[str, int] = {}
+    with open(f"/proc/{pid}/smaps_rollup") as rollup:
+        for line in rollup:
+            key, _, rest = line.partition(":")
+            parts = rest.split()
+            if len(parts) == 2 and parts[1] == "kB":
+                fields[key] = int(parts[0]) * 1024
+    return fields
+
+
+def mib(size: float) -> float:
+    return size / MIB

@@ -1,0 +1,173 @@
+"""``prefork probe``: its figures are the kernel's, a private allocation shows as USS and
+nothing else, the JSON has the documented shape, and bad input is one line and exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Events, MasterProcess, master_env
+from prefork.memory import MIB, measure, smaps_rollup
+
+MEMORY_FIELDS = ("rss", "uss", "pss", "shared", "swap")
+
+
+def probe(events: Events, runtime_dir: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "prefork", "probe", *args],
+                          capture_output=True, text=True, timeout=50,
+                          env=master_env(events, runtime_dir))
+
+
+def probe_json(events: Events, runtime_dir: Path, *args: str) -> dict:
+    result = probe(events, runtime_dir, *args, "--json")
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def stop(master: MasterProcess) -> None:
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0, master.log
+
+
+def pick(document: dict, **match: object) -> list[dict]:
+    return [p for p in document["processes"]
+            if all(p[key] == value for key, value in match.items())]
+
+
+def test_figures_agree_with_smaps_rollup(start_master, events: Events) -> None:
+    master: MasterProcess = start_master("fleets.basic:sleepers")
+    events.wait_kind("up", count=2)
+    for pid in (master.pid, master.workers()[0].pid):
+        before = smaps_rollup(pid)
+        memory = measure(pid)
+        after = smaps_rollup(pid)
+        # Read between two kernel reads of an idle process: equal to one of them, or
+        # between them if a page moved in the meantime.
+        for field, kernel in (("pss", "Pss"), ("swap", "Swap")):
+            low, high = sorted((before[kernel], after[kernel]))
+            assert low <= getattr(memory, field) <= high, (field, before, after, memory)
+        uss = [r["Private_Clean"] + r["Private_Dirty"] + r["Private_Hugetlb"]
+               for r in (before, after)]
+        assert min(uss) <= memory.uss <= max(uss), (uss, memory)
+        # psutil's RSS comes from /proc/PID/stat, whose counters the kernel batches per
+        # CPU: up to 64 pages per counter may not be folded in yet.
+        rss = [r["Rss"] for r in (before, after)]
+        assert min(rss) - 256 * 4096 <= memory.rss <= max(rss) + 256 * 4096, (rss, memory)
+        assert memory.shared == memory.rss - memory.uss
+    stop(master)
+
+
+def test_private_allocation_shows_as_uss_not_shared(events: Events, runtime_dir: Path) -> None:
+    document = probe_json(events, runtime_dir, "--fleet", "fleets.probed:fleet", "--idle", "0",
+                          "--no-baseline")
+    for name, grew in (("hog", 50 * MIB), ("calm", 0)):
+        idle, = pick(document, role="child", name=name, phase="idle")
+        working, = pick(document, role="child", name=name, phase="working")
+        assert working["pid"] == idle["pid"]
+        # The warm-up's own work and a full collection dirty a little more than the block.
+        assert grew <= working["uss"] - idle["uss"] <= grew + 4 * MIB, (name, idle, working)
+        assert working["shared"] <= idle["shared"] + 1 * MIB, (name, idle, working)
+    # Under prefork the floor is shared: each idle child's PSS is far below its RSS.
+    for child in pick(document, role="child", phase="idle"):
+        assert child["uss"] < child["rss"] / 4, child
+    events.drain()
+    assert sorted(e["worker"] for e in events.of("warmup")) == ["calm", "hog"]
+
+
+def test_json_has_the_documented_shape(events: Events, runtime_dir: Path) -> None:
+    document = probe_json(events, runtime_dir, "--fleet", "fleets.probed:fleet",
+                          "--workers", "3", "--idle", "0", "--idle", "0.2")
+    assert document["schema"] == 1
+    assert set(document) == {"schema", "processes", "summary"}
+    for process in document["processes"]:
+        assert set(process) == {"role", "name", "pid", "phase", "at", *MEMORY_FIELDS}
+        assert process["role"] in {"master", "child", "baseline"}
+        assert process["phase"] in {"idle", "working"}
+        assert (process["at"] is None) == (process["phase"] == "working")
+        for field in MEMORY_FIELDS:
+            assert isinstance(process[field], int) and process[field] >= 0, process
+        assert process["shared"] == process["rss"] - process["uss"]
+    # 3 children cycle through 2 workers; each group sampled at 0 s, 0.2 s and working.
+    names = ["hog", "calm", "hog.1"]
+    for role, expected in (("master", ["master"]), ("child", names), ("baseline", names)):
+        for phase, at in (("idle", 0), ("idle", 0.2), ("working", None)):
+            assert [p["name"] for p in pick(document, role=role, phase=phase, at=at)] == expected
+    children = {p["pid"] for p in pick(document, role="child")}
+    baseline = {p["pid"] for p in pick(document, role="baseline")}
+    assert len(children) == len(baseline) == 3 and not children & baseline
+    summary = document["summary"]
+    assert summary["python"] == sys.version.split()[0]
+    assert summary["freeze"] is True and summary["warm_up"] is False
+    assert summary["workers"] == 3 and summary["fleet"] == "probed"
+    idle_last = pick(document, phase="idle", at=0.2)
+    assert summary["prefork_pss"] == sum(p["pss"] for p in idle_last if p["role"] != "baseline")
+    assert summary["baseline_pss"] == sum(p["pss"] for p in idle_last if p["role"] == "baseline")
+    assert summary["ratio"] == pytest.approx(summary["prefork_pss"] / summary["baseline_pss"],
+                                             abs=1e-4)
+    # A fresh interpreter pays the whole floor itself: the fork is the cheaper way.
+    assert summary["ratio"] < 1
+    assert 0 < summary["probe_seconds"] < 10
+
+
+def test_warm_up_runs_in_the_master_before_the_fork(events: Events, runtime_dir: Path) -> None:
+    document = probe_json(events, runtime_dir, "--fleet", "fleets.probed:fleet", "--idle", "0",
+                          "--warm-up", "--no-freeze", "--no-baseline")
+    master, = pick(document, role="master", phase="idle")
+    events.drain()
+    in_master = [e for e in events.of("warmup") if e["pid"] == master["pid"]]
+    assert sorted(e["worker"] for e in in_master) == ["calm", "hog"]
+    assert document["summary"]["warm_up"] is True and document["summary"]["freeze"] is False
+    # The hog's block was made before the fork: the children share it, so it is not theirs.
+    hog, = pick(document, role="child", name="hog", phase="idle")
+    assert hog["uss"] < 20 * MIB < hog["shared"], hog
+
+
+def test_pid_reads_a_running_fleet(start_master, events: Events, runtime_dir: Path) -> None:
+    master: MasterProcess = start_master("fleets.basic:sleepers")
+    events.wait_kind("up", count=2)
+    document = probe_json(events, runtime_dir, "--pid", str(master.pid))
+    workers = {p.pid for p in master.workers()}
+    assert [p["pid"] for p in pick(document, role="master")] == [master.pid]
+    assert {p["pid"] for p in pick(document, role="child")} == workers
+    assert {p["phase"] for p in document["processes"]} == {"live"}
+    assert document["summary"]["prefork_pss"] == sum(p["pss"] for p in document["processes"])
+    # Reading /proc disturbs nothing: the same workers are still there.
+    assert {p.pid for p in master.workers()} == workers
+    table = probe(events, runtime_dir, "--pid", str(master.pid))
+    assert table.returncode == 0, table.stderr
+    assert "master" in table.stdout and "fleet PSS" in table.stdout
+    stop(master)
+
+
+BAD_PROBES = [
+    (["--fleet", "nosuchfleet"], "unknown fleet 'nosuchfleet'"),
+    (["--fleet", "fleets.probed:fleet", "--workers", "0"], "'--workers'"),
+    (["--fleet", "fleets.probed:fleet", "--workers", "-3"], "'--workers'"),
+    (["--fleet", "fleets.probed:fleet", "--idle", "-1"], "'--idle'"),
+    (["--pid", "1", "--fleet", "cpu"], "--pid measures a running fleet as it is: --fleet"),
+    (["--pid", "0"], "'--pid'"),
+    (["--pid", str(2**22 + 12345)], "no process has pid"),
+    (["--pid", str(os.getpid())], "is not a prefork master"),
+    (["--fleet", "fleets.probed:broken", "--idle", "0", "--no-baseline"],
+     "child w: error: RuntimeError: sample data is missing"),
+    (["--fleet", "fleets.probed:broken", "--warm-up"],
+     "warm-up in the master failed: RuntimeError: sample data is missing"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_PROBES, ids=[" ".join(a) for a, _ in BAD_PROBES])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, events: Events,
+                                          runtime_dir: Path) -> None:
+    result = probe(events, runtime_dir, *args)
+    lines = result.stderr.splitlines()
+    assert result.returncode == 2, result.stderr
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("prefork: error: ")
+    assert message in lines[0]
+    assert not result.stdout
