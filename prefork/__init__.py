@@ -26,6 +26,7 @@ from prefork.fleet import (
     asyncio_worker,
     load_fleet,
 )
+from prefork.heartbeats import heartbeat
 from prefork.lock import AlreadyRunning, RuntimeDirError
 from prefork.master import EXIT_OK, EXIT_WORKERS_FAILED, Master, Observer
 
@@ -45,6 +46,7 @@ __all__ = [
     "WorkerTarget",
     "asyncio_worker",
     "current_worker",
+    "heartbeat",
     "load_fleet",
     "run_fleet",
 ]

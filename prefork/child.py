@@ -33,6 +33,7 @@ from typing import NoReturn
 from setproctitle import setproctitle, setthreadtitle
 
 from prefork.fleet import WorkerTarget
+from prefork.heartbeats import HeartbeatTable
 
 log = logging.getLogger("prefork")
 
@@ -76,6 +77,7 @@ def run_child(
     title: str,
     signal_defaults: Mapping[int, Handler],
     close_fds: Iterable[int],
+    heartbeat: tuple[HeartbeatTable, int, float] | None = None,
 ) -> NoReturn:
     """Become a worker and run ``target``; never returns, whatever happens."""
     global _current
@@ -91,6 +93,9 @@ def run_child(
         setproctitle(title)
         # The kernel's 15-byte comm is what top shows by default: make it the worker's name.
         setthreadtitle(context.label)
+        if heartbeat is not None:
+            table, cell, interval = heartbeat
+            table.attach(cell, interval)
         _current = context
         os.environ["PREFORK_WORKER"] = context.name
         os.environ["PREFORK_REPLICA"] = str(context.replica)

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field, replace
 from importlib import metadata
 from typing import Any, Literal, get_args
 
+from prefork.heartbeats import beat_interval, beat_while_the_loop_runs
+
 WorkerTarget = Callable[[], object]
 RestartPolicy = Literal["on-failure", "always", "never"]
 RESTART_POLICIES: tuple[str, ...] = get_args(RestartPolicy)
@@ -84,6 +86,12 @@ class Worker:
     An ``async def`` target is run with :func:`asyncio_worker` automatically.
     ``warmup``, if given, runs the worker's real code once on sample data and returns:
     ``prefork probe`` calls it to measure a working child.
+    ``timeout``: a worker that has not called :func:`prefork.heartbeat` for this many
+    seconds is stopped and restarted (async workers run by prefork beat on their own);
+    ``None``: no heartbeat expected. ``max_private_memory`` (bytes, ``None``: the
+    fleet's): restart the worker gracefully when its USS stays above it.
+    ``max_replicas``: SIGTTIN/SIGTTOU and ``prefork scale`` may run between 1 and this
+    many replicas of it; ``None``: its replica count is fixed.
     """
 
     name: str
@@ -93,6 +101,9 @@ class Worker:
     backoff: Backoff | None = None
     start_limit: StartLimit | None = None
     warmup: WorkerTarget | None = None
+    timeout: float | None = None
+    max_private_memory: int | None = None
+    max_replicas: int | None = None
 
     def __post_init__(self) -> None:
         if inspect.iscoroutinefunction(self.target):
@@ -106,7 +117,8 @@ class Fleet:
     """A named set of workers and the defaults they share.
 
     ``restart`` is ``"on-failure"`` (restart after a non-zero exit or a signal; a clean
-    exit 0 ends the worker), ``"always"`` or ``"never"``.
+    exit 0 ends the worker), ``"always"`` or ``"never"``. ``max_private_memory`` is the
+    limit for workers that set none.
     """
 
     name: str
@@ -114,6 +126,7 @@ class Fleet:
     restart: RestartPolicy = "on-failure"
     backoff: Backoff = field(default_factory=Backoff)
     start_limit: StartLimit = field(default_factory=StartLimit)
+    max_private_memory: int | None = None
 
     def __post_init__(self) -> None:
         # Accept any iterable of workers but keep the frozen dataclass hashable.
@@ -143,6 +156,7 @@ class Fleet:
         _check_restart(f"fleet {self.name!r}", self.restart)
         self.backoff.check(f"fleet {self.name!r}")
         self.start_limit.check(f"fleet {self.name!r}")
+        _check_size(f"fleet {self.name!r}: max_private_memory", self.max_private_memory)
         seen: set[str] = set()
         for worker in self.workers:
             if not isinstance(worker, Worker):
@@ -159,9 +173,21 @@ def asyncio_worker(func: Callable[[], Any]) -> WorkerTarget:
 
     @functools.wraps(func)
     def run() -> object:
-        return asyncio.run(func())
+        return asyncio.run(_beating(func))
 
     return run
+
+
+async def _beating(func: Callable[[], Any]) -> object:
+    """Run ``func()``; a worker with a heartbeat timeout beats from its event loop."""
+    interval = beat_interval()
+    if interval is None:
+        return await func()
+    beats = asyncio.create_task(beat_while_the_loop_runs(interval))
+    try:
+        return await func()
+    finally:
+        beats.cancel()
 
 
 def as_fleet(obj: object, name: str) -> Fleet:
@@ -256,12 +282,40 @@ def _check_worker(worker: Worker) -> None:
         if _required_arguments(worker.warmup):
             raise FleetError(f"{where}: warmup {_callable_name(worker.warmup)} takes "
                              "arguments; it must be a zero-argument callable")
+    if worker.timeout is not None and (not _is_number(worker.timeout) or worker.timeout <= 0):
+        raise FleetError(f"{where}: timeout must be a number of seconds > 0, "
+                         f"got {worker.timeout!r}")
+    _check_size(f"{where}: max_private_memory", worker.max_private_memory)
+    if worker.max_replicas is not None and (
+            isinstance(worker.max_replicas, bool) or not isinstance(worker.max_replicas, int)
+            or worker.max_replicas < worker.replicas):
+        raise FleetError(f"{where}: max_replicas must be an integer >= replicas "
+                         f"({worker.replicas}), got {worker.max_replicas!r}")
     if worker.restart is not None:
         _check_restart(where, worker.restart)
     if worker.backoff is not None:
         worker.backoff.check(where)
     if worker.start_limit is not None:
         worker.start_limit.check(where)
+
+
+def _check_size(what: str, value: object) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                              or value <= 0):
+        raise FleetError(f"{what} must be a number of bytes > 0, got {value!r}")
+
+
+def parse_size(text: str) -> int:
+    """``"256M"``, ``"1.5G"``, ``"4096"``, ``"512MiB"``: bytes, in powers of 1024, as
+    systemd reads MemoryMax=. Raises ValueError with a one-line message."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*", text, re.IGNORECASE)
+    if not match:
+        raise ValueError(f"{text!r} is not a size (like 512M, 1.5G or 4096)")
+    number, unit = float(match.group(1)), match.group(2).upper()
+    size = int(number * 1024 ** " KMGT".index(unit or " "))
+    if size <= 0:
+        raise ValueError(f"{text!r} must be more than 0 bytes")
+    return size
 
 
 def _check_restart(where: str, policy: object) -> None:

@@ -86,3 +86,23 @@ def exceeds_start_limit(start_times: Iterable[float], next_start: float,
     window_start = next_start - limit.interval
     recent = sum(1 for t in start_times if t > window_start)
     return recent + 1 > limit.burst
+
+
+def over_memory_limit(uss: int, limit: int, over_since: float | None, now: float,
+                      hold: float) -> tuple[float | None, bool]:
+    """One memory check of a worker: ``(over_since, recycle)``.
+
+    ``over_since`` is when its USS was first seen above ``limit`` in the current run of
+    checks (``None`` once it is back under). It is recycled only when it *stays* above for
+    ``hold`` seconds, so one allocation spike in a batch does not restart it.
+    """
+    if uss <= limit:
+        return None, False
+    since = now if over_since is None else over_since
+    return since, now - since >= hold
+
+
+def next_replica(taken: Iterable[int]) -> int:
+    """The lowest replica number not in use: a fleet scaled down then up reuses names."""
+    used = set(taken)
+    return next(n for n in range(len(used) + 1) if n not in used)

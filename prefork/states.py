@@ -5,6 +5,10 @@
                           \\--shutdown--> STOPPING --reaped--> STOPPED
     BACKOFF --shutdown--> STOPPED;  any exit over the start limit --> FAILED
 
+A worker stopped on its own (missed heartbeat, memory recycling, rolling restart, scaled
+down) goes RUNNING --> STOPPING too, and once reaped: BACKOFF (hung: the normal backoff),
+RUNNING (replaced at once from the floor), STOPPED (scaled down) or FAILED.
+
 EXITED and FAILED are final for this master: nothing restarts them.
 """
 
@@ -30,7 +34,7 @@ ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
     S.STOPPED: frozenset({S.RUNNING, S.BACKOFF}),  # BACKOFF: fork() itself failed
     S.RUNNING: frozenset({S.BACKOFF, S.EXITED, S.FAILED, S.STOPPING, S.STOPPED}),
     S.BACKOFF: frozenset({S.RUNNING, S.BACKOFF, S.STOPPED, S.FAILED}),  # BACKOFF: fork failed
-    S.STOPPING: frozenset({S.STOPPED}),
+    S.STOPPING: frozenset({S.STOPPED, S.BACKOFF, S.RUNNING, S.FAILED}),
     S.EXITED: frozenset(),
     S.FAILED: frozenset(),
 }

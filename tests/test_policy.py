@@ -13,6 +13,8 @@ from prefork.policy import (
     backoff_delay,
     exceeds_start_limit,
     is_stable_run,
+    next_replica,
+    over_memory_limit,
     should_restart,
 )
 
@@ -144,3 +146,20 @@ def test_exit_status_from_a_real_wait_status() -> None:
 )
 def test_should_restart(policy: str, status: ExitStatus, restart: bool) -> None:
     assert should_restart(policy, status) is restart  # type: ignore[arg-type]
+
+
+def test_memory_recycling_needs_the_limit_exceeded_for_a_whole_hold() -> None:
+    # Under the limit: nothing, and any earlier excess is forgotten.
+    assert over_memory_limit(100, 200, over_since=5.0, now=9.0, hold=2.0) == (None, False)
+    # First time over: remember when, do not recycle on one spike.
+    assert over_memory_limit(300, 200, over_since=None, now=10.0, hold=2.0) == (10.0, False)
+    assert over_memory_limit(300, 200, over_since=10.0, now=11.9, hold=2.0) == (10.0, False)
+    assert over_memory_limit(300, 200, over_since=10.0, now=12.0, hold=2.0) == (10.0, True)
+    # Exactly at the limit is not over it.
+    assert over_memory_limit(200, 200, over_since=None, now=1.0, hold=0.0) == (None, False)
+
+
+def test_next_replica_reuses_the_lowest_free_number() -> None:
+    assert next_replica([]) == 0
+    assert next_replica([0, 1, 2]) == 3
+    assert next_replica([0, 2]) == 1

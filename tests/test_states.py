@@ -13,14 +13,16 @@ S = WorkerState
     (S.STOPPED, S.RUNNING), (S.RUNNING, S.BACKOFF), (S.BACKOFF, S.RUNNING),
     (S.RUNNING, S.STOPPING), (S.STOPPING, S.STOPPED), (S.RUNNING, S.FAILED),
     (S.RUNNING, S.EXITED), (S.BACKOFF, S.STOPPED), (S.BACKOFF, S.FAILED),
+    # A worker the master stopped on its own: hung (backoff), replaced, removed, failed.
+    (S.STOPPING, S.BACKOFF), (S.STOPPING, S.RUNNING), (S.STOPPING, S.FAILED),
 ])
 def test_the_lifecycle_transitions_are_allowed(current: WorkerState, new: WorkerState) -> None:
     check_transition(current, new)
 
 
 @pytest.mark.parametrize(("current", "new"), [
-    (S.FAILED, S.RUNNING), (S.EXITED, S.RUNNING), (S.STOPPING, S.RUNNING),
-    (S.STOPPING, S.BACKOFF), (S.STOPPED, S.STOPPING), (S.RUNNING, S.RUNNING),
+    (S.FAILED, S.RUNNING), (S.EXITED, S.RUNNING), (S.STOPPING, S.EXITED),
+    (S.STOPPED, S.STOPPING), (S.RUNNING, S.RUNNING), (S.BACKOFF, S.STOPPING),
 ])
 def test_impossible_transitions_raise(current: WorkerState, new: WorkerState) -> None:
     with pytest.raises(IllegalTransition):
