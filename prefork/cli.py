@@ -11,10 +11,12 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import click
 
@@ -26,10 +28,11 @@ from prefork.fleet import (
     StartLimit,
     import_module,
     load_fleet,
+    parse_size,
     registered_fleets,
 )
 from prefork.lock import AlreadyRunning, RuntimeDirError
-from prefork.master import EXIT_ALREADY_RUNNING, EXIT_USAGE, Master
+from prefork.master import EXIT_ALREADY_RUNNING, EXIT_USAGE, Master, WarmUpError
 from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
 
 log = logging.getLogger("prefork")
@@ -62,6 +65,24 @@ class Seconds(click.ParamType):
 SECONDS = Seconds()
 
 
+class Size(click.ParamType):
+    """A size in bytes: 4096, 512M, 1.5G (powers of 1024)."""
+
+    name = "size"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int):
+            return value
+        try:
+            return parse_size(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+SIZE = Size()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="prefork")
 def cli() -> None:
@@ -88,6 +109,13 @@ def cli() -> None:
               help="Restart policy for workers that do not set their own [on-failure].")
 @click.option("--freeze/--no-freeze", default=True, show_default=True,
               help="gc.collect() and gc.freeze() in the master before forking.")
+@click.option("--warm-up/--no-warm-up", default=False, show_default=True,
+              help="Run every worker's warm-up hook in the master before forking.")
+@click.option("--max-private-memory", type=SIZE, default=None, metavar="SIZE",
+              help="Recycle a worker whose private memory (USS) stays above SIZE "
+                   "(512M, 1G) for workers that set none [no limit].")
+@click.option("--memory-check-interval", type=SECONDS, default=10.0, show_default=True,
+              help="Seconds between checks of the workers' private memory.")
 @click.option("--runtime-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the fleet's lock lives [$PREFORK_RUNTIME_DIR, $RUNTIME_DIRECTORY, "
                    "$XDG_RUNTIME_DIR/prefork, /tmp/prefork-UID].")
@@ -103,6 +131,9 @@ def run(
     start_limit_interval: float | None,
     restart: str | None,
     freeze: bool,
+    warm_up: bool,
+    max_private_memory: int | None,
+    memory_check_interval: float,
     runtime_dir: Path | None,
     log_level: str,
 ) -> int:
@@ -116,7 +147,12 @@ def run(
         fleet = load_fleet(fleet_spec)
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart)
-        master = Master(fleet, grace=grace, freeze=freeze, runtime_dir=runtime_dir)
+        if max_private_memory is not None:
+            fleet = dataclasses.replace(fleet, max_private_memory=max_private_memory)
+        if memory_check_interval <= 0:
+            raise FleetError("--memory-check-interval must be more than 0 seconds")
+        master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
+                        runtime_dir=runtime_dir, memory_check_interval=memory_check_interval)
         master.lock.acquire()
     except FleetError as exc:
         raise CliError(str(exc)) from None
@@ -126,7 +162,14 @@ def run(
         raise CliError(str(exc)) from None
     log.info("prefork %s on Python %s: floor of fleet %s imported in %.0f ms", __version__,
              sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
-    return master.run()
+    from prefork.control import ControlError
+
+    try:
+        return master.run()
+    except (ControlError, RuntimeDirError) as exc:  # the control socket: nothing forked yet
+        raise CliError(str(exc)) from None
+    except WarmUpError as exc:
+        raise CliError(str(exc)) from None
 
 
 @cli.command()
@@ -243,6 +286,224 @@ def systemd(
     for warning in reachability_warnings(venv, user, workdir):
         click.echo(f"prefork: warning: {warning}", err=True)
     click.echo(text, nl=False)
+
+
+# -- operating a running fleet: status, reload, scale ------------------------------------
+
+
+class PositiveSeconds(Seconds):
+    """A finite number of seconds > 0."""
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        seconds = super().convert(value, param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} must be more than 0 seconds", param, ctx)
+        return seconds
+
+
+class Delta(click.ParamType):
+    """+1 or -1 (1 means +1)."""
+
+    name = "delta"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> int:
+        if isinstance(value, int) and value in (1, -1):
+            return value
+        try:
+            delta = int(str(value))
+        except ValueError:
+            delta = 0
+        if delta not in (1, -1):
+            self.fail(f"{value!r} must be +1 or -1", param, ctx)
+        return delta
+
+
+_control_fleet_option = click.option(
+    "--fleet", "-f", "fleet_spec", default=None, metavar="NAME|module:ATTR",
+    help="The fleet's name, or module:ATTR (imported to learn its name) "
+         "[the only fleet with a socket in the runtime directory].")
+_control_runtime_dir_option = click.option(
+    "--runtime-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where the master's socket is, as given to `prefork run` [$PREFORK_RUNTIME_DIR, "
+         "$RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/prefork, /tmp/prefork-UID].")
+
+_T = TypeVar("_T")
+
+# ANSI: cursor home, clear the screen, clear to the end of the line, clear below the cursor.
+_HOME, _CLEAR_SCREEN, _CLEAR_LINE, _CLEAR_BELOW = "\x1b[H", "\x1b[2J", "\x1b[K", "\x1b[J"
+
+
+@cli.command()
+@_control_fleet_option
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON document: the master's status, with memory in bytes.")
+@click.option("--watch", type=PositiveSeconds(), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Refresh in place every SECONDS [2] until Ctrl-C.")
+@_control_runtime_dir_option
+def status(fleet_spec: str | None, as_json: bool, watch: float | None,
+           runtime_dir: Path | None) -> int:
+    """Show each worker of a running fleet: state, restarts, uptime, last exit, memory.
+
+    Exit codes: 0 shown; 1 the master did not answer properly; 2 bad input; 3 no master
+    of the fleet is running.
+    """
+    from prefork.control import fetch_status, format_status
+
+    if watch is not None and as_json:
+        raise CliError("--watch and --json cannot be used together")
+    path = _control_socket(fleet_spec, runtime_dir)
+    document = _control_call(lambda: fetch_status(path))
+    if watch is None:
+        click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
+        return 0
+    return _watch_status(path, watch, format_status(document))
+
+
+def _watch_status(path: Path, interval: float, first: str) -> int:
+    """Redraw the status every ``interval`` seconds, as ``top`` does, until Ctrl-C (exit 0).
+
+    Only the first request's failure ends the command; later ones (a master restarting,
+    say) show in the frame, and the next refresh tries again.
+    """
+    from prefork.control import ControlError, NoMaster, fetch_status, format_status
+
+    body, clear = first, _CLEAR_SCREEN
+    try:
+        while True:
+            frame = f"every {interval:g}s, {time.strftime('%H:%M:%S')}\n\n{body}"
+            # Overwrite in place rather than clear first, so the table never flickers.
+            # Not click.echo: it strips the ANSI codes whenever stdout is not a terminal.
+            sys.stdout.write(_HOME + clear + frame.replace("\n", _CLEAR_LINE + "\n")
+                             + _CLEAR_LINE + "\n" + _CLEAR_BELOW)
+            sys.stdout.flush()
+            clear = ""
+            time.sleep(interval)
+            try:
+                body = format_status(fetch_status(path))
+            except (NoMaster, ControlError) as exc:
+                body = f"prefork: {exc}"
+    except KeyboardInterrupt:
+        return 0
+
+
+@cli.command()
+@_control_fleet_option
+@_control_runtime_dir_option
+def reload(fleet_spec: str | None, runtime_dir: Path | None) -> int:
+    """Send the fleet's master SIGHUP: a rolling restart of its workers.
+
+    The master's pid comes from its control socket; exit codes as for `prefork status`.
+    """
+    from prefork.control import EXIT_CONTROL_FAILED, EXIT_NO_MASTER, exchange
+
+    path = _control_socket(fleet_spec, runtime_dir)
+    reply, peer = _control_call(lambda: exchange(path, {"command": "status"}))
+    if "error" in reply:
+        raise CliError(f"the master refused status: {reply['error']}", EXIT_CONTROL_FAILED)
+    pid, fleet = reply.get("master_pid"), reply.get("fleet") or path.stem
+    # Signal only the process that really listens on the socket, whatever its reply says.
+    if pid != peer.pid:
+        raise CliError(f"the reply on {path} names master pid {pid!r}, but pid {peer.pid} "
+                       "listens there; not sending SIGHUP", EXIT_CONTROL_FAILED)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise CliError(f"no master of fleet {fleet!r} is running (pid {pid} exited)",
+                       EXIT_NO_MASTER) from None
+    except PermissionError:
+        raise CliError(f"not allowed to signal master {pid}: run as its user or as root",
+                       EXIT_CONTROL_FAILED) from None
+    click.echo(f"sent SIGHUP to master {pid} (fleet {fleet})")
+    return 0
+
+
+def _not_an_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    # ignore_unknown_options (for a DELTA of -1) hands a mistyped option over as WORKER.
+    if value.startswith("-"):
+        raise click.NoSuchOption(value, ctx=ctx)
+    return value
+
+
+@cli.command(context_settings={"ignore_unknown_options": True})  # so that DELTA may be -1
+@_control_fleet_option
+@_control_runtime_dir_option
+@click.argument("worker", callback=_not_an_option)
+@click.argument("delta", type=Delta())
+def scale(fleet_spec: str | None, runtime_dir: Path | None, worker: str, delta: int) -> int:
+    """Start (+1) or stop (-1) one replica of WORKER in a running fleet.
+
+    Exit codes: 0 done; 1 the master did not answer properly; 2 bad input, or the master
+    refused (e.g. an unknown worker); 3 no master of the fleet is running.
+    """
+    from prefork.control import request
+
+    path = _control_socket(fleet_spec, runtime_dir)
+    reply = _control_call(lambda: request(
+        path, {"command": "scale", "worker": worker, "delta": delta}))
+    if "error" in reply:
+        raise CliError(str(reply["error"]))
+    fleet = reply.get("fleet") or path.stem
+    replicas = reply.get("replicas")
+    if isinstance(replicas, int) and not isinstance(replicas, bool):
+        click.echo(f"{worker}: {replicas} replicas after {delta:+d} (fleet {fleet})")
+    else:
+        click.echo(f"{worker}: {delta:+d} replica asked of the master (fleet {fleet})")
+    return 0
+
+
+def _control_socket(fleet_spec: str | None, runtime_dir: Path | None) -> Path:
+    """The socket of the fleet ``--fleet`` names, or of the only fleet that has one.
+
+    A plain name is used as it is (registered fleets are never imported); ``module:ATTR``
+    is imported to learn its fleet's name.
+    """
+    from prefork.control import EXIT_NO_MASTER, check_fleet_name, socket_path
+    from prefork.lock import default_runtime_dir
+
+    directory = runtime_dir or default_runtime_dir()
+    if fleet_spec is None:
+        try:
+            names = sorted(entry.name for entry in os.scandir(directory)
+                           if entry.name.endswith(".sock"))
+        except FileNotFoundError:
+            names = []
+        except OSError as exc:
+            raise CliError(f"cannot read runtime directory {directory}: {exc.strerror}"
+                           ) from None
+        if not names:
+            raise CliError(f"no prefork master is running (no socket in {directory})",
+                           EXIT_NO_MASTER)
+        if len(names) > 1:
+            listed = ", ".join(name.removesuffix(".sock") for name in names)
+            raise CliError(f"{len(names)} fleets have a socket in {directory} ({listed}): "
+                           "choose one with --fleet")
+        return directory / names[0]
+    if ":" in fleet_spec:
+        _import_from_working_directory()
+        try:
+            name = load_fleet(fleet_spec).name
+        except FleetError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        name = fleet_spec
+        problem = check_fleet_name(name)
+        if problem is not None:
+            raise CliError(problem)
+    return socket_path(directory, name)
+
+
+def _control_call(call: Callable[[], _T]) -> _T:
+    """``call()``, with NoMaster as exit 3 and ControlError as exit 1, one line each."""
+    from prefork.control import EXIT_CONTROL_FAILED, EXIT_NO_MASTER, ControlError, NoMaster
+
+    try:
+        return call()
+    except NoMaster as exc:
+        raise CliError(str(exc), EXIT_NO_MASTER) from None
+    except ControlError as exc:
+        raise CliError(str(exc), EXIT_CONTROL_FAILED) from None
 
 
 def _import_from_working_directory() -> None:

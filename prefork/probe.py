@@ -29,7 +29,7 @@ import psutil
 
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.fleet import Fleet, FleetError, Worker, load_fleet
-from prefork.master import prepare_floor
+from prefork.master import WarmUpError, prepare_floor
 from prefork.memory import Memory, MemoryUnavailable, measure
 
 SCHEMA_VERSION = 1
@@ -111,8 +111,8 @@ def probe_fleet(
     report = ProbeReport()
     try:
         prepare_floor(fleet, freeze=freeze, warm_up=warm_up)
-    except Exception as exc:
-        raise ProbeError(f"warm-up in the master failed: {type(exc).__name__}: {exc}") from None
+    except WarmUpError as exc:
+        raise ProbeError(f"in the master: {exc}") from None
     floor = measure(os.getpid())
     members: list[_Member] = []
     for worker, replica in assignments:

@@ -168,7 +168,7 @@ BAD_PROBES = [
     (["--fleet", "fleets.probed:broken", "--idle", "0", "--no-baseline"],
      "child w: error: RuntimeError: sample data is missing"),
     (["--fleet", "fleets.probed:broken", "--warm-up"],
-     "warm-up in the master failed: RuntimeError: sample data is missing"),
+     "in the master: worker w: warm-up failed: RuntimeError: sample data is missing"),
 ]
 
 

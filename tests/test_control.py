@@ -1,0 +1,772 @@
+"""The control socket (``prefork.control``) and the commands built on it: ``prefork status``,
+``reload`` and ``scale``.
+
+The server is driven here either in-process, by calling ``handle()``/``expire()`` the way the
+master's loop does, or in a forked helper process with a canned handler (``served``), so a
+blocking client and the CLI can talk to it. Nothing waits by sleeping: every wait is a
+``select()`` on a socket or pipe, bounded by ``WAIT``.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import select
+import selectors
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from prefork.cli import main
+from prefork.control import (
+    MAX_REQUEST,
+    READ_TIMEOUT,
+    ControlError,
+    ControlServer,
+    NoMaster,
+    exchange,
+    format_duration,
+    request,
+    socket_path,
+)
+
+WAIT = 5.0
+NOBODY = 65534
+MEMORY_KEYS = {"rss", "uss", "pss", "shared", "swap"}
+STATUS_KEYS = {"fleet", "master_pid", "uptime", "python", "workers"}
+WORKER_KEYS = {"name", "replica", "label", "pid", "state", "restarts", "uptime", "last_exit",
+               "reason", "next_start_in"}
+
+as_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to take another uid")
+
+
+# -- helpers -----------------------------------------------------------------------------
+
+
+class Recorder:
+    """A handler that records each request and answers with ``reply``."""
+
+    def __init__(self, reply: dict[str, Any] | None = None) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.reply = reply if reply is not None else {"ok": True}
+
+    def __call__(self, message: dict[str, Any]) -> dict[str, Any]:
+        self.requests.append(message)
+        return self.reply
+
+
+def requests_of(server: ControlServer) -> list[dict[str, Any]]:
+    """What the server's Recorder handler was asked."""
+    assert isinstance(server.handler, Recorder)
+    return server.handler.requests
+
+
+@pytest.fixture
+def server(runtime_dir: Path) -> Iterator[ControlServer]:
+    """An open in-process server answering ``{"ok": true}``; ``server.handler`` records."""
+    control = ControlServer(socket_path(runtime_dir, "demo"), Recorder())
+    control.open()
+    yield control
+    control.close()
+
+
+def connect(path: Path) -> socket.socket:
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    client.settimeout(WAIT)
+    client.connect(str(path))  # completes in the backlog, before the server accepts
+    return client
+
+
+def pump(server: ControlServer, done: Callable[[], bool], wake: tuple[int, ...] = ()) -> None:
+    """Run the server as the master's loop would until ``done()``; fail after WAIT.
+    ``done()`` is checked after each wake-up: of the server, or of a descriptor in ``wake``."""
+    deadline = time.monotonic() + WAIT
+    while not done():
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "the server did not get there in time"
+        ready, _, _ = select.select([*server.fds(), *wake], [], [], remaining)
+        for fd in ready:
+            if fd not in wake:
+                server.handle(fd)
+
+
+def readable(sock: socket.socket) -> Callable[[], bool]:
+    return lambda: bool(select.select([sock], [], [], 0)[0])
+
+
+def ask(server: ControlServer, raw: bytes, *, shut: bool = False) -> bytes:
+    """Send ``raw`` on a new connection, serve it, return all the server wrote."""
+    client = connect(server.path)
+    client.sendall(raw)
+    if shut:
+        client.shutdown(socket.SHUT_WR)
+    pump(server, readable(client))
+    data = b""
+    while chunk := client.recv(65536):
+        data += chunk
+    client.close()
+    return data
+
+
+def dead_pid() -> int:
+    """The pid of a process that has exited and been reaped."""
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    os.waitpid(pid, 0)
+    return pid
+
+
+def in_child(body: Callable[[], str], serving: ControlServer | None = None) -> str:
+    """Run ``body`` in a forked child; return the line it produced (or its exception).
+    With ``serving``, run that server here, as the master would, until the child reports."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        os.close(r)
+        try:
+            result = body()
+        except BaseException as exc:
+            result = f"{type(exc).__name__}: {exc}"
+        os.write(w, result.encode())
+        os._exit(0)
+    os.close(w)
+    try:
+        if serving is not None:
+            pump(serving, lambda: bool(select.select([r], [], [], 0)[0]), wake=(r,))
+        ready, _, _ = select.select([r], [], [], WAIT)
+        assert ready, "the child did not report"
+        return os.read(r, 4096).decode()
+    finally:
+        os.close(r)
+        os.waitpid(pid, 0)
+
+
+@dataclass
+class Served:
+    """A ControlServer running in a forked process (see :func:`served`)."""
+
+    pid: int
+    path: Path
+    _reports: int
+    _buffer: bytes = b""
+
+    def report(self) -> str:
+        """The next line the server process reported: a request's JSON, or "SIGHUP"."""
+        deadline = time.monotonic() + WAIT
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            ready, _, _ = select.select([self._reports], [], [], max(0.0, remaining))
+            assert ready, "the server process reported nothing"
+            chunk = os.read(self._reports, 4096)
+            assert chunk, "the server process ended"
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line.decode()
+
+
+@contextmanager
+def served(path: Path, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> Iterator[Served]:
+    """Fork a process that serves ``path`` with ``answer`` (called in that process, so
+    ``os.getpid()`` there is the master's pid) and reports each request and SIGHUP."""
+    stop_r, stop_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    report_r, report_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            for fd in (stop_w, ready_r, report_r):
+                os.close(fd)
+            signal.signal(signal.SIGHUP, lambda *_: os.write(report_w, b"SIGHUP\n"))
+
+            def handler(message: dict[str, Any]) -> dict[str, Any]:
+                os.write(report_w, json.dumps(message).encode() + b"\n")
+                return answer(message)
+
+            control = ControlServer(path, handler)
+            control.open()
+            os.write(ready_w, b"ready")
+            while True:
+                deadline = control.next_deadline()
+                timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+                ready, _, _ = select.select([stop_r, *control.fds()], [], [], timeout)
+                if stop_r in ready:
+                    break
+                for fd in ready:
+                    control.handle(fd)
+                control.expire(time.monotonic())
+            control.close()
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        os._exit(code)
+    for fd in (stop_r, ready_w, report_w):
+        os.close(fd)
+    try:
+        ready, _, _ = select.select([ready_r], [], [], WAIT)
+        assert ready and os.read(ready_r, 16) == b"ready", "the server process did not start"
+        yield Served(pid, path, report_r)
+    finally:
+        os.close(stop_w)  # EOF: the server's loop ends
+        _, status = os.waitpid(pid, 0)
+        for fd in (ready_r, report_r):
+            os.close(fd)
+    assert os.waitstatus_to_exitcode(status) == 0, "the server process failed"
+
+
+def prefork(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    """Run the ``prefork`` CLI in-process: (exit code, stdout, stderr)."""
+    with pytest.raises(SystemExit) as exited:
+        main(list(args))
+    out, err = capsys.readouterr()
+    code = exited.value.code
+    assert isinstance(code, int), code
+    return code, out, err
+
+
+def prefork_process(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "prefork", *args], capture_output=True,
+                          text=True, timeout=30)
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A runtime dir another uid can traverse (0711, under /tmp), unlike pytest's tmp_path."""
+    path = Path(tempfile.mkdtemp(prefix="prefork-control-", dir="/tmp"))
+    path.chmod(0o711)
+    yield path
+    for entry in path.iterdir():
+        entry.unlink()
+    path.rmdir()
+
+
+# -- the server ----------------------------------------------------------------------------
+
+
+def test_round_trip(runtime_dir: Path) -> None:
+    path = socket_path(runtime_dir, "demo")
+    assert path == runtime_dir / "demo.sock"
+
+    def answer(message: dict[str, Any]) -> dict[str, Any]:
+        return {"pid": os.getpid(), "echo": message}
+
+    with served(path, answer) as master:
+        reply, peer = exchange(path, {"command": "status"})
+        assert reply == {"pid": master.pid, "echo": {"command": "status"}}
+        assert peer.pid == master.pid and peer.uid == os.getuid()
+        scale = {"command": "scale", "worker": "mailer", "delta": -1}
+        assert request(path, scale)["echo"] == scale
+        assert [json.loads(master.report()) for _ in range(2)] == [{"command": "status"}, scale]
+
+
+def test_socket_is_0600_in_a_0700_dir_and_not_inherited(tmp_path: Path) -> None:
+    directory = tmp_path / "fresh" / "run"
+    control = ControlServer(socket_path(directory, "demo"), Recorder())
+    control.open()
+    try:
+        assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+        mode = control.path.lstat().st_mode
+        assert stat.S_ISSOCK(mode) and stat.S_IMODE(mode) == 0o600
+        client = connect(control.path)
+        pump(control, lambda: len(control.fds()) == 2)  # accepted, waiting for the request
+        assert control.own_fds() == control.fds()
+        assert not any(os.get_inheritable(fd) for fd in control.own_fds())  # CLOEXEC
+        client.close()
+    finally:
+        control.close()
+    assert control.fds() == [] and control.own_fds() == []
+
+
+@as_root
+def test_other_uid_is_refused_by_the_socket_files_mode(open_dir: Path) -> None:
+    control = ControlServer(socket_path(open_dir, "demo"), Recorder())
+    control.open()
+    try:
+        def as_nobody() -> str:
+            os.setuid(NOBODY)
+            try:
+                socket.socket(socket.AF_UNIX).connect(str(control.path))
+            except OSError as exc:
+                return errno.errorcode.get(exc.errno or 0, str(exc))
+            return "connected"
+
+        # The directory lets uid 65534 through (0711): the socket's 0600 alone stops it.
+        assert in_child(as_nobody) == "EACCES"
+        assert not select.select(control.fds(), [], [], 0)[0], "nothing reached the listener"
+    finally:
+        control.close()
+
+
+@as_root
+def test_other_uid_is_refused_by_peercred(open_dir: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    control = ControlServer(socket_path(open_dir, "demo"), Recorder())
+    control.open()
+    try:
+        control.path.chmod(0o666)  # as if the file's mode had been loosened: SO_PEERCRED holds
+
+        def as_nobody() -> str:
+            os.setuid(NOBODY)
+            client = connect(control.path)
+            try:  # the server may close it before, while or after the request is sent
+                client.sendall(b'{"command": "status"}\n')
+                reply = client.recv(4096)
+            except (BrokenPipeError, ConnectionResetError):
+                reply = b""
+            return f"connected, then closed with {reply!r}"
+
+        # The child's connect succeeds (the file lets it), so the listener becomes readable.
+        result = in_child(as_nobody, serving=control)
+        assert result == "connected, then closed with b''"
+        assert requests_of(control) == []
+        assert control.fds() == control.fds()[:1]  # no connection kept
+        assert f"refused a connection from uid {NOBODY}" in caplog.text
+    finally:
+        control.close()
+
+
+def test_silent_client_is_dropped_at_its_deadline_without_blocking_others(
+        server: ControlServer) -> None:
+    before = time.monotonic()
+    silent = connect(server.path)
+    pump(server, lambda: len(server.fds()) == 2)
+    deadline = server.next_deadline()
+    assert deadline is not None
+    assert before + READ_TIMEOUT <= deadline <= time.monotonic() + READ_TIMEOUT
+    silent_fd = server.fds()[1]
+
+    started = time.perf_counter()
+    server.handle(silent_fd)  # a spurious wake-up: nothing to read, so back at once
+    assert time.perf_counter() - started < 0.5
+
+    # While the silent client waits, another is answered.
+    assert json.loads(ask(server, b'{"command": "status"}\n')) == {"ok": True}
+    assert server.fds() == [server.fds()[0], silent_fd]
+
+    server.expire(deadline - 0.001)  # the loop's clock, driven by hand
+    assert server.fds()[1:] == [silent_fd]
+    server.expire(deadline)
+    assert server.fds()[1:] == [] and server.next_deadline() is None
+    assert silent.recv(4096) == b""  # dropped: EOF, no reply
+    silent.close()
+
+
+def test_partial_line_then_the_rest(server: ControlServer) -> None:
+    client = connect(server.path)
+    client.sendall(b'{"command": "sta')
+    pump(server, lambda: len(server.fds()) == 2)
+    server.handle(server.fds()[1])
+    assert not readable(client)(), "answered half a request"
+    client.sendall(b'tus"}\n')
+    pump(server, readable(client))
+    assert client.recv(4096) == b'{"ok":true}\n'
+    assert requests_of(server) == [{"command": "status"}]
+    client.close()
+
+
+def test_request_ended_by_shutdown_instead_of_newline(server: ControlServer) -> None:
+    assert ask(server, b'{"command": "status"}', shut=True) == b'{"ok":true}\n'
+
+
+BAD_REQUESTS = [
+    (b"not json\n", "request is not JSON"),
+    (b"\xff\xfe\n", "request is not JSON"),
+    (b"[1, 2]\n", "a request must be a JSON object"),
+    (b"{}\n", 'a request needs a "command"'),
+    (b'{"command": "frobnicate"}\n', "unknown command 'frobnicate' (known: scale, status)"),
+    (b'{"command": "scale", "delta": 1}\n', 'scale needs a "worker" name'),
+    (b'{"command": "scale", "worker": "w", "delta": 2}\n', 'scale needs a "delta" of 1 or -1'),
+    (b'{"command": "scale", "worker": "w", "delta": true}\n', 'needs a "delta" of 1 or -1'),
+]
+
+
+@pytest.mark.parametrize(("raw", "message"), BAD_REQUESTS, ids=[m for _, m in BAD_REQUESTS])
+def test_bad_request_gets_an_error_line(server: ControlServer, raw: bytes, message: str) -> None:
+    reply = ask(server, raw)
+    assert reply.endswith(b"\n") and reply.count(b"\n") == 1
+    assert message in json.loads(reply)["error"]
+    assert requests_of(server) == []
+
+
+def test_handler_exception_is_an_error_reply_and_the_server_goes_on(runtime_dir: Path) -> None:
+    calls = 0
+
+    def flaky(message: dict[str, Any]) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise ZeroDivisionError("division by zero")
+        return {"ok": True}
+
+    control = ControlServer(socket_path(runtime_dir, "demo"), flaky)
+    control.open()
+    try:
+        error = json.loads(ask(control, b'{"command": "status"}\n'))["error"]
+        assert error == "internal error: ZeroDivisionError: division by zero"
+        assert json.loads(ask(control, b'{"command": "status"}\n')) == {"ok": True}
+    finally:
+        control.close()
+
+
+def test_oversized_request_is_dropped(server: ControlServer) -> None:
+    client = connect(server.path)
+    client.sendall(b"x" * (MAX_REQUEST + 1))
+    pump(server, readable(client))
+    try:
+        reply = client.recv(4096)
+    except ConnectionResetError:  # closed with our bytes unread: the kernel may say so
+        reply = b""
+    assert reply in (b"", f'{{"error":"request over {MAX_REQUEST} bytes"}}\n'.encode())
+    assert requests_of(server) == []
+    assert server.fds() == server.fds()[:1]
+    client.close()
+
+
+def test_attach_keeps_a_selector_in_step_when_fd_numbers_are_reused(
+        runtime_dir: Path) -> None:
+    control = ControlServer(socket_path(runtime_dir, "demo"), Recorder())
+    selector = selectors.DefaultSelector()
+    control.attach(selector)
+    control.open()
+    try:
+        served_fds = []
+        for _ in range(3):
+            client = connect(control.path)
+            client.sendall(b'{"command": "status"}\n')
+            deadline = time.monotonic() + WAIT
+            while not readable(client)():
+                assert time.monotonic() < deadline, "a request was never served"
+                for key, _ in selector.select(deadline - time.monotonic()):
+                    assert key.data is control
+                    served_fds.extend(control.fds()[1:])
+                    control.handle(key.fd)
+            assert client.recv(4096) == b'{"ok":true}\n'
+            client.close()
+            assert set(selector.get_map()) == set(control.fds())
+        assert len(requests_of(control)) == 3
+    finally:
+        control.close()
+        assert not selector.get_map()
+        selector.close()
+
+
+# -- open and close ------------------------------------------------------------------------
+
+
+def stale_socket(path: Path) -> None:
+    """Leave a socket file that nothing listens on, as a killed master does."""
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(str(path))
+    dead.listen(1)
+    dead.close()
+
+
+def test_missing_or_stale_socket_is_no_master(runtime_dir: Path) -> None:
+    path = socket_path(runtime_dir, "cpu")
+    with pytest.raises(NoMaster) as missing:
+        request(path, {"command": "status"})
+    assert str(missing.value) == f"no master of fleet 'cpu' is running (no socket at {path})"
+    stale_socket(path)
+    with pytest.raises(NoMaster) as stale:
+        request(path, {"command": "status"})
+    assert str(stale.value) == (f"no master of fleet 'cpu' is running "
+                                f"(stale socket at {path}: nothing listens on it)")
+
+
+def test_open_replaces_a_stale_socket_and_close_removes_it(runtime_dir: Path) -> None:
+    path = socket_path(runtime_dir, "demo")
+    stale_socket(path)
+    control = ControlServer(path, Recorder())
+    control.open()
+    assert json.loads(ask(control, b'{"command": "status"}\n')) == {"ok": True}
+    control.close()
+    assert not path.exists()
+    control.close()  # twice is harmless
+
+
+def test_close_leaves_a_socket_that_is_no_longer_ours(runtime_dir: Path) -> None:
+    path = socket_path(runtime_dir, "demo")
+    control = ControlServer(path, Recorder())
+    control.open()
+    path.unlink()
+    stale_socket(path)  # someone else's file at the same path now
+    control.close()
+    assert path.exists()
+
+
+def test_open_refuses_to_remove_something_else(runtime_dir: Path) -> None:
+    path = socket_path(runtime_dir, "demo")
+    path.write_text("not a socket")
+    with pytest.raises(ControlError, match="something else than a socket is in the way"):
+        ControlServer(path, Recorder()).open()
+    assert path.read_text() == "not a socket"
+
+
+def test_client_timeout_and_broken_reply_are_control_errors(runtime_dir: Path) -> None:
+    path = socket_path(runtime_dir, "demo")
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    try:
+        with pytest.raises(ControlError, match=r"did not answer within 0.2s"):
+            request(path, {"command": "status"}, timeout=0.2)  # nobody accepts
+        listener.accept()[0].close()  # the timed-out client's connection
+
+        def garbage() -> None:
+            connection, _ = listener.accept()
+            with connection:
+                connection.recv(4096)
+                connection.sendall(b"<html>\n")
+
+        thread = threading.Thread(target=garbage)
+        thread.start()
+        try:
+            with pytest.raises(ControlError, match="sent a broken reply: b'<html>'"):
+                request(path, {"command": "status"})
+        finally:
+            thread.join(WAIT)
+    finally:
+        listener.close()
+
+
+# -- the CLI -------------------------------------------------------------------------------
+
+
+NO_MASTER_ARGS = [["status"], ["status", "--json"], ["reload"], ["scale", "mailer", "-1"]]
+
+
+@pytest.mark.parametrize("args", NO_MASTER_ARGS, ids=" ".join)
+def test_no_master_is_one_line_and_exit_3(args: list[str], runtime_dir: Path) -> None:
+    result = prefork_process(args[0], "--fleet", "cpu", "--runtime-dir", str(runtime_dir),
+                             *args[1:])
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.splitlines() == [
+        f"prefork: error: no master of fleet 'cpu' is running "
+        f"(no socket at {runtime_dir}/cpu.sock)"
+    ]
+    assert result.stdout == ""
+
+
+def test_without_fleet_the_only_socket_is_used(runtime_dir: Path, tmp_path: Path,
+                                               capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = prefork(capsys, "status", "--runtime-dir", str(runtime_dir))
+    assert (code, err) == (3, f"prefork: error: no prefork master is running "
+                              f"(no socket in {runtime_dir})\n")
+    missing = tmp_path / "never-made"
+    code, _, err = prefork(capsys, "reload", "--runtime-dir", str(missing))
+    assert (code, err) == (3, f"prefork: error: no prefork master is running "
+                              f"(no socket in {missing})\n")
+    stale_socket(runtime_dir / "alpha.sock")
+    code, _, err = prefork(capsys, "status", "--runtime-dir", str(runtime_dir))
+    assert (code, err) == (3, f"prefork: error: no master of fleet 'alpha' is running (stale "
+                              f"socket at {runtime_dir}/alpha.sock: nothing listens on it)\n")
+    stale_socket(runtime_dir / "beta.sock")
+    code, _, err = prefork(capsys, "status", "--runtime-dir", str(runtime_dir))
+    assert (code, err) == (2, f"prefork: error: 2 fleets have a socket in {runtime_dir} "
+                              "(alpha, beta): choose one with --fleet\n")
+
+
+def test_fleet_given_as_module_attr_is_imported_for_its_name(
+        runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = prefork(capsys, "status", "--fleet", "fleets.basic:sleepers",
+                           "--runtime-dir", str(runtime_dir))
+    assert (code, err) == (3, f"prefork: error: no master of fleet 'sleepers' is running "
+                              f"(no socket at {runtime_dir}/sleepers.sock)\n")
+    code, _, err = prefork(capsys, "status", "--fleet", "no_such_module_q:fleet",
+                           "--runtime-dir", str(runtime_dir))
+    assert (code, err) == (2, "prefork: error: fleet module 'no_such_module_q' not found\n")
+
+
+BAD_CLI = [
+    (["status", "--watch", "0"], "Invalid value for '--watch': '0' must be more than 0 seconds"),
+    (["status", "--watch", "soon"], "'soon' is not a number of seconds"),
+    (["status", "--watch", "--json"], "--watch and --json cannot be used together"),
+    (["status", "--fleet", "../etc"], "fleet name '../etc' must be letters, digits"),
+    (["reload", "--fleet", ""], "fleet name '' must be letters, digits"),
+    (["scale", "mailer", "+2"], "Invalid value for 'DELTA': '+2' must be +1 or -1"),
+    (["scale", "mailer", "x"], "Invalid value for 'DELTA': 'x' must be +1 or -1"),
+    (["scale", "mailer"], "Missing argument 'DELTA'"),
+    (["scale", "--bogus", "mailer", "-1"], "--bogus"),  # "No such option", worded per click
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_CLI, ids=[" ".join(a) for a, _ in BAD_CLI])
+def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, runtime_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = prefork(capsys, *args, "--runtime-dir", str(runtime_dir))
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith("prefork: error: "), err
+    assert message in err
+
+
+def canned_status(test_pid: int, gone_pid: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A master's status reply: the server process is the master; one worker is this test
+    process (alive), one a reaped pid, one waits in backoff."""
+    def answer(message: dict[str, Any]) -> dict[str, Any]:
+        worker = dict.fromkeys(WORKER_KEYS)
+        return {
+            "fleet": "demo", "master_pid": os.getpid(), "uptime": 3725.2, "python": "3.11.7",
+            "workers": [
+                {**worker, "name": "alpha", "replica": 0, "label": "alpha", "pid": test_pid,
+                 "state": "running", "restarts": 0, "uptime": 65.4},
+                {**worker, "name": "beta", "replica": 1, "label": "beta.1", "pid": gone_pid,
+                 "state": "running", "restarts": 2, "uptime": 0.5, "last_exit": "exit code 1"},
+                {**worker, "name": "beta", "replica": 2, "label": "beta.2", "state": "backoff",
+                 "restarts": 5, "last_exit": "killed by SIGKILL", "next_start_in": 2.5,
+                 "reason": "recycled: private memory 412 MiB > 256 MiB"},
+            ],
+        }
+    return answer
+
+
+def test_status_table(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gone = dead_pid()
+    with served(socket_path(runtime_dir, "demo"), canned_status(os.getpid(), gone)) as master:
+        code, out, err = prefork(capsys, "status", "--runtime-dir", str(runtime_dir))
+    assert (code, err) == (0, ""), err
+    header, columns, alpha, beta1, beta2, note = out.splitlines()
+    assert re.fullmatch(rf"fleet demo: master {master.pid}, up 1h02m, Python 3\.11\.7, "
+                        r"total PSS \d+\.\d MiB \(master \+ 1 of 2 workers\)", header), header
+    assert columns.split() == ["WORKER", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME",
+                               "LAST", "EXIT", "RSS", "USS", "PSS", "SHARED", "REASON"]
+    assert re.fullmatch(rf"alpha +0 +{os.getpid()} +running +0 +1m05s +- +"
+                        r"(\d+\.\d +){4}-", alpha), alpha
+    assert beta1.split() == ["beta", "1", str(gone), "running", "2", "0s", "exit", "code", "1",
+                             "-", "-", "-", "-", "-"]
+    assert beta2.split() == ["beta", "2", "-", "backoff", "2.5s", "5", "-", "killed", "by",
+                             "SIGKILL", "-", "-", "-", "-", "recycled:", "private", "memory",
+                             "412", "MiB", ">", "256", "MiB"]
+    assert note == "(memory in MiB)"
+    # The columns line up: every row is as wide as the header before its free-text reason.
+    assert alpha.index(str(os.getpid())) + len(str(os.getpid())) == columns.index("PID") + 3
+
+
+def test_status_json(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    gone = dead_pid()
+    with served(socket_path(runtime_dir, "demo"), canned_status(os.getpid(), gone)) as master:
+        code, out, err = prefork(capsys, "status", "--fleet", "demo", "--json",
+                                 "--runtime-dir", str(runtime_dir))
+    assert (code, err) == (0, "")
+    document = json.loads(out)
+    assert set(document) == STATUS_KEYS | {"memory", "total_pss"}
+    assert document["master_pid"] == master.pid
+    assert set(document["memory"]) == MEMORY_KEYS
+    alpha, beta1, beta2 = document["workers"]
+    assert all(set(w) == WORKER_KEYS | {"memory"} for w in document["workers"])
+    assert set(alpha["memory"]) == MEMORY_KEYS
+    assert all(isinstance(v, int) and v >= 0 for v in alpha["memory"].values())
+    assert alpha["memory"]["pss"] > 0
+    assert beta1["memory"] is None and beta2["memory"] is None
+    assert document["total_pss"] == document["memory"]["pss"] + alpha["memory"]["pss"]
+
+
+def test_status_watch_redraws_until_ctrl_c(runtime_dir: Path) -> None:
+    with served(socket_path(runtime_dir, "demo"), canned_status(os.getpid(), dead_pid())):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "prefork", "status", "--watch", "0.05", "--runtime-dir",
+             str(runtime_dir)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            # A shell starts background jobs with SIGINT ignored, and an ignored SIGINT is
+            # inherited: give the command the terminal's default, as Ctrl-C would find it.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert proc.stdout is not None and proc.stderr is not None
+        try:
+            output = b""
+            deadline = time.monotonic() + WAIT * 4  # includes the interpreter's start
+            while output.count(b"\x1b[H") < 3:  # two whole frames, and a third begun
+                remaining = deadline - time.monotonic()
+                assert remaining > 0, f"not 2 frames: {output[-600:]!r}"
+                if select.select([proc.stdout], [], [], remaining)[0]:
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    assert chunk, f"status ended: {output[-600:]!r} {proc.stderr.read()!r}"
+                    output += chunk
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=WAIT * 2)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0 and err == b""
+    frames = output.split(b"\x1b[H")
+    assert frames[0] == b"" and frames[1].startswith(b"\x1b[2J")  # cleared once, at first
+    assert not frames[2].startswith(b"\x1b[2J")  # then overwritten in place
+    for frame in frames[1:3]:
+        assert b"fleet demo: master " in frame and b"recycled: private memory" in frame
+        assert frame.endswith(b"\x1b[J")
+
+
+def test_reload_sends_sighup_to_the_master(runtime_dir: Path,
+                                           capsys: pytest.CaptureFixture[str]) -> None:
+    answer = canned_status(os.getpid(), dead_pid())
+    with served(socket_path(runtime_dir, "demo"), answer) as master:
+        code, out, err = prefork(capsys, "reload", "--fleet", "demo", "--runtime-dir",
+                                 str(runtime_dir))
+        assert (code, err) == (0, "")
+        assert out == f"sent SIGHUP to master {master.pid} (fleet demo)\n"
+        assert json.loads(master.report()) == {"command": "status"}
+        assert master.report() == "SIGHUP"
+
+
+def test_reload_signals_only_the_process_that_listens(
+        runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    elsewhere = dead_pid()  # if the check failed, the kill would find no one: never harmful
+
+    def lying(message: dict[str, Any]) -> dict[str, Any]:
+        return {"fleet": "demo", "master_pid": elsewhere, "workers": []}
+
+    with served(socket_path(runtime_dir, "demo"), lying) as master:
+        code, out, err = prefork(capsys, "reload", "--runtime-dir", str(runtime_dir))
+    assert (code, out) == (1, "")
+    assert err == (f"prefork: error: the reply on {runtime_dir}/demo.sock names master pid "
+                   f"{elsewhere}, but pid {master.pid} listens there; not sending SIGHUP\n")
+
+
+def test_scale_sends_the_request_and_shows_the_answer(
+        runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    def answer(message: dict[str, Any]) -> dict[str, Any]:
+        if message["worker"] != "mailer":
+            return {"error": f"unknown worker {message['worker']!r}"}
+        return {"fleet": "demo", "worker": "mailer", "replicas": 2}
+
+    with served(socket_path(runtime_dir, "demo"), answer) as master:
+        code, out, err = prefork(capsys, "scale", "--runtime-dir", str(runtime_dir),
+                                 "mailer", "-1")
+        assert (code, out, err) == (0, "mailer: 2 replicas after -1 (fleet demo)\n", "")
+        assert json.loads(master.report()) == {"command": "scale", "worker": "mailer",
+                                               "delta": -1}
+        code, out, err = prefork(capsys, "scale", "--fleet", "demo", "--runtime-dir",
+                                 str(runtime_dir), "nobody", "+1")
+        assert (code, out, err) == (2, "", "prefork: error: unknown worker 'nobody'\n")
+        assert json.loads(master.report())["delta"] == 1
+
+
+def test_a_master_that_answers_nonsense_is_exit_1(runtime_dir: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    with served(socket_path(runtime_dir, "demo"), lambda message: {"workers": "many"}):
+        code, out, err = prefork(capsys, "status", "--runtime-dir", str(runtime_dir))
+    assert (code, out) == (1, "")
+    assert err == ("prefork: error: the master's status reply is not understood: "
+                   "no master_pid\n")
+
+
+@pytest.mark.parametrize(("seconds", "text"), [
+    (None, "-"), (0.4, "0s"), (59.9, "59s"), (65, "1m05s"), (3725.2, "1h02m"),
+    (2 * 86400 + 7200, "2d02h"),
+])
+def test_format_duration(seconds: float | None, text: str) -> None:
+    assert format_duration(seconds) == text
