@@ -77,6 +77,7 @@ def test_defaults_for_the_demo_fleet() -> None:
     assert unit["Type"] == ["notify"]
     assert unit["NotifyAccess"] == ["main"]
     assert unit["ExecStart"] == [f"{VENV}/bin/prefork run --fleet demo --grace 15"]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
     assert unit["KillMode"] == ["mixed"]
     assert seconds(unit["TimeoutStopSec"][0]) > 15
     assert unit["Restart"] == ["on-failure"]
