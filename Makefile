@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 FLEET  ?= cpu
 
-.PHONY: install run demo-data feed test lint bench clean
+.PHONY: install run demo-data feed test lint bench measure clean
 
 # `make install`: .venv with prefork installed (editable) and .venv/bin/prefork on hand.
 install: $(VENV)/.installed
@@ -40,6 +40,13 @@ test: lint
 bench: install
 	$(BIN)/python measurements/bench_master.py
 	$(BIN)/python measurements/bench_kernels.py
+
+# Memory of the cpu fleet (8 workers) under prefork, against a baseline of fresh
+# interpreters and gunicorn --preload, on each of Python 3.11-3.13 that pyenv has (venvs in
+# .venv-measure/); about 16 minutes. RUNS=n repeats everything (n times as long), medians.
+# Writes measurements/memory.md, memory.json and memory.png.
+measure: install
+	$(BIN)/python measurements/measure.py $(if $(RUNS),--runs $(RUNS))
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info

@@ -537,7 +537,9 @@ class Master:
         slot = max(mine, key=lambda s: s.replica)
         if slot.state is WorkerState.RUNNING:
             self._stop_worker(slot, "scaled down", "remove", time.monotonic())
-        elif slot.state is not WorkerState.STOPPING:
+        elif slot.state is WorkerState.STOPPING:
+            slot.stop_then = "remove"  # already going (recycled, say): do not replace it
+        else:
             self._remove(slot)
         return f"worker {name}: {len(mine) - 1} replicas, stopping {slot.label}"
 
