@@ -30,15 +30,17 @@ import psutil
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.fleet import Fleet, FleetError, Worker, load_fleet
 from prefork.master import WarmUpError, prepare_floor
-from prefork.memory import Memory, MemoryUnavailable, measure
+from prefork.memory import Memory, MemoryUnavailable, Meter, measure
 
 SCHEMA_VERSION = 1
 MASTER_TITLE = "prefork: master ["
 WORKER_TITLE = "prefork: worker "
-# An idle child wakes this often and makes some short-lived objects, as a polling loop
-# does, so its young-generation collections run as they would in a real worker.
+# An idle child wakes this often and leaves some reference cycles behind, as a polling
+# loop does (exceptions, futures, frames): only the collector frees those, so its
+# collections run as they would in a real worker (gen 0 about every second). Garbage
+# freed by reference counting alone would never trigger one.
 IDLE_TICK = 0.1
-IDLE_GARBAGE = 200
+IDLE_CYCLES = 100
 STARTUP_TIMEOUT = 120.0
 WORK_TIMEOUT = 600.0
 
@@ -157,11 +159,14 @@ def _run_phases(report: ProbeReport, others: list[tuple[str, str, int]],
     return timings
 
 
+_meter = Meter()
+
+
 def _sample(targets: list[tuple[str, str, int]], phase: str,
             at: float | None) -> tuple[list[Sample], float]:
     started = time.perf_counter()
     try:
-        samples = [Sample(role, name, pid, phase, at, measure(pid))
+        samples = [Sample(role, name, pid, phase, at, _meter.measure(pid))
                    for role, name, pid in targets]
     except MemoryUnavailable as exc:
         raise ProbeError(str(exc)) from None
@@ -264,8 +269,9 @@ def _serve(worker: Worker, read_fd: int, write_fd: int) -> None:
     while True:
         readable, _, _ = select.select([read_fd], [], [], IDLE_TICK)
         if not readable:
-            garbage = [[i] for i in range(IDLE_GARBAGE)]
-            del garbage
+            for _ in range(IDLE_CYCLES):
+                cycle: list[object] = []
+                cycle.append(cycle)
             continue
         command = os.read(read_fd, 1)
         if command in (b"", b"q"):
