@@ -49,4 +49,4 @@ measure: install
 	$(BIN)/python measurements/measure.py $(if $(RUNS),--runs $(RUNS))
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .venv-measure .pytest_cache .ruff_cache *.egg-info
