@@ -1,11 +1,13 @@
 """The master: fork one child per worker slot, reap on events, restart on backoff, stop.
 
-The loop sleeps in ``select()`` on one wake-up pipe, with a timeout that is the next
-deadline it owns (a scheduled restart, the end of the grace period) or none at all, so
-an idle master with healthy workers is never woken by a clock. Signal handlers only
-queue the signal number; ``signal.set_wakeup_fd`` makes the kernel-level handler write a
-byte to the pipe, which wakes ``select()``. Each wake-up: handle queued signals, reap
-every dead child with ``waitpid(-1, WNOHANG)`` until none is left, then start what is due.
+The loop sleeps in ``select()`` on one wake-up pipe and the control socket, with a
+timeout that is the next deadline it owns (a scheduled restart, the end of a grace
+period, a heartbeat timeout, the next memory check) or none at all, so an idle master
+with healthy workers and no limits is never woken by a clock. Signal handlers only queue
+the signal number; ``signal.set_wakeup_fd`` makes the kernel-level handler write a byte
+to the pipe, which wakes ``select()``. Each wake-up: answer the control socket, handle
+queued signals, reap every dead child with ``waitpid(-1, WNOHANG)`` until none is left,
+start what is due, then supervise (heartbeats, memory, the rolling restart).
 """
 
 from __future__ import annotations
