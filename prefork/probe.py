@@ -166,8 +166,9 @@ def _sample(targets: list[tuple[str, str, int]], phase: str,
             at: float | None) -> tuple[list[Sample], float]:
     started = time.perf_counter()
     try:
-        samples = [Sample(role, name, pid, phase, at, _meter.measure(pid))
-                   for role, name, pid in targets]
+        memories = _meter.measure_all([pid for _, _, pid in targets])
+        samples = [Sample(role, name, pid, phase, at, memory)
+                   for (role, name, pid), memory in zip(targets, memories, strict=True)]
     except MemoryUnavailable as exc:
         raise ProbeError(str(exc)) from None
     return samples, time.perf_counter() - started
