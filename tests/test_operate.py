@@ -60,6 +60,18 @@ def test_silent_worker_is_stopped_after_its_timeout_and_restarted(
     stop(master)
 
 
+def test_hung_worker_deaf_to_sigterm_is_killed_after_the_grace(
+        start_master, events: Events) -> None:
+    master = start_master("fleets.operated:deaf", "--grace", "0.4")
+    hung = events.wait_kind("up", attempt=1)[0]
+    events.wait_kind("up", attempt=2)
+    master.wait_log(rf"worker deaf \(pid {hung['pid']}\) no heartbeat for ")
+    master.wait_log(rf"worker deaf \(pid {hung['pid']}\) still running 0.4s after SIGTERM: "
+                    r"SIGKILL")
+    master.wait_log(rf"worker deaf \(pid {hung['pid']}\) exited: killed by SIGKILL")
+    stop(master)
+
+
 def test_async_worker_beats_from_its_event_loop(start_master, events: Events) -> None:
     master = start_master("fleets.operated:async_hanging")
     # Up for three timeouts without calling heartbeat() itself: the loop beat for it.

@@ -37,6 +37,19 @@ def beats_then_hangs() -> None:
     idle_forever()
 
 
+def hangs_deaf_to_sigterm() -> None:
+    """Ignore SIGTERM, beat once, then hang (first start only)."""
+    attempt = bump("deaf")
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    emit("up", attempt=attempt)
+    heartbeat()
+    if attempt == 1:
+        idle_forever()
+    while True:
+        heartbeat()
+        time.sleep(0.05)
+
+
 async def async_then_blocks() -> None:
     """Let the event loop beat on its own for 3 timeouts, then block it (first start)."""
     attempt = bump("async-blocker")
@@ -87,6 +100,8 @@ def crash_soon() -> None:
 hanging = Fleet("hanging", [Worker("hanger", beats_then_hangs, timeout=0.5),
                             Worker("sleeper", idle_forever)],
                 backoff=QUICK, start_limit=StartLimit(interval=0))
+deaf = Fleet("deaf", [Worker("deaf", hangs_deaf_to_sigterm, timeout=0.3)],
+             backoff=QUICK, start_limit=StartLimit(interval=0))
 async_hanging = Fleet("async-hanging", [Worker("blocker", async_then_blocks, timeout=0.5)],
                       backoff=QUICK, start_limit=StartLimit(interval=0))
 leaking = Fleet("leaking", [Worker("leaker", grows_private, replicas=2,
