@@ -53,6 +53,7 @@ MAX_REQUEST = 64 * 1024  # bytes in a request line, newline excluded
 MAX_REPLY = 16 * 1024 * 1024  # the client's guard against a runaway reply
 MAX_CONNECTIONS = 16  # open at once; more are closed on accept, so the loop cannot stall
 BACKLOG = 16
+ACCEPT_PAUSE = 1.0  # seconds without accepting after accept() failed for want of resources
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -127,6 +128,9 @@ class ControlServer:
         self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
         self._connections: dict[int, _Connection] = {}
         self._selector: selectors.BaseSelector | None = None
+        # Out of descriptors: the listener stays readable while accept() fails, so it is
+        # not watched until then (else the loop would spin on it).
+        self._paused_until: float | None = None
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -203,18 +207,31 @@ class ControlServer:
         connection still being read. The list changes after ``handle()`` and ``expire()``."""
         if self._listener is None:
             return []
+        if self._paused_until is not None:
+            return [*self._connections]
         return [self._listener.fileno(), *self._connections]
 
     def own_fds(self) -> list[int]:
         """Every descriptor this server holds: what a forked child must close."""
-        return self.fds()
+        if self._listener is None:
+            return [*self._connections]
+        return [self._listener.fileno(), *self._connections]
 
     def next_deadline(self) -> float | None:
-        """The ``time.monotonic()`` at which the oldest waiting client is dropped, if any."""
-        return min((c.deadline for c in self._connections.values()), default=None)
+        """The ``time.monotonic()`` at which the oldest waiting client is dropped, or the
+        listener is watched again after running out of descriptors, if any."""
+        deadlines = [c.deadline for c in self._connections.values()]
+        if self._paused_until is not None:
+            deadlines.append(self._paused_until)
+        return min(deadlines, default=None)
 
     def expire(self, now: float) -> None:
-        """Drop every client whose deadline is at or before ``now``."""
+        """Drop every client whose deadline is at or before ``now``; watch the listener
+        again once a pause for want of descriptors is over."""
+        if self._paused_until is not None and now >= self._paused_until:
+            self._paused_until = None
+            if self._selector is not None and self._listener is not None:
+                self._selector.register(self._listener.fileno(), selectors.EVENT_READ, self)
         for fd, connection in list(self._connections.items()):
             if connection.deadline <= now:
                 log.debug("control: dropped a client (pid %d) that sent no whole request "
@@ -245,7 +262,10 @@ class ControlServer:
             except ConnectionAbortedError:
                 continue
             except OSError as exc:  # EMFILE and the like: keep the master running
-                log.warning("control: accept failed: %s", exc)
+                log.warning("control: accept failed: %s; not accepting for %gs", exc,
+                            ACCEPT_PAUSE)
+                self._paused_until = time.monotonic() + ACCEPT_PAUSE
+                self._unwatch(self._listener.fileno())
                 return
             try:
                 peer = peer_of(sock)

@@ -770,3 +770,43 @@ def test_a_master_that_answers_nonsense_is_exit_1(runtime_dir: Path,
 ])
 def test_format_duration(seconds: float | None, text: str) -> None:
     assert format_duration(seconds) == text
+
+
+class _ExhaustedListener:
+    """The real listener's descriptor, but accept() fails as when out of descriptors."""
+
+    def __init__(self, real: socket.socket) -> None:
+        self.real = real
+
+    def fileno(self) -> int:
+        return self.real.fileno()
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        raise OSError(errno.EMFILE, "Too many open files")
+
+
+def test_out_of_descriptors_pauses_the_listener_instead_of_spinning(
+        server: ControlServer) -> None:
+    selector = selectors.DefaultSelector()
+    server.attach(selector)
+    real = server._listener
+    assert real is not None
+    listener_fd = real.fileno()
+    client = connect(server.path)  # waits in the backlog: the listener stays readable
+    server._listener = _ExhaustedListener(real)  # type: ignore[assignment]
+    before = time.monotonic()
+    server.handle(listener_fd)
+    # Not watched while paused, so a select() loop does not wake on it again and again.
+    assert listener_fd not in server.fds() and listener_fd in server.own_fds()
+    assert not selector.select(0)
+    deadline = server.next_deadline()
+    assert deadline is not None and before < deadline <= time.monotonic() + 1.0
+    server._listener = real
+    server.expire(deadline)
+    assert listener_fd in server.fds()
+    assert [key.fd for key, _ in selector.select(0)] == [listener_fd]  # the waiting client
+    client.sendall(b'{"command": "status"}\n')
+    pump(server, readable(client))
+    assert json.loads(client.recv(65536)) == {"ok": True}
+    client.close()
+    selector.close()
