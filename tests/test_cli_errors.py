@@ -32,6 +32,15 @@ BAD_RUNS = [
     (["--fleet", "fleets.basic:sleepers", "--start-limit-interval", "-5"], "'--start-limit-"),
     (["--fleet", "fleets.basic:sleepers", "--restart", "sometimes"], "'--restart'"),
     (["--fleet", "fleets.basic:sleepers", "--bogus"], "No such option"),
+    (["--fleet", "fleets.basic:sleepers", "--max-private-memory", "lots"], "is not a size"),
+    (["--fleet", "fleets.basic:sleepers", "--memory-check-interval", "0"],
+     "--memory-check-interval must be more than 0 seconds"),
+    (["--fleet", "fleets.basic:bad_timeout"], "timeout must be a number of seconds > 0"),
+    (["--fleet", "fleets.basic:bad_max_replicas"], "max_replicas must be an integer >= "
+                                                   "replicas (2)"),
+    (["--fleet", "fleets.basic:bad_memory_limit"], "max_private_memory must be a number of "
+                                                   "bytes > 0"),
+    (["--fleet", "fleets.basic:bad_warmup"], "warmup <lambda> takes arguments"),
     ([], "Missing option '--fleet'"),
 ]
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from prefork import Backoff, Fleet, FleetError, StartLimit, Worker, as_fleet, load_fleet
+from prefork.fleet import parse_size
 
 
 def work() -> None:
@@ -80,3 +81,17 @@ def test_registered_fleet_loads_by_name() -> None:
 def test_module_attr_fleet_is_named_after_its_spec_when_it_has_no_name() -> None:
     assert load_fleet("fleets.basic:one_sleeper").name == "fleets.basic.one_sleeper"
     assert load_fleet("fleets.basic:sleepers").name == "sleepers"
+
+
+@pytest.mark.parametrize(("text", "size"), [
+    ("4096", 4096), ("512M", 512 * 2**20), ("512MiB", 512 * 2**20), ("1.5G", 3 * 2**29),
+    ("64k", 64 * 1024), (" 2 T ", 2 * 2**40),
+])
+def test_sizes_read_like_systemds(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["lots", "", "-1M", "0", "1.5.2G", "12P"])
+def test_bad_sizes_are_refused_in_one_line(text: str) -> None:
+    with pytest.raises(ValueError, match=r"is not a size|must be more than 0 bytes"):
+        parse_size(text)

@@ -140,3 +140,7 @@ bad_name = {"has space": sleeper}
 bad_replicas = Fleet("bad", [Worker("w", sleeper, replicas=0)])
 bad_policy = Fleet("bad", [Worker("w", sleeper, restart="sometimes")])  # type: ignore[arg-type]
 duplicate = Fleet("dup", [Worker("w", sleeper), Worker("w", crasher)])
+bad_timeout = Fleet("bad", [Worker("w", sleeper, timeout=0)])
+bad_max_replicas = Fleet("bad", [Worker("w", sleeper, replicas=2, max_replicas=1)])
+bad_memory_limit = Fleet("bad", [Worker("w", sleeper, max_private_memory=-1)])
+bad_warmup = Fleet("bad", [Worker("w", sleeper, warmup=lambda x: None)])
