@@ -21,6 +21,18 @@ from typing import NoReturn, TypeVar
 import click
 
 from prefork import __version__, logs
+from prefork.control import (
+    EXIT_CONTROL_FAILED,
+    EXIT_NO_MASTER,
+    ControlError,
+    NoMaster,
+    check_fleet_name,
+    exchange,
+    fetch_status,
+    format_status,
+    request,
+    socket_path,
+)
 from prefork.fleet import (
     RESTART_POLICIES,
     Fleet,
@@ -31,7 +43,7 @@ from prefork.fleet import (
     parse_size,
     registered_fleets,
 )
-from prefork.lock import AlreadyRunning, RuntimeDirError
+from prefork.lock import AlreadyRunning, RuntimeDirError, default_runtime_dir
 from prefork.master import EXIT_ALREADY_RUNNING, EXIT_USAGE, Master, WarmUpError
 from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
 
@@ -63,6 +75,17 @@ class Seconds(click.ParamType):
 
 
 SECONDS = Seconds()
+
+
+class PositiveSeconds(Seconds):
+    """A finite number of seconds > 0."""
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> float:
+        seconds = super().convert(value, param, ctx)
+        if seconds <= 0:
+            self.fail(f"{value!r} must be more than 0 seconds", param, ctx)
+        return seconds
 
 
 class Size(click.ParamType):
@@ -114,7 +137,8 @@ def cli() -> None:
 @click.option("--max-private-memory", type=SIZE, default=None, metavar="SIZE",
               help="Recycle a worker whose private memory (USS) stays above SIZE "
                    "(512M, 1G) for workers that set none [no limit].")
-@click.option("--memory-check-interval", type=SECONDS, default=10.0, show_default=True,
+@click.option("--memory-check-interval", type=PositiveSeconds(), default=10.0,
+              show_default=True,
               help="Seconds between checks of the workers' private memory.")
 @click.option("--runtime-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Where the fleet's lock lives [$PREFORK_RUNTIME_DIR, $RUNTIME_DIRECTORY, "
@@ -149,8 +173,6 @@ def run(
                                    start_limit_interval, restart)
         if max_private_memory is not None:
             fleet = dataclasses.replace(fleet, max_private_memory=max_private_memory)
-        if memory_check_interval <= 0:
-            raise FleetError("--memory-check-interval must be more than 0 seconds")
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval)
         master.lock.acquire()
@@ -162,13 +184,9 @@ def run(
         raise CliError(str(exc)) from None
     log.info("prefork %s on Python %s: floor of fleet %s imported in %.0f ms", __version__,
              sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
-    from prefork.control import ControlError
-
     try:
         return master.run()
-    except (ControlError, RuntimeDirError) as exc:  # the control socket: nothing forked yet
-        raise CliError(str(exc)) from None
-    except WarmUpError as exc:
+    except (ControlError, RuntimeDirError, WarmUpError) as exc:  # before any fork
         raise CliError(str(exc)) from None
 
 
@@ -291,17 +309,6 @@ def systemd(
 # -- operating a running fleet: status, reload, scale ------------------------------------
 
 
-class PositiveSeconds(Seconds):
-    """A finite number of seconds > 0."""
-
-    def convert(self, value: object, param: click.Parameter | None,
-                ctx: click.Context | None) -> float:
-        seconds = super().convert(value, param, ctx)
-        if seconds <= 0:
-            self.fail(f"{value!r} must be more than 0 seconds", param, ctx)
-        return seconds
-
-
 class Delta(click.ParamType):
     """+1 or -1 (1 means +1)."""
 
@@ -349,7 +356,6 @@ def status(fleet_spec: str | None, as_json: bool, watch: float | None,
     Exit codes: 0 shown; 1 the master did not answer properly; 2 bad input; 3 no master
     of the fleet is running.
     """
-    from prefork.control import fetch_status, format_status
 
     if watch is not None and as_json:
         raise CliError("--watch and --json cannot be used together")
@@ -367,7 +373,6 @@ def _watch_status(path: Path, interval: float, first: str) -> int:
     Only the first request's failure ends the command; later ones (a master restarting,
     say) show in the frame, and the next refresh tries again.
     """
-    from prefork.control import ControlError, NoMaster, fetch_status, format_status
 
     body, clear = first, _CLEAR_SCREEN
     try:
@@ -396,7 +401,6 @@ def reload(fleet_spec: str | None, runtime_dir: Path | None) -> int:
 
     The master's pid comes from its control socket; exit codes as for `prefork status`.
     """
-    from prefork.control import EXIT_CONTROL_FAILED, EXIT_NO_MASTER, exchange
 
     path = _control_socket(fleet_spec, runtime_dir)
     reply, peer = _control_call(lambda: exchange(path, {"command": "status"}))
@@ -437,7 +441,6 @@ def scale(fleet_spec: str | None, runtime_dir: Path | None, worker: str, delta: 
     Exit codes: 0 done; 1 the master did not answer properly; 2 bad input, or the master
     refused (e.g. an unknown worker); 3 no master of the fleet is running.
     """
-    from prefork.control import request
 
     path = _control_socket(fleet_spec, runtime_dir)
     reply = _control_call(lambda: request(
@@ -459,8 +462,6 @@ def _control_socket(fleet_spec: str | None, runtime_dir: Path | None) -> Path:
     A plain name is used as it is (registered fleets are never imported); ``module:ATTR``
     is imported to learn its fleet's name.
     """
-    from prefork.control import EXIT_NO_MASTER, check_fleet_name, socket_path
-    from prefork.lock import default_runtime_dir
 
     directory = runtime_dir or default_runtime_dir()
     if fleet_spec is None:
@@ -496,7 +497,6 @@ def _control_socket(fleet_spec: str | None, runtime_dir: Path | None) -> Path:
 
 def _control_call(call: Callable[[], _T]) -> _T:
     """``call()``, with NoMaster as exit 3 and ControlError as exit 1, one line each."""
-    from prefork.control import EXIT_CONTROL_FAILED, EXIT_NO_MASTER, ControlError, NoMaster
 
     try:
         return call()

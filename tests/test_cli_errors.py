@@ -34,7 +34,7 @@ BAD_RUNS = [
     (["--fleet", "fleets.basic:sleepers", "--bogus"], "No such option"),
     (["--fleet", "fleets.basic:sleepers", "--max-private-memory", "lots"], "is not a size"),
     (["--fleet", "fleets.basic:sleepers", "--memory-check-interval", "0"],
-     "--memory-check-interval must be more than 0 seconds"),
+     "'--memory-check-interval': '0' must be more than 0 seconds"),
     (["--fleet", "fleets.basic:bad_timeout"], "timeout must be a number of seconds > 0"),
     (["--fleet", "fleets.basic:bad_max_replicas"], "max_replicas must be an integer >= "
                                                    "replicas (2)"),
