@@ -32,7 +32,7 @@ from typing import NoReturn
 
 from setproctitle import setproctitle, setthreadtitle
 
-from prefork.fleet import WorkerTarget
+from prefork.fleet import WorkerTarget, replica_label
 from prefork.heartbeats import HeartbeatTable
 
 log = logging.getLogger("prefork")
@@ -59,7 +59,7 @@ class WorkerContext:
 
     @property
     def label(self) -> str:
-        return self.name if self.replica == 0 else f"{self.name}.{self.replica}"
+        return replica_label(self.name, self.replica)
 
 
 _current: WorkerContext | None = None

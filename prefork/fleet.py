@@ -168,6 +168,11 @@ class Fleet:
         return self
 
 
+def replica_label(name: str, replica: int) -> str:
+    """What logs, titles and status call a replica: ``indexer``, ``indexer.1``, ..."""
+    return name if replica == 0 else f"{name}.{replica}"
+
+
 def asyncio_worker(func: Callable[[], Any]) -> WorkerTarget:
     """Wrap an ``async def`` worker so the child runs it in a fresh event loop."""
 

@@ -29,7 +29,7 @@ from setproctitle import setproctitle
 
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.control import ControlServer, socket_path
-from prefork.fleet import Backoff, Fleet, RestartPolicy, StartLimit, Worker
+from prefork.fleet import Backoff, Fleet, RestartPolicy, StartLimit, Worker, replica_label
 from prefork.heartbeats import HeartbeatTable
 from prefork.lock import FleetLock, default_runtime_dir
 from prefork.memory import MIB, MemoryUnavailable, measure
@@ -91,7 +91,7 @@ class Slot:
 
     @property
     def label(self) -> str:
-        return self.worker.name if self.replica == 0 else f"{self.worker.name}.{self.replica}"
+        return replica_label(self.worker.name, self.replica)
 
     def move(self, new: WorkerState) -> None:
         check_transition(self.state, new)
