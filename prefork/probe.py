@@ -30,7 +30,7 @@ import psutil
 from setproctitle import setproctitle
 
 from prefork.child import WorkerContext, flush_stdio, run_child
-from prefork.fleet import Fleet, FleetError, Worker, load_fleet
+from prefork.fleet import Fleet, FleetError, Worker, load_fleet, replica_label
 from prefork.master import WarmUpError, prepare_floor
 from prefork.memory import Memory, MemoryUnavailable, Meter, measure
 
@@ -89,6 +89,7 @@ class _Member:
     pid: int
     read_fd: int
     write_fd: int
+    process: subprocess.Popen[bytes] | None = None  # a baseline's, which owns its fds
 
 
 # -- the probe of a fleet ----------------------------------------------------------------
@@ -243,14 +244,9 @@ def _start_baseline(spec: str, assignments: list[tuple[Worker, int]]) -> list[_M
             [sys.executable, "-c", "from prefork.probe import baseline_main; baseline_main()",
              spec, worker.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
         assert process.stdin is not None and process.stdout is not None
-        label = worker.name if replica == 0 else f"{worker.name}.{replica}"
-        started.append(_Member("baseline", label, process.pid, process.stdout.fileno(),
-                               process.stdin.fileno()))
-        _popen[process.pid] = process
+        started.append(_Member("baseline", replica_label(worker.name, replica), process.pid,
+                               process.stdout.fileno(), process.stdin.fileno(), process))
     return started
-
-
-_popen: dict[int, subprocess.Popen[bytes]] = {}
 
 
 def baseline_main() -> None:
@@ -332,16 +328,11 @@ def _stop(members: list[_Member]) -> None:
             pass
     deadline = time.monotonic() + 5.0
     for member in members:
-        process = _popen.pop(member.pid, None)
-        if process is not None:
-            _reap_popen(process, deadline)
+        if member.process is not None:
+            _reap_popen(member.process, deadline)
         else:
             _reap_forked(member.pid, deadline)
-        for fd in {member.read_fd, member.write_fd}:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            os.close(member.read_fd)  # one socket: read_fd == write_fd
 
 
 def _reap_popen(process: subprocess.Popen[bytes], deadline: float) -> None:
@@ -359,12 +350,14 @@ def _reap_popen(process: subprocess.Popen[bytes], deadline: float) -> None:
 
 
 def _reap_forked(pid: int, deadline: float) -> None:
-    while time.monotonic() < deadline:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return
-        time.sleep(0.005)  # a child told to quit exits within a tick: no event to wait on
-    os.kill(pid, signal.SIGKILL)
+    """Wait for ``pid`` to exit (its pidfd becomes readable) until ``deadline``, then
+    SIGKILL it; reap it either way."""
+    pidfd = os.pidfd_open(pid)
+    try:
+        if not select.select([pidfd], [], [], max(deadline - time.monotonic(), 0))[0]:
+            os.kill(pid, signal.SIGKILL)
+    finally:
+        os.close(pidfd)
     os.waitpid(pid, 0)
 
 
