@@ -48,6 +48,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from prefork.policy import ExitStatus
 from prefork_workers.cpu.db import DatabaseError, connect
 from prefork_workers.cpu.loops import STEPS, Settings, Step, cluster_step
 from prefork_workers.cpu.models import SCHEMA_VERSION
@@ -225,7 +226,8 @@ def prepare_samples(cache: Path) -> None:
         status = _reap(pid)
     if report == "ok":
         return
-    why = report or (f"the preparing process {pid} {_describe_status(status)}"
+    why = report or (f"the preparing process {pid} ended: "
+                     f"{ExitStatus.from_wait_status(status).describe()}"
                      if status is not None else f"the preparing process {pid} vanished")
     raise WarmupError(f"cannot prepare the warm-up samples in {cache}: {why}")
 
@@ -263,12 +265,6 @@ def _reap(pid: int) -> int | None:
         return os.waitpid(pid, 0)[1]
     except ChildProcessError:
         return None  # SIGCHLD ignored, or someone else reaped it: the pipe says enough
-
-
-def _describe_status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return f"was killed by {signal.Signals(os.WTERMSIG(status)).name}"
-    return f"exited with status {os.waitstatus_to_exitcode(status)}"
 
 
 def _make_samples(cache: Path, paths: dict[str, Path]) -> None:
