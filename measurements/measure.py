@@ -44,7 +44,7 @@ from typing import Any
 import psutil
 from machine import describe_machine
 
-from prefork.memory import MemoryUnavailable, measure
+from prefork.memory import MemoryUnavailable, Meter
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -305,20 +305,21 @@ def run_gunicorn(interp: Interpreter, idle: Sequence[float], workers: int,
             up = time.monotonic()
             samples: list[Json] = []
             processes: list[Json] = []
+            meter = Meter()  # read as the probe reads its fleet, so the times compare
             for at in idle:
                 time.sleep(max(0.0, up + at - time.monotonic()))
                 pids = [proc.pid, *worker_pids(proc.pid)]
                 began = time.perf_counter()
+                try:
+                    memories = meter.measure_all(pids)
+                except MemoryUnavailable as exc:
+                    raise RuntimeError(f"gunicorn: {exc}") from None
+                took = time.perf_counter() - began
                 rows = []
-                for pid in pids:
-                    try:
-                        memory = measure(pid)
-                    except MemoryUnavailable as exc:
-                        raise RuntimeError(f"gunicorn: {exc}") from None
+                for pid, memory in zip(pids, memories, strict=True):
                     role = "master" if pid == proc.pid else "worker"
                     rows.append({"role": role, "name": role, "pid": pid, "phase": "idle",
                                  "at": time.monotonic() - up, **memory.as_dict()})
-                took = time.perf_counter() - began
                 processes += rows
                 samples.append({"at": at, "processes": len(rows), "measure_seconds": took})
             return {"workers": workers, "boot_seconds": up - started, "booted_pids": booted,
