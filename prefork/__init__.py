@@ -6,15 +6,22 @@ Public API::
 
     fleet = Fleet("jobs", [Worker("mailer", send_mail), Worker("indexer", index, replicas=2)])
     raise SystemExit(run_fleet(fleet))
+
+Importing ``prefork`` (which a fleet module does for ``Fleet`` and ``Worker``) does not
+import the master: :class:`Master` and :func:`run_fleet` load it when first used, so
+rendering a unit or asking a master for its status never pays for it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from prefork.child import WorkerContext, current_worker
+from prefork.exits import ExitCode
 from prefork.fleet import (
+    DEFAULT_GRACE,
     Backoff,
     Fleet,
     FleetError,
@@ -27,14 +34,19 @@ from prefork.fleet import (
     load_fleet,
 )
 from prefork.heartbeats import heartbeat
-from prefork.lock import AlreadyRunning, RuntimeDirError
-from prefork.master import EXIT_OK, EXIT_WORKERS_FAILED, Master, Observer
+from prefork.lock import AlreadyRunning
+from prefork.paths import RuntimeDirError
+from prefork.version import __version__
+
+if TYPE_CHECKING:
+    from prefork.master import Master, Observer
 
 __all__ = [
     "EXIT_OK",
     "EXIT_WORKERS_FAILED",
     "AlreadyRunning",
     "Backoff",
+    "ExitCode",
     "Fleet",
     "FleetError",
     "Master",
@@ -44,6 +56,7 @@ __all__ = [
     "Worker",
     "WorkerContext",
     "WorkerTarget",
+    "__version__",
     "asyncio_worker",
     "current_worker",
     "heartbeat",
@@ -51,14 +64,15 @@ __all__ = [
     "run_fleet",
 ]
 
-__version__ = "0.1.0"
+EXIT_OK = ExitCode.OK
+EXIT_WORKERS_FAILED = ExitCode.WORKERS_FAILED
 
 
 def run_fleet(
     fleet: Fleet | Mapping[str, WorkerTarget] | Iterable[Worker],
     *,
     name: str = "fleet",
-    grace: float = 15.0,
+    grace: float = DEFAULT_GRACE,
     freeze: bool = True,
     runtime_dir: Path | None = None,
     observer: Observer | None = None,
@@ -71,6 +85,17 @@ def run_fleet(
     :class:`RuntimeDirError` if the lock's directory is unsafe. Returns ``EXIT_OK`` (0),
     or ``EXIT_WORKERS_FAILED`` (5) if a worker ended failed.
     """
+    from prefork.master import Master
+
     master = Master(as_fleet(fleet, name=name), grace=grace, freeze=freeze,
                     runtime_dir=runtime_dir, observer=observer)
     return master.run()
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: `prefork.Master` and `prefork.Observer` import the master on first use.
+    if name in ("Master", "Observer"):
+        from prefork import master
+
+        return getattr(master, name)
+    raise AttributeError(f"module 'prefork' has no attribute {name!r}")

@@ -32,6 +32,7 @@ from typing import NoReturn
 
 from setproctitle import setproctitle, setthreadtitle
 
+from prefork.exits import ExitCode
 from prefork.fleet import WorkerTarget, replica_label
 from prefork.heartbeats import HeartbeatTable
 
@@ -42,8 +43,6 @@ _PR_SET_PDEATHSIG = 1
 _prctl = ctypes.CDLL(None, use_errno=True).prctl
 _prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
 _prctl.restype = ctypes.c_int
-# sysexits.h EX_SOFTWARE: prefork itself failed in the child before the worker ran.
-EXIT_CHILD_SETUP_FAILED = 70
 
 Handler = signal.Handlers | int | object
 
@@ -81,7 +80,7 @@ def run_child(
 ) -> NoReturn:
     """Become a worker and run ``target``; never returns, whatever happens."""
     global _current
-    code = EXIT_CHILD_SETUP_FAILED
+    code: int = ExitCode.CHILD_SETUP_FAILED
     try:
         _reset_signals(signal_defaults)
         _die_with_master(context.master_pid)
@@ -126,7 +125,7 @@ def _die_with_master(master_pid: int) -> None:
         raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
     # The master may have died between fork() and prctl(): then no signal will come.
     if os.getppid() != master_pid:
-        os._exit(EXIT_CHILD_SETUP_FAILED)
+        os._exit(ExitCode.CHILD_SETUP_FAILED)
 
 
 def _call_worker(label: str, target: WorkerTarget) -> int:

@@ -1,23 +1,22 @@
-"""The master's control socket, and the client behind ``prefork status``, ``reload``, ``scale``.
+"""The master's control socket: the server end, inside the master's loop.
 
 The master listens on ``<runtime dir>/<fleet>.sock``, in the same private (0700) directory
 as its lock, which it holds before it opens the socket. The protocol is one JSON object
 per line each way: the client connects, writes one request line, reads one reply line,
-and the server closes the connection.
-
-    {"command": "status"}                              -> the fleet's status (see below)
-    {"command": "scale", "worker": NAME, "delta": 1}   -> the master's answer; delta is 1 or -1
-    anything wrong                                     -> {"error": "one line"}
+and the server closes the connection. A request is ``{"command": NAME, ...}``; anything
+wrong with it is answered ``{"error": "one line"}``.
 
 The server runs inside the master's single ``select()`` loop, so it never blocks for long:
 every socket is non-blocking, a client that does not send a whole request within
-``READ_TIMEOUT`` is dropped (``next_deadline()``/``expire()`` let the loop time it), a
+``READ_TIMEOUT`` is dropped (``next_deadline()``/``due()`` let the loop time it), a
 request over ``MAX_REQUEST`` bytes is dropped, and the small reply is written with a
 ``WRITE_TIMEOUT`` at most. Only our own uid and root may talk to it: the socket file is
 0600 in a 0700 directory, and ``SO_PEERCRED`` is checked on every connection besides.
 
-The master answers ``status`` from what it knows; the memory figures are measured by the
-client (:func:`fetch_status`), so the master never spends milliseconds reading smaps.
+The commands are one table, :func:`command_table`: each name with the check of its
+arguments and the master's handler for it. The master answers ``status`` from what it
+knows; the memory figures are measured by the client (:mod:`prefork.client`), so the
+master never spends milliseconds reading smaps.
 """
 
 from __future__ import annotations
@@ -26,7 +25,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import selectors
 import socket
 import stat
@@ -37,20 +35,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from prefork.lock import _ensure_private_dir
-from prefork.memory import MIB, MemoryUnavailable, measure
+from prefork.paths import ensure_runtime_dir
+from prefork.policy import is_scale_delta
 
 log = logging.getLogger("prefork")
 
-# Exit codes of `prefork status`, `reload` and `scale` beyond 0 and 2 (bad input).
-EXIT_CONTROL_FAILED = 1  # the master did not answer in time, or answered nonsense
-EXIT_NO_MASTER = 3  # no master of the fleet is running
-
-COMMANDS = ("scale", "status")
 READ_TIMEOUT = 2.0  # seconds a client has, from connect, to send its whole request line
 WRITE_TIMEOUT = 1.0  # seconds a client has to take the reply before it is dropped
 MAX_REQUEST = 64 * 1024  # bytes in a request line, newline excluded
-MAX_REPLY = 16 * 1024 * 1024  # the client's guard against a runaway reply
 MAX_CONNECTIONS = 16  # open at once; more are closed on accept, so the loop cannot stall
 BACKLOG = 16
 ACCEPT_PAUSE = 1.0  # seconds without accepting after accept() failed for want of resources
@@ -58,15 +50,40 @@ ACCEPT_PAUSE = 1.0  # seconds without accepting after accept() failed for want o
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 Handler = Callable[[dict[str, Any]], dict[str, Any]]
-
-
-class NoMaster(Exception):
-    """No master listens on the socket (no file, or a stale one). ``str()`` is one line."""
+Check = Callable[[dict[str, Any]], "str | None"]
 
 
 class ControlError(Exception):
     """Talking to the master failed (timeout, broken reply, permissions, a socket that
     cannot be created). ``str()`` is one line for the user."""
+
+
+@dataclass(frozen=True)
+class Command:
+    """One command of the protocol: ``check(request)`` says why its arguments are wrong
+    (one line) or None; ``run(request)`` is the master's handler, given only requests
+    that passed the check, returning the reply object."""
+
+    run: Handler
+    check: Check | None = None
+
+
+def command_table(*, status: Handler, scale: Handler) -> dict[str, Command]:
+    """Every command the master answers, bound to its handlers: the one list of them.
+
+        {"command": "status"}                              -> the fleet's status
+        {"command": "scale", "worker": NAME, "delta": 1}   -> delta is 1 or -1
+    """
+    return {"status": Command(status), "scale": Command(scale, _check_scale)}
+
+
+def _check_scale(request: dict[str, Any]) -> str | None:
+    worker, delta = request.get("worker"), request.get("delta")
+    if not isinstance(worker, str) or not worker:
+        return 'scale needs a "worker" name'
+    if not is_scale_delta(delta):
+        return f'scale needs a "delta" of 1 or -1, got {delta!r}'
+    return None
 
 
 class Peer(NamedTuple):
@@ -75,21 +92,6 @@ class Peer(NamedTuple):
     pid: int
     uid: int
     gid: int
-
-
-_FLEET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # as prefork.fleet validates it
-
-
-def socket_path(runtime_dir: Path, fleet_name: str) -> Path:
-    """Where the master of ``fleet_name`` listens: ``runtime_dir / "<fleet_name>.sock"``."""
-    return runtime_dir / f"{fleet_name}.sock"
-
-
-def check_fleet_name(name: str) -> str | None:
-    """Why ``name`` cannot name a fleet (and so a file in the runtime dir), or None."""
-    if _FLEET_NAME.fullmatch(name):
-        return None
-    return f"fleet name {name!r} must be letters, digits, '.', '_' or '-'"
 
 
 def peer_of(sock: socket.socket) -> Peer:
@@ -115,15 +117,15 @@ class ControlServer:
     Lifecycle: ``open()`` once (the caller holds the fleet's lock); then, every loop,
     watch ``fds()`` for reading (or let ``attach()`` keep a selector in step), call
     ``handle(fd)`` for each readable one, include ``next_deadline()`` in the loop's
-    timeout and call ``expire(time.monotonic())`` after each wake-up; ``close()`` at the
-    end. A forked child closes ``own_fds()``. ``handler(request)`` gets a request that
-    already passed :func:`check_request` and returns the reply dict; an exception in it
+    timeout and call ``due(time.monotonic())`` after each wake-up; ``close()`` at the end.
+    A forked child closes ``own_fds()``. ``commands`` is :func:`command_table`: a request
+    is checked against it, then given to its command's handler; an exception in a handler
     becomes an ``{"error": ...}`` reply, never an exception in the loop.
     """
 
-    def __init__(self, path: Path, handler: Handler) -> None:
+    def __init__(self, path: Path, commands: dict[str, Command]) -> None:
         self.path = path
-        self.handler = handler
+        self.commands = commands
         self._listener: socket.socket | None = None
         self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
         self._connections: dict[int, _Connection] = {}
@@ -142,7 +144,7 @@ class ControlServer:
         """
         if self._listener is not None:
             return
-        _ensure_private_dir(self.path.parent)
+        ensure_runtime_dir(self.path.parent)
         try:
             info = self.path.lstat()
         except FileNotFoundError:
@@ -204,7 +206,7 @@ class ControlServer:
 
     def fds(self) -> list[int]:
         """Every descriptor to watch for reading right now: the listener (first) and each
-        connection still being read. The list changes after ``handle()`` and ``expire()``."""
+        connection still being read. The list changes after ``handle()`` and ``due()``."""
         if self._listener is None:
             return []
         if self._paused_until is not None:
@@ -225,9 +227,10 @@ class ControlServer:
             deadlines.append(self._paused_until)
         return min(deadlines, default=None)
 
-    def expire(self, now: float) -> None:
+    def due(self, now: float) -> tuple[()]:
         """Drop every client whose deadline is at or before ``now``; watch the listener
-        again once a pause for want of descriptors is over."""
+        again once a pause for want of descriptors is over. Nothing for the master to do
+        (the loop's :class:`prefork.watches.Watch` interface)."""
         if self._paused_until is not None and now >= self._paused_until:
             self._paused_until = None
             if self._selector is not None and self._listener is not None:
@@ -237,6 +240,7 @@ class ControlServer:
                 log.debug("control: dropped a client (pid %d) that sent no whole request "
                           "within %gs", connection.peer.pid, READ_TIMEOUT)
                 self._drop(fd)
+        return ()
 
     def handle(self, fd: int) -> None:
         """``fd`` is readable: accept new clients, or read (and maybe answer) one.
@@ -327,11 +331,11 @@ class ControlServer:
             request = json.loads(line)
         except (UnicodeDecodeError, ValueError) as exc:
             return {"error": f"request is not JSON: {_one_line(str(exc))}"}
-        problem = check_request(request)
+        problem = self.check(request)
         if problem is not None:
             return {"error": problem}
         try:
-            reply = self.handler(request)
+            reply = self.commands[request["command"]].run(request)
         except Exception as exc:
             log.exception("control: the %s handler failed", request["command"])
             return {"error": f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"}
@@ -340,6 +344,18 @@ class ControlServer:
                       type(reply).__name__)
             return {"error": "internal error: the master's reply is not an object"}
         return reply
+
+    def check(self, request: object) -> str | None:
+        """Why ``request`` is not a valid request (one line), or None if it is."""
+        if not isinstance(request, dict):
+            return "a request must be a JSON object"
+        command = request.get("command")
+        if not isinstance(command, str):
+            return 'a request needs a "command"'
+        if command not in self.commands:
+            return f"unknown command {command!r} (known: {', '.join(sorted(self.commands))})"
+        check = self.commands[command].check
+        return None if check is None else check(request)
 
     def _reply(self, fd: int, reply: dict[str, Any]) -> None:
         """Write one reply line (blocking, at most WRITE_TIMEOUT) and close the connection."""
@@ -367,216 +383,5 @@ class ControlServer:
                 self._selector.unregister(fd)
 
 
-def check_request(request: object) -> str | None:
-    """Why ``request`` is not a valid request (one line), or None if it is."""
-    if not isinstance(request, dict):
-        return "a request must be a JSON object"
-    command = request.get("command")
-    if not isinstance(command, str):
-        return 'a request needs a "command"'
-    if command not in COMMANDS:
-        return f"unknown command {command!r} (known: {', '.join(COMMANDS)})"
-    if command == "scale":
-        worker, delta = request.get("worker"), request.get("delta")
-        if not isinstance(worker, str) or not worker:
-            return 'scale needs a "worker" name'
-        if isinstance(delta, bool) or delta not in (1, -1):
-            return f'scale needs a "delta" of 1 or -1, got {delta!r}'
-    return None
-
-
 def _one_line(text: str) -> str:
     return " ".join(text.split())
-
-
-# -- the client ----------------------------------------------------------------------
-
-
-def request(path: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
-    """Send ``message`` to the master listening at ``path``; return its reply.
-
-    Raises :class:`NoMaster` when nothing listens there (no file, or a stale socket of a
-    dead master) and :class:`ControlError` for a timeout, a refusal or a broken reply.
-    An ``{"error": ...}`` reply is returned like any other.
-    """
-    return exchange(path, message, timeout)[0]
-
-
-def exchange(path: Path, message: dict[str, Any],
-             timeout: float = 5.0) -> tuple[dict[str, Any], Peer]:
-    """:func:`request`, also returning who answered (the process that listens at ``path``)."""
-    fleet = path.stem
-    deadline = time.monotonic() + timeout
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.settimeout(timeout)
-        try:
-            sock.connect(os.fspath(path))
-        except (FileNotFoundError, NotADirectoryError):
-            raise NoMaster(f"no master of fleet {fleet!r} is running "
-                           f"(no socket at {path})") from None
-        except ConnectionRefusedError:
-            raise NoMaster(f"no master of fleet {fleet!r} is running "
-                           f"(stale socket at {path}: nothing listens on it)") from None
-        except PermissionError:
-            raise ControlError(f"permission denied on {path}: run as the master's user "
-                               "or as root") from None
-        except BlockingIOError:  # the listen backlog is full
-            raise ControlError(f"master of fleet {fleet!r} is too busy to answer "
-                               f"({path})") from None
-        except TimeoutError:
-            raise ControlError(f"master of fleet {fleet!r} did not answer within "
-                               f"{timeout:g}s ({path})") from None
-        except OSError as exc:
-            raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
-        peer = peer_of(sock)
-        try:
-            sock.sendall(json.dumps(message).encode() + b"\n", socket.MSG_NOSIGNAL)
-            data = _read_line(sock, deadline)
-        except TimeoutError:
-            raise ControlError(f"master of fleet {fleet!r} did not answer within "
-                               f"{timeout:g}s ({path})") from None
-        except OSError as exc:
-            raise ControlError(f"master of fleet {fleet!r} broke the connection: "
-                               f"{exc.strerror or exc}") from None
-    finally:
-        sock.close()
-    try:
-        reply = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
-        raise ControlError(f"master of fleet {fleet!r} sent a broken reply: "
-                           f"{data[:80]!r}") from None
-    if not isinstance(reply, dict):
-        raise ControlError(f"master of fleet {fleet!r} sent a {type(reply).__name__}, "
-                           "not an object")
-    return reply, peer
-
-
-def _read_line(sock: socket.socket, deadline: float) -> bytes:
-    """One reply line, all of it before ``deadline``; raise TimeoutError or ControlError."""
-    data = bytearray()
-    while b"\n" not in data:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock.settimeout(remaining)
-        chunk = sock.recv(65536)
-        if not chunk:
-            if data:
-                break  # a reply without its newline: still a whole reply
-            raise ControlError("the master closed the connection without a reply")
-        data += chunk
-        if len(data) > MAX_REPLY:
-            raise ControlError(f"the master's reply is over {MAX_REPLY} bytes")
-    return bytes(data.split(b"\n", 1)[0])
-
-
-# -- status: the reply plus the memory the client measures -----------------------------
-
-
-def fetch_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
-    """The master's status reply with each process's memory, measured here.
-
-    Adds ``memory`` (``rss``, ``uss``, ``pss``, ``shared``, ``swap`` in bytes, or null for a
-    process without a pid or one gone before it was read) to the top level (the master's
-    record) and to every worker, and ``total_pss``: the master's and the workers' PSS that
-    could be read. Raises NoMaster or ControlError (also for an ``{"error": ...}`` reply
-    or one without the documented shape).
-    """
-    reply = request(path, {"command": "status"}, timeout)
-    if "error" in reply:
-        raise ControlError(f"the master refused status: {_one_line(str(reply['error']))}")
-    problem = _check_status(reply)
-    if problem is not None:
-        raise ControlError(f"the master's status reply is not understood: {problem}")
-    reply["memory"] = _memory_of(reply["master_pid"])
-    for worker in reply["workers"]:
-        worker["memory"] = None if worker.get("pid") is None else _memory_of(worker["pid"])
-    measured = [reply["memory"], *(w["memory"] for w in reply["workers"])]
-    reply["total_pss"] = sum(m["pss"] for m in measured if m is not None)
-    return reply
-
-
-def _check_status(reply: dict[str, Any]) -> str | None:
-    if not _is_int(reply.get("master_pid")):
-        return "no master_pid"
-    workers = reply.get("workers")
-    if not isinstance(workers, list) or not all(isinstance(w, dict) for w in workers):
-        return "no list of workers"
-    for worker in workers:
-        if worker.get("pid") is not None and not _is_int(worker["pid"]):
-            return f"worker pid {worker['pid']!r}"
-    return None
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value > 0
-
-
-def _memory_of(pid: int) -> dict[str, int] | None:
-    try:
-        return measure(pid).as_dict()
-    except MemoryUnavailable:
-        return None  # exited since the master answered, or not ours to read
-
-
-def format_status(status: dict[str, Any]) -> str:
-    """:func:`fetch_status`'s document as a header line and a table (memory in MiB)."""
-    workers = status["workers"]
-    with_pid = [w for w in workers if w.get("pid") is not None]
-    measured = [w for w in with_pid if w.get("memory") is not None]
-    parts = [f"master {status['master_pid']}"]
-    if status.get("uptime") is not None:
-        parts.append(f"up {format_duration(status['uptime'])}")
-    if status.get("python"):
-        parts.append(f"Python {status['python']}")
-    # Say what the total covers: a worker that exited before it was measured is not in it.
-    who = "master" if status.get("memory") is not None else "master unreadable"
-    counted = f"{len(measured)}" if len(measured) == len(with_pid) else (
-        f"{len(measured)} of {len(with_pid)}")
-    who += f" + {counted} worker{'' if len(with_pid) == 1 else 's'}"
-    parts.append(f"total PSS {status['total_pss'] / MIB:.1f} MiB ({who})")
-    lines = [f"fleet {status.get('fleet', '?')}: {', '.join(parts)}"]
-    header = ("WORKER", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME", "LAST EXIT",
-              "RSS", "USS", "PSS", "SHARED", "REASON")
-    rows: list[tuple[str, ...]] = [header]
-    for w in workers:
-        state = str(w.get("state", "?"))
-        if w.get("next_start_in") is not None:
-            state += f" {w['next_start_in']:.1f}s"
-        memory = w.get("memory")
-        sizes = ("-",) * 4 if memory is None else tuple(
-            f"{memory[key] / MIB:.1f}" for key in ("rss", "uss", "pss", "shared"))
-        rows.append((str(w.get("name", w.get("label", "?"))), str(w.get("replica", "-")),
-                     _or_dash(w.get("pid")), state, str(w.get("restarts", "-")),
-                     format_duration(w.get("uptime")), _or_dash(w.get("last_exit")),
-                     *sizes, _or_dash(w.get("reason"))))
-    right = {1, 2, 4, 5, 7, 8, 9, 10}  # numbers line up on the right
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        cells = [cell.rjust(width) if i in right else cell.ljust(width)
-                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
-    lines.append("(memory in MiB)")
-    return "\n".join(lines)
-
-
-def format_duration(seconds: float | None) -> str:
-    """``"-"``, ``"42s"``, ``"3m05s"``, ``"2h07m"`` or ``"3d04h"``."""
-    if seconds is None:
-        return "-"
-    whole = int(seconds)
-    if whole < 60:
-        return f"{whole}s"
-    minutes, secs = divmod(whole, 60)
-    if minutes < 60:
-        return f"{minutes}m{secs:02d}s"
-    hours, minutes = divmod(minutes, 60)
-    if hours < 24:
-        return f"{hours}h{minutes:02d}m"
-    days, hours = divmod(hours, 24)
-    return f"{days}d{hours:02d}h"
-
-
-def _or_dash(value: object) -> str:
-    return "-" if value is None else str(value)

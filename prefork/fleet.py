@@ -14,18 +14,21 @@ import inspect
 import re
 import traceback
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Literal, get_args
 
 from prefork.heartbeats import beat_interval, beat_while_the_loop_runs
+from prefork.paths import name_for_spec, name_problem
 
 WorkerTarget = Callable[[], object]
 RestartPolicy = Literal["on-failure", "always", "never"]
 RESTART_POLICIES: tuple[str, ...] = get_args(RestartPolicy)
+# Seconds between SIGTERM and SIGKILL when the master stops a worker or the whole fleet.
+DEFAULT_GRACE = 15.0
+# Seconds between two reads of the private memory of workers with a limit (~1 ms each).
+DEFAULT_MEMORY_CHECK_INTERVAL = 10.0
 ENTRY_POINT_GROUP = "prefork.fleets"
-
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 
 
 class FleetError(Exception):
@@ -132,25 +135,11 @@ class Fleet:
         # Accept any iterable of workers but keep the frozen dataclass hashable.
         object.__setattr__(self, "workers", tuple(self.workers))
 
-    def with_defaults(
-        self,
-        *,
-        restart: RestartPolicy | None = None,
-        backoff: Backoff | None = None,
-        start_limit: StartLimit | None = None,
-    ) -> Fleet:
-        """A copy with fleet-wide defaults replaced (workers' own settings still win)."""
-        return replace(
-            self,
-            restart=restart or self.restart,
-            backoff=backoff or self.backoff,
-            start_limit=start_limit or self.start_limit,
-        )
-
     def validate(self) -> Fleet:
         """Return ``self`` if every worker is runnable, else raise :class:`FleetError`."""
-        if not isinstance(self.name, str) or not _NAME.match(self.name):
-            raise FleetError(f"fleet name {self.name!r} must be letters, digits, '.', '_' or '-'")
+        problem = name_problem(self.name)
+        if problem is not None:
+            raise FleetError(problem)
         if not self.workers:
             raise FleetError(f"fleet {self.name!r} has no workers")
         _check_restart(f"fleet {self.name!r}", self.restart)
@@ -245,7 +234,7 @@ def load_fleet(spec: str) -> Fleet:
                 obj = getattr(obj, part)
             except AttributeError:
                 raise FleetError(f"module {module_name!r} has no attribute {attr!r}") from None
-        return as_fleet(obj, name=_fleet_name_from_spec(spec))
+        return as_fleet(obj, name=name_for_spec(spec))
     known = registered_fleets()
     if spec not in known:
         names = ", ".join(sorted(known)) or "none registered"
@@ -271,8 +260,9 @@ def import_module(name: str, *, what: str = "module") -> Any:
 
 def _check_worker(worker: Worker) -> None:
     where = f"worker {worker.name!r}"
-    if not isinstance(worker.name, str) or not _NAME.match(worker.name):
-        raise FleetError(f"worker name {worker.name!r} must be letters, digits, '.', '_' or '-'")
+    problem = name_problem(worker.name, "worker")
+    if problem is not None:
+        raise FleetError(problem)
     if not callable(worker.target):
         raise FleetError(f"{where}: {worker.target!r} is not callable")
     if _required_arguments(worker.target):
@@ -352,10 +342,6 @@ def _non_negative(what: str, value: object) -> None:
 
 def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
-
-
-def _fleet_name_from_spec(spec: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", ".", spec.replace(":", "."))
 
 
 def _describe(exc: BaseException) -> str:

@@ -1,5 +1,5 @@
-"""How much of a process's memory is its own: the figures the probe, and later the
-master's status and recycling, are built on.
+"""How much of a process's memory is its own: the figures the probe, `prefork status` and
+the master's memory recycling are built on.
 
 Under prefork most of a worker's RSS is the floor it shares, copy-on-write, with the
 master and its siblings, so RSS says little. What matters:
@@ -101,7 +101,3 @@ def smaps_rollup(pid: int) -> dict[str, int]:
             if len(parts) == 2 and parts[1] == "kB":
                 fields[key] = int(parts[0]) * 1024
     return fields
-
-
-def mib(size: float) -> float:
-    return size / MIB

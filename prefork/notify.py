@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 
 log = logging.getLogger("prefork")
 
@@ -67,3 +67,51 @@ class Notifier:
 
     def close(self) -> None:
         self._socket.close()
+
+
+class SystemdReporter:
+    """What the master tells systemd, as one of its loop's watches: ``READY=1`` with the
+    first ``STATUS=`` once every worker is forked, ``STATUS=`` again whenever
+    ``summary()`` changes, ``WATCHDOG=1`` every half watchdog interval (the first one at
+    once), ``STOPPING=1`` when the fleet begins to stop."""
+
+    def __init__(self, notifier: Notifier, summary: Callable[[], str]) -> None:
+        self.notifier = notifier
+        self.summary = summary
+        self._status = ""  # what STATUS= said last; empty until READY=1
+        self._next_ping: float | None = None
+
+    @classmethod
+    def from_environment(cls, summary: Callable[[], str]) -> SystemdReporter | None:
+        """A reporter if systemd started us (``$NOTIFY_SOCKET``), else None."""
+        notifier = Notifier.from_environment()
+        return None if notifier is None else cls(notifier, summary)
+
+    def ready(self) -> None:
+        self._status = self.summary()
+        self.notifier.send("READY=1", f"STATUS={self._status}")
+
+    def stopping(self) -> None:
+        self.notifier.send("STOPPING=1")
+
+    def next_deadline(self) -> float | None:
+        return self._next_ping
+
+    def due(self, now: float) -> tuple[()]:
+        """Ping the watchdog when due; report a changed summary."""
+        interval = self.notifier.watchdog_interval
+        if interval is not None and (self._next_ping is None or now >= self._next_ping):
+            self.notifier.send("WATCHDOG=1")
+            self._next_ping = now + interval / 2
+        if self._status:  # the first STATUS= goes with READY=1
+            status = self.summary()
+            if status != self._status:
+                self._status = status
+                self.notifier.send(f"STATUS={status}")
+        return ()
+
+    def fileno(self) -> int:
+        return self.notifier.fileno()
+
+    def close(self) -> None:
+        self.notifier.close()

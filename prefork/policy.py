@@ -106,3 +106,8 @@ def next_replica(taken: Iterable[int]) -> int:
     """The lowest replica number not in use: a fleet scaled down then up reuses names."""
     used = set(taken)
     return next(n for n in range(len(used) + 1) if n not in used)
+
+
+def is_scale_delta(value: object) -> bool:
+    """A replica count moves by +1 or -1 at a time, nothing else (and a bool is no number)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value in (1, -1)

@@ -29,14 +29,13 @@ from dataclasses import dataclass, field
 import psutil
 from setproctitle import setproctitle
 
+from prefork import titles
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.fleet import Fleet, FleetError, Worker, load_fleet, replica_label
-from prefork.master import WarmUpError, prepare_floor
-from prefork.memory import Memory, MemoryUnavailable, Meter, measure
+from prefork.floor import WarmUpError, prepare_floor
+from prefork.memory import MIB, Memory, MemoryUnavailable, Meter, measure
 
 SCHEMA_VERSION = 1
-MASTER_TITLE = "prefork: master ["
-WORKER_TITLE = "prefork: worker "
 # An idle child wakes this often and leaves some reference cycles behind, as a polling
 # loop does (exceptions, futures, frames): only the collector frees those, so its
 # collections run as they would in a real worker (gen 0 about every second). Garbage
@@ -117,7 +116,7 @@ def probe_fleet(
     # As `prefork run`'s master does before it forks. It matters: setproctitle's first call
     # in a process moves argv and environ, which cost each child ~200 KiB of private
     # memory when the child was the first to call it.
-    setproctitle(f"prefork: probe [{fleet.name}]")
+    setproctitle(titles.probe(fleet.name))
     try:
         prepare_floor(fleet, freeze=freeze, warm_up=warm_up)
     except WarmUpError as exc:
@@ -225,8 +224,9 @@ def _fork_child(fleet_name: str, worker: Worker, replica: int,
     if pid == 0:
         ours.close()
         fd = theirs.detach()
-        run_child(context, lambda: _serve(worker, fd, fd), title=f"prefork: probe {context.label}",
-                  signal_defaults={}, close_fds=[m.read_fd for m in siblings])
+        run_child(context, lambda: _serve(worker, fd, fd),
+                  title=titles.probe(fleet_name, context.label), signal_defaults={},
+                  close_fds=[m.read_fd for m in siblings])
     theirs.close()
     fd = ours.detach()
     return _Member("child", context.label, pid, fd, fd)
@@ -375,19 +375,18 @@ def probe_running(master_pid: int) -> ProbeReport:
         raise ProbeError(f"no process has pid {master_pid}") from None
     except psutil.AccessDenied:
         raise ProbeError(f"cannot read process {master_pid}: permission denied") from None
-    if not title.startswith(MASTER_TITLE):
+    parsed = titles.parse(title)
+    if parsed is None or parsed.role != "master":
         raise ProbeError(f"process {master_pid} is not a prefork master "
-                         f"(its command line is {title[:60]!r})")
-    fleet = title[len(MASTER_TITLE):].rstrip("]")
+                         f"(its command line is {title.strip()[:60]!r})")
     targets = [("master", "master", master_pid)]
     for child in sorted(children, key=lambda c: c.pid):
         try:
-            child_title = " ".join(child.cmdline())
+            worker = titles.parse(" ".join(child.cmdline()))
         except psutil.Error:
             continue  # exited since: not part of the fleet any more
-        if child_title.startswith(WORKER_TITLE):
-            label = child_title[len(WORKER_TITLE):].split(" [")[0]
-            targets.append(("child", label, child.pid))
+        if worker is not None and worker.role == "worker" and worker.label is not None:
+            targets.append(("child", worker.label, child.pid))
     started = time.perf_counter()
     samples = []
     for role, name, pid in targets:
@@ -401,7 +400,7 @@ def probe_running(master_pid: int) -> ProbeReport:
     children_uss = [s.memory.uss for s in samples if s.role == "child"]
     report = ProbeReport(samples)
     report.summary = {
-        "fleet": fleet,
+        "fleet": parsed.fleet,
         "workers": len(children_uss),
         "python": None,
         "freeze": None,
@@ -429,7 +428,7 @@ def format_report(report: ProbeReport) -> str:
         phase = s.phase if s.at is None else f"{s.phase} {s.at:g}s"
         m = s.memory
         rows.append((s.role, s.name, str(s.pid), phase,
-                     *(f"{v / 2**20:.1f}" for v in (m.rss, m.uss, m.pss, m.shared, m.swap))))
+                     *(f"{v / MIB:.1f}" for v in (m.rss, m.uss, m.pss, m.shared, m.swap))))
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)
                        for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
@@ -442,7 +441,7 @@ def format_report(report: ProbeReport) -> str:
 def _summary_lines(summary: dict[str, object]) -> list[str]:
     def mib(key: str) -> str:
         value = summary.get(key)
-        return "-" if value is None else f"{value / 2**20:.1f} MiB"  # type: ignore[operator]
+        return "-" if value is None else f"{value / MIB:.1f} MiB"  # type: ignore[operator]
 
     lines = []
     if summary.get("python") is not None:

@@ -19,7 +19,9 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from prefork import __version__
+from prefork.fleet import DEFAULT_GRACE
+from prefork.paths import name_for_spec, spec_problem
+from prefork.version import __version__
 
 TEMPLATE = "prefork-fleet.service.in"
 TEMPLATE_PACKAGE = "prefork_units"
@@ -28,8 +30,6 @@ TEMPLATE_PACKAGE = "prefork_units"
 # master needs a moment after the grace to reap, log and exit.
 STOP_MARGIN = 15
 
-# Registered names and module:ATTR specs; no quoting needed in ExecStart=, and no '%'.
-_FLEET_SPEC = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.:-]*")
 # systemd's valid_user_group_name() in its relaxed form, and numeric ids.
 _ACCOUNT = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,30}|[0-9]+")
 _UNIT_SUFFIXES = ("service", "socket", "target", "timer", "path", "mount", "automount",
@@ -50,7 +50,7 @@ class UnitError(Exception):
 
 def unit_name(fleet: str) -> str:
     """The file name to install the unit as: ``prefork-NAME.service``."""
-    return f"prefork-{_dir_name(fleet)}.service"
+    return f"prefork-{name_for_spec(fleet)}.service"
 
 
 def render_unit(
@@ -61,7 +61,7 @@ def render_unit(
     group: str | None = None,
     workdir: Path | None = None,
     conflicts: Sequence[str] = (),
-    grace: float = 15.0,
+    grace: float = DEFAULT_GRACE,
     memory_max: str | None = None,
     watchdog: float = 30.0,
     network: bool = False,
@@ -106,7 +106,7 @@ def render_unit(
     values = {
         "unit_name": unit_name(fleet),
         "fleet": fleet,
-        "dir_name": _dir_name(fleet),
+        "dir_name": name_for_spec(fleet),
         "version": __version__,
         "exec_start": " ".join([_exec_path(str(prefork)), "run", "--fleet", fleet,
                                 "--grace", _number(grace)]),
@@ -164,14 +164,11 @@ def _load_template() -> str:
 
 
 def _check_fleet(fleet: str) -> None:
-    if not _FLEET_SPEC.fullmatch(fleet) or ".." in fleet:
+    # The spec rule also keeps ExecStart= free of quoting and '%', and the unit's
+    # directory names free of '/' and "..".
+    if spec_problem(fleet) is not None or ".." in fleet:
         raise UnitError(f"fleet {fleet!r} cannot go into a unit: use a registered name or "
                         "module:ATTR (letters, digits, '.', '_', '-', ':')")
-
-
-def _dir_name(fleet: str) -> str:
-    """The fleet spec as one path component and unit-name part: ``a.b:c`` -> ``a.b.c``."""
-    return fleet.replace(":", ".")
 
 
 def _check_seconds(what: str, value: float) -> None:

@@ -1,7 +1,7 @@
 """The control socket (``prefork.control``) and the commands built on it: ``prefork status``,
 ``reload`` and ``scale``.
 
-The server is driven here either in-process, by calling ``handle()``/``expire()`` the way the
+The server is driven here either in-process, by calling ``handle()``/``due()`` the way the
 master's loop does, or in a forked helper process with a canned handler (``served``), so a
 blocking client and the CLI can talk to it. Nothing waits by sleeping: every wait is a
 ``select()`` on a socket or pipe, bounded by ``WAIT``.
@@ -33,17 +33,16 @@ from typing import Any
 import pytest
 
 from prefork.cli import main
+from prefork.client import NoMaster, exchange, format_duration, request
 from prefork.control import (
     MAX_REQUEST,
     READ_TIMEOUT,
+    Command,
     ControlError,
     ControlServer,
-    NoMaster,
-    exchange,
-    format_duration,
-    request,
-    socket_path,
+    command_table,
 )
+from prefork.paths import socket_path
 
 WAIT = 5.0
 NOBODY = 65534
@@ -70,16 +69,22 @@ class Recorder:
         return self.reply
 
 
+def answering(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Command]:
+    """The master's command table with ``handler`` answering every command."""
+    return command_table(status=handler, scale=handler)
+
+
 def requests_of(server: ControlServer) -> list[dict[str, Any]]:
     """What the server's Recorder handler was asked."""
-    assert isinstance(server.handler, Recorder)
-    return server.handler.requests
+    recorder = server.commands["status"].run
+    assert isinstance(recorder, Recorder)
+    return recorder.requests
 
 
 @pytest.fixture
 def server(runtime_dir: Path) -> Iterator[ControlServer]:
-    """An open in-process server answering ``{"ok": true}``; ``server.handler`` records."""
-    control = ControlServer(socket_path(runtime_dir, "demo"), Recorder())
+    """An open in-process server answering ``{"ok": true}``; its Recorder records."""
+    control = ControlServer(socket_path(runtime_dir, "demo"), answering(Recorder()))
     control.open()
     yield control
     control.close()
@@ -199,7 +204,7 @@ def served(path: Path, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> It
                 os.write(report_w, json.dumps(message).encode() + b"\n")
                 return answer(message)
 
-            control = ControlServer(path, handler)
+            control = ControlServer(path, answering(handler))
             control.open()
             os.write(ready_w, b"ready")
             while True:
@@ -210,7 +215,7 @@ def served(path: Path, answer: Callable[[dict[str, Any]], dict[str, Any]]) -> It
                     break
                 for fd in ready:
                     control.handle(fd)
-                control.expire(time.monotonic())
+                control.due(time.monotonic())
             control.close()
         except BaseException:
             traceback.print_exc()
@@ -277,7 +282,7 @@ def test_round_trip(runtime_dir: Path) -> None:
 
 def test_socket_is_0600_in_a_0700_dir_and_not_inherited(tmp_path: Path) -> None:
     directory = tmp_path / "fresh" / "run"
-    control = ControlServer(socket_path(directory, "demo"), Recorder())
+    control = ControlServer(socket_path(directory, "demo"), answering(Recorder()))
     control.open()
     try:
         assert stat.S_IMODE(directory.stat().st_mode) == 0o700
@@ -295,7 +300,7 @@ def test_socket_is_0600_in_a_0700_dir_and_not_inherited(tmp_path: Path) -> None:
 
 @as_root
 def test_other_uid_is_refused_by_the_socket_files_mode(open_dir: Path) -> None:
-    control = ControlServer(socket_path(open_dir, "demo"), Recorder())
+    control = ControlServer(socket_path(open_dir, "demo"), answering(Recorder()))
     control.open()
     try:
         def as_nobody() -> str:
@@ -316,7 +321,7 @@ def test_other_uid_is_refused_by_the_socket_files_mode(open_dir: Path) -> None:
 @as_root
 def test_other_uid_is_refused_by_peercred(open_dir: Path,
                                          caplog: pytest.LogCaptureFixture) -> None:
-    control = ControlServer(socket_path(open_dir, "demo"), Recorder())
+    control = ControlServer(socket_path(open_dir, "demo"), answering(Recorder()))
     control.open()
     try:
         control.path.chmod(0o666)  # as if the file's mode had been loosened: SO_PEERCRED holds
@@ -359,9 +364,9 @@ def test_silent_client_is_dropped_at_its_deadline_without_blocking_others(
     assert json.loads(ask(server, b'{"command": "status"}\n')) == {"ok": True}
     assert server.fds() == [server.fds()[0], silent_fd]
 
-    server.expire(deadline - 0.001)  # the loop's clock, driven by hand
+    server.due(deadline - 0.001)  # the loop's clock, driven by hand
     assert server.fds()[1:] == [silent_fd]
-    server.expire(deadline)
+    server.due(deadline)
     assert server.fds()[1:] == [] and server.next_deadline() is None
     assert silent.recv(4096) == b""  # dropped: EOF, no reply
     silent.close()
@@ -414,7 +419,7 @@ def test_handler_exception_is_an_error_reply_and_the_server_goes_on(runtime_dir:
             raise ZeroDivisionError("division by zero")
         return {"ok": True}
 
-    control = ControlServer(socket_path(runtime_dir, "demo"), flaky)
+    control = ControlServer(socket_path(runtime_dir, "demo"), answering(flaky))
     control.open()
     try:
         error = json.loads(ask(control, b'{"command": "status"}\n'))["error"]
@@ -440,7 +445,7 @@ def test_oversized_request_is_dropped(server: ControlServer) -> None:
 
 def test_attach_keeps_a_selector_in_step_when_fd_numbers_are_reused(
         runtime_dir: Path) -> None:
-    control = ControlServer(socket_path(runtime_dir, "demo"), Recorder())
+    control = ControlServer(socket_path(runtime_dir, "demo"), answering(Recorder()))
     selector = selectors.DefaultSelector()
     control.attach(selector)
     control.open()
@@ -492,7 +497,7 @@ def test_missing_or_stale_socket_is_no_master(runtime_dir: Path) -> None:
 def test_open_replaces_a_stale_socket_and_close_removes_it(runtime_dir: Path) -> None:
     path = socket_path(runtime_dir, "demo")
     stale_socket(path)
-    control = ControlServer(path, Recorder())
+    control = ControlServer(path, answering(Recorder()))
     control.open()
     assert json.loads(ask(control, b'{"command": "status"}\n')) == {"ok": True}
     control.close()
@@ -502,7 +507,7 @@ def test_open_replaces_a_stale_socket_and_close_removes_it(runtime_dir: Path) ->
 
 def test_close_leaves_a_socket_that_is_no_longer_ours(runtime_dir: Path) -> None:
     path = socket_path(runtime_dir, "demo")
-    control = ControlServer(path, Recorder())
+    control = ControlServer(path, answering(Recorder()))
     control.open()
     path.unlink()
     stale_socket(path)  # someone else's file at the same path now
@@ -514,7 +519,7 @@ def test_open_refuses_to_remove_something_else(runtime_dir: Path) -> None:
     path = socket_path(runtime_dir, "demo")
     path.write_text("not a socket")
     with pytest.raises(ControlError, match="something else than a socket is in the way"):
-        ControlServer(path, Recorder()).open()
+        ControlServer(path, answering(Recorder())).open()
     assert path.read_text() == "not a socket"
 
 
@@ -802,7 +807,7 @@ def test_out_of_descriptors_pauses_the_listener_instead_of_spinning(
     deadline = server.next_deadline()
     assert deadline is not None and before < deadline <= time.monotonic() + 1.0
     server._listener = real
-    server.expire(deadline)
+    server.due(deadline)
     assert listener_fd in server.fds()
     assert [key.fd for key, _ in selector.select(0)] == [listener_fd]  # the waiting client
     client.sendall(b'{"command": "status"}\n')

@@ -1,0 +1,209 @@
+"""``prefork status``, ``reload`` and ``scale``: talk to a running master.
+
+These never import the fleet's floor for a fleet given by name (the socket's name is the
+fleet's), and never import the master. Exit codes: 0 done; 1 the master did not answer
+properly; 2 bad input, or the master refused; 3 no master of the fleet is running.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from prefork.cli_params import (
+    CliError,
+    Delta,
+    PositiveSeconds,
+    import_from_working_directory,
+)
+from prefork.client import NoMaster, exchange, fetch_status, format_status, request
+from prefork.control import ControlError
+from prefork.exits import ExitCode
+from prefork.fleet import FleetError, load_fleet
+from prefork.paths import default_runtime_dir, name_problem, socket_path
+
+_control_fleet_option = click.option(
+    "--fleet", "-f", "fleet_spec", default=None, metavar="NAME|module:ATTR",
+    help="The fleet's name, or module:ATTR (imported to learn its name) "
+         "[the only fleet with a socket in the runtime directory].")
+_control_runtime_dir_option = click.option(
+    "--runtime-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    help="Where the master's socket is, as given to `prefork run` [$PREFORK_RUNTIME_DIR, "
+         "$RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/prefork, /tmp/prefork-UID].")
+
+_T = TypeVar("_T")
+
+# ANSI: cursor home, clear the screen, clear to the end of the line, clear below the cursor.
+_HOME, _CLEAR_SCREEN, _CLEAR_LINE, _CLEAR_BELOW = "\x1b[H", "\x1b[2J", "\x1b[K", "\x1b[J"
+
+
+@click.command()
+@_control_fleet_option
+@click.option("--json", "as_json", is_flag=True,
+              help="One JSON document: the master's status, with memory in bytes.")
+@click.option("--watch", type=PositiveSeconds(), is_flag=False, flag_value=2.0, default=None,
+              metavar="[SECONDS]", help="Refresh in place every SECONDS [2] until Ctrl-C.")
+@_control_runtime_dir_option
+def status(fleet_spec: str | None, as_json: bool, watch: float | None,
+           runtime_dir: Path | None) -> int:
+    """Show each worker of a running fleet: state, restarts, uptime, last exit, memory.
+
+    Exit codes: 0 shown; 1 the master did not answer properly; 2 bad input; 3 no master
+    of the fleet is running.
+    """
+
+    if watch is not None and as_json:
+        raise CliError("--watch and --json cannot be used together")
+    path = _control_socket(fleet_spec, runtime_dir)
+    document = _control_call(lambda: fetch_status(path))
+    if watch is None:
+        click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
+        return 0
+    return _watch_status(path, watch, format_status(document))
+
+
+def _watch_status(path: Path, interval: float, first: str) -> int:
+    """Redraw the status every ``interval`` seconds, as ``top`` does, until Ctrl-C (exit 0).
+
+    Only the first request's failure ends the command; later ones (a master restarting,
+    say) show in the frame, and the next refresh tries again.
+    """
+
+    body, clear = first, _CLEAR_SCREEN
+    try:
+        while True:
+            frame = f"every {interval:g}s, {time.strftime('%H:%M:%S')}\n\n{body}"
+            # Overwrite in place rather than clear first, so the table never flickers.
+            # Not click.echo: it strips the ANSI codes whenever stdout is not a terminal.
+            sys.stdout.write(_HOME + clear + frame.replace("\n", _CLEAR_LINE + "\n")
+                             + _CLEAR_LINE + "\n" + _CLEAR_BELOW)
+            sys.stdout.flush()
+            clear = ""
+            time.sleep(interval)
+            try:
+                body = format_status(fetch_status(path))
+            except (NoMaster, ControlError) as exc:
+                body = f"prefork: {exc}"
+    except KeyboardInterrupt:
+        return 0
+
+
+@click.command()
+@_control_fleet_option
+@_control_runtime_dir_option
+def reload(fleet_spec: str | None, runtime_dir: Path | None) -> int:
+    """Send the fleet's master SIGHUP: a rolling restart of its workers.
+
+    The master's pid comes from its control socket; exit codes as for `prefork status`.
+    """
+
+    path = _control_socket(fleet_spec, runtime_dir)
+    reply, peer = _control_call(lambda: exchange(path, {"command": "status"}))
+    if "error" in reply:
+        raise CliError(f"the master refused status: {reply['error']}", ExitCode.CONTROL_FAILED)
+    pid, fleet = reply.get("master_pid"), reply.get("fleet") or path.stem
+    # Signal only the process that really listens on the socket, whatever its reply says.
+    if pid != peer.pid:
+        raise CliError(f"the reply on {path} names master pid {pid!r}, but pid {peer.pid} "
+                       "listens there; not sending SIGHUP", ExitCode.CONTROL_FAILED)
+    try:
+        os.kill(pid, signal.SIGHUP)
+    except ProcessLookupError:
+        raise CliError(f"no master of fleet {fleet!r} is running (pid {pid} exited)",
+                       ExitCode.NO_MASTER) from None
+    except PermissionError:
+        raise CliError(f"not allowed to signal master {pid}: run as its user or as root",
+                       ExitCode.CONTROL_FAILED) from None
+    click.echo(f"sent SIGHUP to master {pid} (fleet {fleet})")
+    return 0
+
+
+def _not_an_option(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    # ignore_unknown_options (for a DELTA of -1) hands a mistyped option over as WORKER.
+    if value.startswith("-"):
+        raise click.NoSuchOption(value, ctx=ctx)
+    return value
+
+
+@click.command(context_settings={"ignore_unknown_options": True})  # so that DELTA may be -1
+@_control_fleet_option
+@_control_runtime_dir_option
+@click.argument("worker", callback=_not_an_option)
+@click.argument("delta", type=Delta())
+def scale(fleet_spec: str | None, runtime_dir: Path | None, worker: str, delta: int) -> int:
+    """Start (+1) or stop (-1) one replica of WORKER in a running fleet.
+
+    Exit codes: 0 done; 1 the master did not answer properly; 2 bad input, or the master
+    refused (e.g. an unknown worker); 3 no master of the fleet is running.
+    """
+
+    path = _control_socket(fleet_spec, runtime_dir)
+    reply = _control_call(lambda: request(
+        path, {"command": "scale", "worker": worker, "delta": delta}))
+    if "error" in reply:
+        raise CliError(str(reply["error"]))
+    fleet = reply.get("fleet") or path.stem
+    replicas = reply.get("replicas")
+    if isinstance(replicas, int) and not isinstance(replicas, bool):
+        click.echo(f"{worker}: {replicas} replicas after {delta:+d} (fleet {fleet})")
+    else:
+        click.echo(f"{worker}: {delta:+d} replica asked of the master (fleet {fleet})")
+    return 0
+
+
+def _control_socket(fleet_spec: str | None, runtime_dir: Path | None) -> Path:
+    """The socket of the fleet ``--fleet`` names, or of the only fleet that has one.
+
+    A plain name is used as it is (registered fleets are never imported); ``module:ATTR``
+    is imported to learn its fleet's name.
+    """
+
+    directory = runtime_dir or default_runtime_dir()
+    if fleet_spec is None:
+        try:
+            names = sorted(entry.name for entry in os.scandir(directory)
+                           if entry.name.endswith(".sock"))
+        except FileNotFoundError:
+            names = []
+        except OSError as exc:
+            raise CliError(f"cannot read runtime directory {directory}: {exc.strerror}"
+                           ) from None
+        if not names:
+            raise CliError(f"no prefork master is running (no socket in {directory})",
+                           ExitCode.NO_MASTER)
+        if len(names) > 1:
+            listed = ", ".join(name.removesuffix(".sock") for name in names)
+            raise CliError(f"{len(names)} fleets have a socket in {directory} ({listed}): "
+                           "choose one with --fleet")
+        return directory / names[0]
+    if ":" in fleet_spec:
+        import_from_working_directory()
+        try:
+            name = load_fleet(fleet_spec).name
+        except FleetError as exc:
+            raise CliError(str(exc)) from None
+    else:
+        name = fleet_spec
+        problem = name_problem(name)
+        if problem is not None:
+            raise CliError(problem)
+    return socket_path(directory, name)
+
+
+def _control_call(call: Callable[[], _T]) -> _T:
+    """``call()``, with NoMaster as exit 3 and ControlError as exit 1, one line each."""
+
+    try:
+        return call()
+    except NoMaster as exc:
+        raise CliError(str(exc), ExitCode.NO_MASTER) from None
+    except ControlError as exc:
+        raise CliError(str(exc), ExitCode.CONTROL_FAILED) from None

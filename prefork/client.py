@@ -1,0 +1,220 @@
+"""The client end of the control socket: ``prefork status``, ``reload`` and ``scale`` talk
+to a running master through it, and ``status`` is rendered here as a table.
+
+A client connects to ``<runtime dir>/<fleet>.sock``, writes one JSON request line and
+reads one reply line (the protocol is in :mod:`prefork.control`). The memory figures of
+``status`` are measured here, by the client, so the master never spends milliseconds
+reading smaps for it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Any
+
+from prefork.control import ControlError, Peer, peer_of
+from prefork.memory import MIB, MemoryUnavailable, measure
+
+MAX_REPLY = 16 * 1024 * 1024  # bytes: the client's guard against a runaway reply
+
+
+class NoMaster(Exception):
+    """No master listens on the socket (no file, or a stale one). ``str()`` is one line."""
+
+
+def request(path: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    """Send ``message`` to the master listening at ``path``; return its reply.
+
+    Raises :class:`NoMaster` when nothing listens there (no file, or a stale socket of a
+    dead master) and :class:`ControlError` for a timeout, a refusal or a broken reply.
+    An ``{"error": ...}`` reply is returned like any other.
+    """
+    return exchange(path, message, timeout)[0]
+
+
+def exchange(path: Path, message: dict[str, Any],
+             timeout: float = 5.0) -> tuple[dict[str, Any], Peer]:
+    """:func:`request`, also returning who answered (the process that listens at ``path``)."""
+    fleet = path.stem
+    deadline = time.monotonic() + timeout
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.settimeout(timeout)
+        try:
+            sock.connect(os.fspath(path))
+        except (FileNotFoundError, NotADirectoryError):
+            raise NoMaster(f"no master of fleet {fleet!r} is running "
+                           f"(no socket at {path})") from None
+        except ConnectionRefusedError:
+            raise NoMaster(f"no master of fleet {fleet!r} is running "
+                           f"(stale socket at {path}: nothing listens on it)") from None
+        except PermissionError:
+            raise ControlError(f"permission denied on {path}: run as the master's user "
+                               "or as root") from None
+        except BlockingIOError:  # the listen backlog is full
+            raise ControlError(f"master of fleet {fleet!r} is too busy to answer "
+                               f"({path})") from None
+        except TimeoutError:
+            raise ControlError(f"master of fleet {fleet!r} did not answer within "
+                               f"{timeout:g}s ({path})") from None
+        except OSError as exc:
+            raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
+        peer = peer_of(sock)
+        try:
+            sock.sendall(json.dumps(message).encode() + b"\n", socket.MSG_NOSIGNAL)
+            data = _read_line(sock, deadline)
+        except TimeoutError:
+            raise ControlError(f"master of fleet {fleet!r} did not answer within "
+                               f"{timeout:g}s ({path})") from None
+        except OSError as exc:
+            raise ControlError(f"master of fleet {fleet!r} broke the connection: "
+                               f"{exc.strerror or exc}") from None
+    finally:
+        sock.close()
+    try:
+        reply = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise ControlError(f"master of fleet {fleet!r} sent a broken reply: "
+                           f"{data[:80]!r}") from None
+    if not isinstance(reply, dict):
+        raise ControlError(f"master of fleet {fleet!r} sent a {type(reply).__name__}, "
+                           "not an object")
+    return reply, peer
+
+
+def _read_line(sock: socket.socket, deadline: float) -> bytes:
+    """One reply line, all of it before ``deadline``; raise TimeoutError or ControlError."""
+    data = bytearray()
+    while b"\n" not in data:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)
+        chunk = sock.recv(65536)
+        if not chunk:
+            if data:
+                break  # a reply without its newline: still a whole reply
+            raise ControlError("the master closed the connection without a reply")
+        data += chunk
+        if len(data) > MAX_REPLY:
+            raise ControlError(f"the master's reply is over {MAX_REPLY} bytes")
+    return bytes(data.split(b"\n", 1)[0])
+
+
+# -- status: the reply, the memory measured here, and the table ------------------------
+
+
+def fetch_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
+    """The master's status reply with each process's memory, measured here.
+
+    Adds ``memory`` (``rss``, ``uss``, ``pss``, ``shared``, ``swap`` in bytes, or null for a
+    process without a pid or one gone before it was read) to the top level (the master's
+    record) and to every worker, and ``total_pss``: the master's and the workers' PSS that
+    could be read. Raises NoMaster or ControlError (also for an ``{"error": ...}`` reply
+    or one without the documented shape).
+    """
+    reply = request(path, {"command": "status"}, timeout)
+    if "error" in reply:
+        raise ControlError(f"the master refused status: {_one_line(str(reply['error']))}")
+    problem = _check_status(reply)
+    if problem is not None:
+        raise ControlError(f"the master's status reply is not understood: {problem}")
+    reply["memory"] = _memory_of(reply["master_pid"])
+    for worker in reply["workers"]:
+        worker["memory"] = None if worker.get("pid") is None else _memory_of(worker["pid"])
+    measured = [reply["memory"], *(w["memory"] for w in reply["workers"])]
+    reply["total_pss"] = sum(m["pss"] for m in measured if m is not None)
+    return reply
+
+
+def _check_status(reply: dict[str, Any]) -> str | None:
+    if not _is_int(reply.get("master_pid")):
+        return "no master_pid"
+    workers = reply.get("workers")
+    if not isinstance(workers, list) or not all(isinstance(w, dict) for w in workers):
+        return "no list of workers"
+    for worker in workers:
+        if worker.get("pid") is not None and not _is_int(worker["pid"]):
+            return f"worker pid {worker['pid']!r}"
+    return None
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _memory_of(pid: int) -> dict[str, int] | None:
+    try:
+        return measure(pid).as_dict()
+    except MemoryUnavailable:
+        return None  # exited since the master answered, or not ours to read
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """:func:`fetch_status`'s document as a header line and a table (memory in MiB)."""
+    workers = status["workers"]
+    with_pid = [w for w in workers if w.get("pid") is not None]
+    measured = [w for w in with_pid if w.get("memory") is not None]
+    parts = [f"master {status['master_pid']}"]
+    if status.get("uptime") is not None:
+        parts.append(f"up {format_duration(status['uptime'])}")
+    if status.get("python"):
+        parts.append(f"Python {status['python']}")
+    # Say what the total covers: a worker that exited before it was measured is not in it.
+    who = "master" if status.get("memory") is not None else "master unreadable"
+    counted = f"{len(measured)}" if len(measured) == len(with_pid) else (
+        f"{len(measured)} of {len(with_pid)}")
+    who += f" + {counted} worker{'' if len(with_pid) == 1 else 's'}"
+    parts.append(f"total PSS {status['total_pss'] / MIB:.1f} MiB ({who})")
+    lines = [f"fleet {status.get('fleet', '?')}: {', '.join(parts)}"]
+    header = ("WORKER", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME", "LAST EXIT",
+              "RSS", "USS", "PSS", "SHARED", "REASON")
+    rows: list[tuple[str, ...]] = [header]
+    for w in workers:
+        state = str(w.get("state", "?"))
+        if w.get("next_start_in") is not None:
+            state += f" {w['next_start_in']:.1f}s"
+        memory = w.get("memory")
+        sizes = ("-",) * 4 if memory is None else tuple(
+            f"{memory[key] / MIB:.1f}" for key in ("rss", "uss", "pss", "shared"))
+        rows.append((str(w.get("name", w.get("label", "?"))), str(w.get("replica", "-")),
+                     _or_dash(w.get("pid")), state, str(w.get("restarts", "-")),
+                     format_duration(w.get("uptime")), _or_dash(w.get("last_exit")),
+                     *sizes, _or_dash(w.get("reason"))))
+    right = {1, 2, 4, 5, 7, 8, 9, 10}  # numbers line up on the right
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    for row in rows:
+        cells = [cell.rjust(width) if i in right else cell.ljust(width)
+                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
+        lines.append("  ".join(cells).rstrip())
+    lines.append("(memory in MiB)")
+    return "\n".join(lines)
+
+
+def format_duration(seconds: float | None) -> str:
+    """``"-"``, ``"42s"``, ``"3m05s"``, ``"2h07m"`` or ``"3d04h"``."""
+    if seconds is None:
+        return "-"
+    whole = int(seconds)
+    if whole < 60:
+        return f"{whole}s"
+    minutes, secs = divmod(whole, 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    if hours < 24:
+        return f"{hours}h{minutes:02d}m"
+    days, hours = divmod(hours, 24)
+    return f"{days}d{hours:02d}h"
+
+
+def _or_dash(value: object) -> str:
+    return "-" if value is None else str(value)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())

@@ -1,0 +1,110 @@
+"""Where a master keeps its files, and what a fleet may be called.
+
+A fleet's name becomes two file names in its runtime directory, ``NAME.lock`` (the lock a
+master holds while it runs) and ``NAME.sock`` (its control socket), and a process title.
+So the naming rule, the mapping from a ``--fleet`` spec to a name, the runtime directory
+and the check that a directory is private to us are written here, once; the master, the
+control client, the unit renderer and the bundled fleets' caches all take them from here.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+from pathlib import Path
+
+# A fleet's or a worker's name: a file name in the runtime directory, never hidden, never
+# "." or "..", no '/', no whitespace.
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+_IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
+_DOTTED = rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*"
+# What --fleet takes: a registered name, or module:ATTR (both parts dotted identifiers).
+SPEC = re.compile(rf"{NAME.pattern}|{_DOTTED}:{_DOTTED}")
+
+
+class RuntimeDirError(Exception):
+    """The runtime directory cannot be used safely. ``str()`` is one line for the user."""
+
+
+def name_problem(name: object, what: str = "fleet") -> str | None:
+    """Why ``name`` cannot name a fleet (or a worker: ``what="worker"``), or None."""
+    if isinstance(name, str) and NAME.fullmatch(name):
+        return None
+    return f"{what} name {name!r} must be letters, digits, '.', '_' or '-'"
+
+
+def spec_problem(spec: str) -> str | None:
+    """Why ``spec`` is neither a fleet name nor ``module:ATTR``, or None."""
+    if SPEC.fullmatch(spec):
+        return None
+    return (f"fleet {spec!r} is neither a fleet name (letters, digits, '.', '_', '-') "
+            "nor module:ATTR")
+
+
+def name_for_spec(spec: str) -> str:
+    """The fleet name a spec stands for when its object does not name itself:
+    ``pkg.mod:fleet`` -> ``pkg.mod.fleet``; a registered name is its own."""
+    return spec.replace(":", ".")
+
+
+def default_runtime_dir() -> Path:
+    """``$PREFORK_RUNTIME_DIR``, else systemd's ``$RUNTIME_DIRECTORY``, else
+    ``$XDG_RUNTIME_DIR/prefork``, else ``/tmp/prefork-<uid>``."""
+    for variable in ("PREFORK_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
+        if os.environ.get(variable):
+            return Path(os.environ[variable].split(":")[0])
+    if os.environ.get("XDG_RUNTIME_DIR"):
+        return Path(os.environ["XDG_RUNTIME_DIR"]) / "prefork"
+    return Path("/tmp") / f"prefork-{os.getuid()}"
+
+
+def lock_path(runtime_dir: Path, fleet: str) -> Path:
+    """The lock the master of ``fleet`` holds: ``runtime_dir / "<fleet>.lock"``."""
+    return runtime_dir / f"{fleet}.lock"
+
+
+def socket_path(runtime_dir: Path, fleet: str) -> Path:
+    """Where the master of ``fleet`` listens: ``runtime_dir / "<fleet>.sock"``."""
+    return runtime_dir / f"{fleet}.sock"
+
+
+def make_private_dir(path: Path, *, what: str, advice: str, parents: bool = True) -> str | None:
+    """Create directory ``path`` (mode 0700) if it is missing; then return why it cannot be
+    trusted, in one line that ends with ``advice``, or None if it is ours alone.
+
+    Ours alone: a real directory, not a symlink to one (the last component is opened with
+    ``O_NOFOLLOW``: in a shared /tmp anyone may have made the name first), owned by our
+    uid, and writable by nobody else.
+    """
+    try:
+        path.mkdir(mode=0o700, parents=parents, exist_ok=True)
+    except FileExistsError:
+        pass  # something else than a directory has the name: the open below says what
+    except OSError as exc:
+        return f"{what} {path}: {exc.strerror}"
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            return f"{what} {path} is not a directory (a symlink); {advice}"
+        if exc.errno == errno.ENOTDIR:
+            return f"{what} {path} is not a directory; {advice}"
+        return f"{what} {path}: {exc.strerror}"
+    try:
+        info = os.fstat(fd)
+    finally:
+        os.close(fd)
+    if info.st_uid != os.getuid():
+        return f"{what} {path} belongs to uid {info.st_uid}, not to uid {os.getuid()}; {advice}"
+    if info.st_mode & 0o022:
+        return f"{what} {path} is writable by others; {advice}"
+    return None
+
+
+def ensure_runtime_dir(path: Path) -> None:
+    """:func:`make_private_dir` for the runtime directory; raises :class:`RuntimeDirError`."""
+    problem = make_private_dir(path, what="runtime directory",
+                               advice="use a private one (--runtime-dir)")
+    if problem is not None:
+        raise RuntimeDirError(problem)

@@ -1,0 +1,92 @@
+"""The master's signals: queued by their handlers, read by its loop.
+
+A handler only appends the signal number to a queue; ``signal.set_wakeup_fd`` makes the
+interpreter's C-level handler write a byte to a non-blocking pipe as well, which wakes the
+loop's ``select()``. Nothing heavy ever runs inside a handler (it can interrupt a log call).
+
+What the master does with each signal (the README's signal table):
+
+    SIGTERM, SIGINT   stop: SIGTERM to every worker, SIGKILL after the grace period;
+                      a second one SIGKILLs the stragglers at once
+    SIGHUP            rolling restart of every worker, one at a time
+    SIGTTIN, SIGTTOU  one replica more / fewer of each worker that has max_replicas
+    SIGCHLD           nothing but the wake-up: every wake-up reaps
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+HANDLED: tuple[signal.Signals, ...] = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
+STOP = frozenset({signal.SIGTERM, signal.SIGINT})
+
+Disposition = Callable[[int, object], object] | int | signal.Handlers | None
+
+
+class SignalInbox:
+    """The handlers, their queue and the wake-up pipe, from ``open()`` to ``close()``.
+
+    ``defaults`` keeps the dispositions found at ``open()``: a forked child puts them back,
+    so a worker reacts to signals as it would as a program of its own.
+    """
+
+    def __init__(self) -> None:
+        self.defaults: dict[int, Disposition] = {}
+        self.wake_r = self.wake_w = -1
+        self._queue: deque[int] = deque()
+        self._previous_wakeup_fd = -1
+
+    def open(self) -> None:
+        self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        for signum in HANDLED:
+            previous = signal.getsignal(signum)
+            self.defaults[signum] = signal.SIG_DFL if previous is None else previous
+            signal.signal(signum, self._on_signal)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
+
+    def close(self) -> None:
+        """Put back the dispositions and wake-up fd found at ``open()``; close the pipe."""
+        if self.defaults:
+            signal.set_wakeup_fd(self._previous_wakeup_fd)
+            for signum, handler in self.defaults.items():
+                signal.signal(signum, handler)  # type: ignore[arg-type]
+            self.defaults.clear()
+        for fd in (self.wake_r, self.wake_w):
+            if fd >= 0:
+                os.close(fd)
+        self.wake_r = self.wake_w = -1
+
+    def fds(self) -> list[int]:
+        """The pipe: what a forked child must close."""
+        return [fd for fd in (self.wake_r, self.wake_w) if fd >= 0]
+
+    def drain(self) -> None:
+        """Empty the wake-up pipe (the queue holds the signals themselves)."""
+        try:
+            while os.read(self.wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
+
+    def take(self) -> Iterator[int]:
+        """Each queued signal, oldest first, including any that arrive meanwhile."""
+        while self._queue:
+            yield self._queue.popleft()
+
+    @contextmanager
+    def held(self) -> Iterator[None]:
+        """Block the handled signals (around ``fork()``: a signal in the window is held for
+        the child, not run by the master's handler in it) and restore the mask after."""
+        saved = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        try:
+            yield
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+
+    def _on_signal(self, signum: int, _frame: object) -> None:
+        self._queue.append(signum)

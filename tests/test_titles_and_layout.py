@@ -1,0 +1,60 @@
+"""Process titles are read back as they are written, and the light commands stay light:
+rendering a unit, asking a master for its status or importing ``prefork`` for ``Fleet``
+and ``Worker`` never imports the master or a fleet's database stack."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from prefork import titles
+
+
+@pytest.mark.parametrize(("title", "role", "fleet", "label"), [
+    (titles.master("cpu"), "master", "cpu", None),
+    (titles.worker("indexer.1", "app.fleet"), "worker", "app.fleet", "indexer.1"),
+    (titles.probe("cpu"), "probe", "cpu", None),
+    (titles.probe("cpu", "clusterer"), "probe", "cpu", "clusterer"),
+    # setproctitle pads to the original command line's length: the padding is not a name.
+    (titles.master("sbsfleet.fleet") + " " * 47, "master", "sbsfleet.fleet", None),
+])
+def test_a_title_is_read_back_as_it_was_written(title: str, role: str, fleet: str,
+                                                label: str | None) -> None:
+    assert titles.parse(title) == (role, fleet, label)
+
+
+@pytest.mark.parametrize("other", [
+    "python -m prefork run --fleet cpu", "prefork: master", "prefork: worker [cpu]",
+    "prefork: master extra [cpu]", "prefork: master [cpu", "",
+])
+def test_any_other_command_line_is_not_a_prefork_title(other: str) -> None:
+    assert titles.parse(other) is None
+
+
+def imported_by(statement: str) -> set[str]:
+    """The modules a fresh interpreter has after ``statement``."""
+    code = f"import sys\n{statement}\nprint('\\n'.join(sorted(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            timeout=30, check=True)
+    return set(result.stdout.split())
+
+
+@pytest.mark.parametrize("statement", [
+    "import prefork",
+    "from prefork import Fleet, Worker, heartbeat",
+    "import prefork.unit",
+    "import prefork.client",
+    "import prefork.cli",  # all of `prefork status`, `reload`, `scale`, `systemd` need
+])
+def test_the_light_entry_points_import_neither_the_master_nor_a_database(
+        statement: str) -> None:
+    modules = imported_by(statement)
+    assert "prefork.master" not in modules
+    assert not {"sqlmodel", "sqlalchemy", "aiosqlite"} & modules
+
+
+def test_the_master_is_still_there_when_asked_for() -> None:
+    modules = imported_by("import prefork\nassert prefork.Master.__name__ == 'Master'")
+    assert "prefork.master" in modules
