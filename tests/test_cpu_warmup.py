@@ -1,6 +1,7 @@
 """The cpu fleet's warm-ups: each runs its worker's real step, with real work, on a private
-copy of a cached sample; never the user's database; the samples are made once, in a
-forked child, safely from many processes at once."""
+copy of a cached sample; never the user's database; the samples are made once, by a
+child process (``python -m prefork_workers.cpu prepare-samples``), safely from many
+processes at once."""
 
 from __future__ import annotations
 
@@ -137,7 +138,7 @@ def test_samples_are_prepared_in_a_child_not_in_the_caller(
 
     def counting(key: str, real: Callable) -> Callable:
         def wrapper(*args, **kwargs):
-            calls[key] += 1  # in a forked child this counts in the child's memory only
+            calls[key] += 1  # in the preparing child this wrapper does not exist
             return real(*args, **kwargs)
         return wrapper
 
@@ -191,14 +192,14 @@ def test_the_users_database_is_never_touched(tmp_path: Path, cache: Path,
 def test_eight_processes_warming_up_on_a_cold_cache_prepare_once(
         tmp_path: Path, cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     preparations = tmp_path / "preparations"
-    real = warmups._make_samples
+    real = warmups.prepare_samples
 
-    def counted(*args: object) -> None:
+    def counted(cache: Path) -> None:  # in the warming-up process, which runs the preparer
         with open(preparations, "a") as f:
             f.write(f"{os.getpid()}\n")
-        real(*args)
+        real(cache)
 
-    monkeypatch.setattr(warmups, "_make_samples", counted)
+    monkeypatch.setattr(warmups, "prepare_samples", counted)
 
     def work() -> None:  # as the probe does: eight children, each its own warm-up
         assert re.search(SUMMARIES["campaign-clusterer"], warmup("campaign-clusterer")())
@@ -263,7 +264,7 @@ def test_a_cache_directory_we_cannot_trust_is_a_one_line_error(
 
 def test_a_failed_preparation_is_one_line_and_leaves_nothing_behind(
         cache: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(warmups, "SAMPLE_SOURCES", 0)  # the generator refuses, in the child
+    monkeypatch.setattr(warmups, "SAMPLE_SOURCES", 0)  # passed on; the child's generator refuses
     with pytest.raises(WarmupError) as caught:
         warmup("attribution")()
     assert str(caught.value) == (f"cannot prepare the warm-up samples in {cache}: "
@@ -298,3 +299,62 @@ def test_an_unknown_worker_has_no_warmup() -> None:
     with pytest.raises(ValueError, match=r"^no cpu worker named 'nope'; expected one of "
                                          r"clusterer, campaign-clusterer, attribution, "):
         warmup("nope")
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--observations", "10", "--sources", "0", "--seed", "1"],
+     "ValueError: observations and sources must be >= 1"),
+    (["--observations", "10", "--sources", "5", "--seed", "x"], "'--seed'"),
+    (["--sources", "5", "--seed", "1"], "Missing option '--observations'"),
+])
+def test_prepare_samples_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str],
+                                                          message: str) -> None:
+    target = tmp_path / "samples"
+    target.mkdir()
+    result = subprocess.run([sys.executable, "-m", "prefork_workers.cpu", "prepare-samples",
+                             str(target), *args], capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2
+    assert result.stderr.startswith("prefork-cpu: error: ") and message in result.stderr
+    assert result.stderr.count("\n") == 1, result.stderr
+    assert list(target.iterdir()) == []  # no sample, no temporary file
+
+
+def test_prepare_samples_into_a_missing_directory_is_one_line(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "prefork_workers.cpu", "prepare-samples",
+                             str(tmp_path / "nope"), "--observations", "10", "--sources", "5",
+                             "--seed", "1"], capture_output=True, text=True, timeout=30)
+    assert (result.returncode, result.stderr) == (
+        2, f"prefork-cpu: error: cannot create a file in {tmp_path / 'nope'}: "
+           "No such file or directory\n")
+
+
+def test_a_preparer_that_takes_too_long_is_killed(cache: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(warmups, "PREPARE_TIMEOUT", 0.01)  # the interpreter alone takes more
+    with pytest.raises(WarmupError) as caught:
+        warmup("clusterer")()
+    assert str(caught.value) == (f"cannot prepare the warm-up samples in {cache}: "
+                                 "the preparing process took more than 0.01s; killed")
+    assert os.listdir(cache) == ["prepare.lock"]  # and conftest finds no process left
+
+
+@pytest.mark.parametrize(("script", "why"), [
+    ("exit 0", "the preparing process succeeded without making "),
+    ("echo some noise >&2; echo 'KeyError: x' >&2; exit 1",
+     "the preparing process ended: exit code 1; KeyError: x"),
+    ("kill -9 $$", "the preparing process ended: killed by SIGKILL"),
+    (None, "cannot run "),
+])
+def test_a_preparer_that_ends_otherwise_is_described_in_one_line(
+        script: str | None, why: str, cache: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = tmp_path / "python"  # stands in for the interpreter the preparer runs on
+    if script is not None:
+        fake.write_text(f"#!/bin/sh\n{script}\n")
+        fake.chmod(0o700)
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(WarmupError) as caught:
+        warmup("attribution")()
+    message = str(caught.value)
+    assert message.startswith(f"cannot prepare the warm-up samples in {cache}: {why}"), message
+    assert "\n" not in message

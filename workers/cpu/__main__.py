@@ -1,4 +1,5 @@
-"""``python -m prefork_workers.cpu``: make, feed and inspect the cpu fleet's database.
+"""``python -m prefork_workers.cpu``: make, feed and inspect the cpu fleet's database, and
+make the warm-ups' sample databases (``prepare-samples``, which the warm-ups run).
 
 Every error the user can cause is one line on stderr, ``prefork-cpu: error: ...``, and exit
 status 2; never a traceback. The database modules (SQLModel, SQLAlchemy) are imported by
@@ -111,6 +112,31 @@ def feed(location: str | None, rate: float, duration: float | None, seed: int | 
         started = time.perf_counter()
         added = demo_data.feed(path, rate=rate, duration=duration, seed=seed)
     click.echo(f"{path}: {added} observations added in {time.perf_counter() - started:.1f} s")
+
+
+@cli.command("prepare-samples")
+@click.argument("cache", type=click.Path(file_okay=False, path_type=Path))
+# Plain ints: the generator checks the sizes, and its error is what a warm-up reports.
+@click.option("--observations", type=int, required=True, help="Observations in each sample.")
+@click.option("--sources", type=int, required=True, help="Attacker addresses in each sample.")
+@click.option("--seed", type=int, required=True, help="The generator's seed.")
+def prepare_samples(cache: Path, observations: int, sources: int, seed: int) -> None:
+    """Make the warm-ups' two sample databases in the existing directory CACHE.
+
+    The cpu warm-ups run this in a child process when their samples are missing.
+    """
+    import sqlite3
+
+    from prefork_workers.cpu import warmup
+    from prefork_workers.cpu.db import DatabaseError
+
+    try:
+        paths = warmup.make_samples(cache, observations=observations, sources=sources,
+                                    seed=seed)
+    except (warmup.WarmupError, DatabaseError, ValueError, OSError, sqlite3.Error) as exc:
+        raise CliError(warmup.one_line(exc)) from None
+    for state, path in paths.items():
+        click.echo(f"{state}: {path}")
 
 
 @cli.command()

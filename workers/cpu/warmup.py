@@ -17,11 +17,14 @@ states, made once per machine and user in ``$TMPDIR/prefork-cpu-warmup-UID/``:
 - fully clustered: campaign-clusterer needs the clusterer's results to do anything;
   attribution and reuse-correlate, whose watermarks are 0 in both, use it too.
 
-Making them takes 0.2-0.3 s (0.56 s at worst on a busy machine), and never in the calling
-process, which may be a master whose memory is being measured: a forked child generates
-and clusters, and the calling process does not even import ``demo_data``. The file names
-carry the schema version and the generator's arguments, not the code's: after changing
-what ``demo_data`` or the clusterer produce, remove the directory to make them again.
+They are never made in the calling process, which may be a master whose memory is being
+measured: a child process, ``python -m prefork_workers.cpu prepare-samples``, generates
+and clusters, and the calling process does not even import ``demo_data``. That takes
+0.71-0.74 s on a shared 2-core VM (Python 3.11, median of 7): 0.16 s of work, the rest
+the child's interpreter start-up and imports (SQLModel and SQLAlchemy, 0.35 s). The file
+names carry the schema version and the generator's arguments, not the code's: after
+changing what ``demo_data`` or the clusterer produce, remove the directory to make them
+again.
 
 One warm-up, copy and clean-up included, measured on a shared 2-core VM (Python 3.11):
 clusterer 30-50 ms, campaign-clusterer 16-28 ms, attribution 23-40 ms, reuse-correlate
@@ -36,11 +39,11 @@ import errno
 import fcntl
 import logging
 import os
-import select
 import shutil
 import signal
 import sqlite3
-import stat
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -48,7 +51,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from prefork.policy import ExitStatus
+from prefork.paths import make_private_dir
 from prefork_workers.cpu.db import DatabaseError, connect
 from prefork_workers.cpu.loops import STEPS, Settings, Step, cluster_step
 from prefork_workers.cpu.models import SCHEMA_VERSION
@@ -62,7 +65,7 @@ HALF, FULL = "half", "full"
 # Which sample each worker warms up on; see the module docstring for why.
 SAMPLE_OF = {"clusterer": HALF, "campaign-clusterer": FULL, "attribution": FULL,
              "reuse-correlate": FULL}
-PREPARE_TIMEOUT = 60.0  # seconds: preparing takes ~0.3 s, so only a stuck child hits this
+PREPARE_TIMEOUT = 60.0  # seconds: preparing takes ~0.7 s, so only a stuck child hits this
 LOCK_TIMEOUT = PREPARE_TIMEOUT + 30.0  # waiting for another process's preparation
 
 
@@ -95,7 +98,7 @@ def warmup(name: str, settings: Settings | None = None) -> Callable[[], str]:
                                                           before_commit=None))
         except (DatabaseError, sqlite3.Error, OSError) as exc:
             raise WarmupError(f"{name} warm-up on a copy of {sample}: "
-                              f"{_one_line(exc)}") from None
+                              f"{one_line(exc)}") from None
         finally:
             _remove_database(copy)
         if summary is None:
@@ -118,40 +121,29 @@ def cache_dir() -> Path:
     Raises :class:`WarmupError` if it is not a directory of ours that only we can
     write: in a shared /tmp, anyone could have made it first and planted samples.
     """
-    uid = os.getuid()
-    path = Path(tempfile.gettempdir()) / f"prefork-cpu-warmup-{uid}"
-    try:
-        path.mkdir(mode=0o700)
-    except FileExistsError:
-        pass
-    except OSError as exc:
-        raise WarmupError(f"cannot create the warm-up cache {path}: {exc.strerror}") from None
-    try:
-        info = os.lstat(path)
-    except OSError as exc:
-        raise WarmupError(f"cannot use the warm-up cache {path}: {exc.strerror}") from None
-    if not stat.S_ISDIR(info.st_mode):
-        raise WarmupError(f"the warm-up cache {path} is not a directory (a symlink or a "
-                          f"file); remove it or set TMPDIR elsewhere")
-    if info.st_uid != uid:
-        raise WarmupError(f"the warm-up cache {path} belongs to uid {info.st_uid}, not to "
-                          f"this user ({uid}); remove it or set TMPDIR elsewhere")
-    if info.st_mode & 0o022:
-        raise WarmupError(f"the warm-up cache {path} is writable by others "
-                          f"(mode {stat.S_IMODE(info.st_mode):o}); make it 0700")
+    path = Path(tempfile.gettempdir()) / f"prefork-cpu-warmup-{os.getuid()}"
+    problem = make_private_dir(path, what="the warm-up cache",
+                               advice="remove it or set TMPDIR elsewhere", parents=False)
+    if problem:
+        raise WarmupError(problem)
     return path
 
 
 def sample_paths(cache: Path) -> dict[str, Path]:
+    """The samples' paths in ``cache`` for this module's ``SAMPLE_*`` constants."""
+    return _sample_paths(cache, SAMPLE_OBSERVATIONS, SAMPLE_SOURCES, SAMPLE_SEED)
+
+
+def _sample_paths(cache: Path, observations: int, sources: int, seed: int) -> dict[str, Path]:
     """The samples' file names: everything that shapes their content is in them."""
-    stem = (f"cpu-schema{SCHEMA_VERSION}-obs{SAMPLE_OBSERVATIONS}-src{SAMPLE_SOURCES}"
-            f"-seed{SAMPLE_SEED}-clustered")
-    return {HALF: cache / f"{stem}{SAMPLE_OBSERVATIONS // 2}.sqlite3",
-            FULL: cache / f"{stem}{SAMPLE_OBSERVATIONS}.sqlite3"}
+    stem = (f"cpu-schema{SCHEMA_VERSION}-obs{observations}-src{sources}-seed{seed}"
+            f"-clustered")
+    return {HALF: cache / f"{stem}{observations // 2}.sqlite3",
+            FULL: cache / f"{stem}{observations}.sqlite3"}
 
 
 def ensure_samples(cache: Path) -> dict[str, Path]:
-    """The samples in ``cache``, made first (in a forked child) if any is missing.
+    """The samples in ``cache``, made first (by a child process) if any is missing.
 
     Processes that find them missing at once queue on a lock file: one prepares, the
     others then find the samples in place. A sample only ever appears by ``rename``, so
@@ -190,101 +182,84 @@ def _lock(path: Path) -> Iterator[None]:
 
 
 def prepare_samples(cache: Path) -> None:
-    """Make both samples in ``cache`` in a forked child and wait for it (0.2-0.3 s).
+    """Make both samples in ``cache``, shaped by this module's ``SAMPLE_*`` constants, in a
+    child process, and wait for it (about 0.7 s, most of it the child's imports).
 
-    Nothing of the work happens here: the child imports ``demo_data``, generates and
-    clusters, renames the finished files into place, and reports one line through a pipe.
-    It is a bare fork, so the caller should have no other thread running (the master and
-    the probe's children have none): a lock another thread held at the fork would hang
-    the child until the timeout kills it. It keeps the caller's descriptors open for its
-    fraction of a second; closing them could let a caller's log handler write into a
-    sample that reused the number.
+    The child is ``python -m prefork_workers.cpu prepare-samples``: a fresh interpreter,
+    so nothing of the work happens here, ``demo_data`` is never imported here, and the
+    child inherits none of the caller's descriptors, threads or signal handlers. It is
+    killed after :data:`PREPARE_TIMEOUT`. Raises :class:`WarmupError` (one line) with
+    the child's own one-line error, or how it ended.
     """
-    paths = sample_paths(cache)
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # the child: never return into the caller's code
-        code = 1
-        try:
-            os.close(read_end)
-            _child_signals()
-            _make_samples(cache, paths)
-            os.write(write_end, b"ok")
-            code = 0
-        except BaseException as exc:
-            try:
-                os.write(write_end, _one_line(exc).encode(errors="replace")[:4000])
-            except BaseException:
-                pass
-        finally:
-            os._exit(code)  # no atexit handlers, no flush of the caller's buffers
-    os.close(write_end)
+    command = [sys.executable,
+               "-P",  # the caller's working directory (anything, for a master) shadows nothing
+               "-m", "prefork_workers.cpu", "prepare-samples", str(cache),
+               "--observations", str(SAMPLE_OBSERVATIONS), "--sources", str(SAMPLE_SOURCES),
+               "--seed", str(SAMPLE_SEED)]
     try:
-        report = _read_report(read_end, pid)
-    finally:
-        os.close(read_end)
-        status = _reap(pid)
-    if report == "ok":
-        return
-    why = report or (f"the preparing process {pid} ended: "
-                     f"{ExitStatus.from_wait_status(status).describe()}"
-                     if status is not None else f"the preparing process {pid} vanished")
-    raise WarmupError(f"cannot prepare the warm-up samples in {cache}: {why}")
+        done = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True,
+                              text=True, errors="replace", timeout=PREPARE_TIMEOUT,
+                              check=False)
+    except subprocess.TimeoutExpired:  # run() has killed and reaped the child
+        why = f"the preparing process took more than {PREPARE_TIMEOUT:g}s; killed"
+    except OSError as exc:
+        why = f"cannot run {sys.executable}: {exc.strerror}"
+    else:
+        why = _failure(done) if done.returncode else _missing(sample_paths(cache))
+    if why:
+        raise WarmupError(f"cannot prepare the warm-up samples in {cache}: {why}")
 
 
-def _child_signals() -> None:
-    """A master's handlers only queue signals and write to its wake-up pipe: in this
-    child, SIGTERM and SIGINT must end it, and must not wake the master."""
+# How the cpu CLI (__main__.PROG) begins the one line it writes for an error.
+_CLI_ERROR = "prefork-cpu: error: "
+
+
+def _failure(done: subprocess.CompletedProcess[str]) -> str:
+    """The preparing command's one-line error; else how it ended, and its last line."""
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    last = " ".join(lines[-1].split()) if lines else ""
+    if last.startswith(_CLI_ERROR):
+        return last.removeprefix(_CLI_ERROR)
+    code = done.returncode
     try:
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGTERM, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.SIG_DFL)
-    except (ValueError, OSError):
-        pass
+        ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+    except ValueError:
+        ended = f"killed by signal {-code}"
+    return f"the preparing process ended: {ended}" + (f"; {last[:500]}" if last else "")
 
 
-def _read_report(fd: int, pid: int) -> str:
-    chunks = []
-    deadline = time.monotonic() + PREPARE_TIMEOUT
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0 or not select.select([fd], [], [], remaining)[0]:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            return f"the preparing process {pid} took more than {PREPARE_TIMEOUT:g}s; killed"
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            return b"".join(chunks).decode(errors="replace")
-        chunks.append(chunk)
+def _missing(paths: dict[str, Path]) -> str | None:
+    gone = [str(path) for path in paths.values() if not path.exists()]
+    return f"the preparing process succeeded without making {', '.join(gone)}" if gone else None
 
 
-def _reap(pid: int) -> int | None:
-    try:
-        return os.waitpid(pid, 0)[1]
-    except ChildProcessError:
-        return None  # SIGCHLD ignored, or someone else reaped it: the pipe says enough
+def make_samples(cache: Path, *, observations: int, sources: int,
+                 seed: int) -> dict[str, Path]:
+    """Make both samples in ``cache`` here, in this process: generate, cluster half, copy,
+    cluster the rest, rename each into place; return their paths.
 
-
-def _make_samples(cache: Path, paths: dict[str, Path]) -> None:
-    """In the preparing child: generate, cluster half, copy, cluster the rest, rename."""
+    What ``prepare-samples`` runs in the child; it imports ``demo_data``. Raises
+    ``ValueError`` for sizes the generator refuses, :class:`WarmupError`,
+    :class:`DatabaseError`, ``OSError`` or ``sqlite3.Error``, and then leaves no file of
+    its own behind.
+    """
     # Imported here only: the generator is no part of any worker's code.
     from prefork_workers.cpu.demo_data import generate
 
+    paths = _sample_paths(cache, observations, sources, seed)
     half = _temporary(cache, ".prepare-")
     full = _temporary(cache, ".prepare-")
     try:
-        generate(half, observations=SAMPLE_OBSERVATIONS, sources=SAMPLE_SOURCES,
-                 seed=SAMPLE_SEED)
-        _cluster(half, SAMPLE_OBSERVATIONS // 2)
+        generate(half, observations=observations, sources=sources, seed=seed)
+        _cluster(half, observations // 2)
         shutil.copyfile(half, full)
-        _cluster(full, SAMPLE_OBSERVATIONS)
+        _cluster(full, observations)
         os.rename(full, paths[FULL])
         os.rename(half, paths[HALF])
     finally:
         _remove_database(half)
         _remove_database(full)
+    return paths
 
 
 def _cluster(path: Path, through: int) -> None:
@@ -352,7 +327,8 @@ def _remove_database(path: Path) -> None:
                 log.warning("cannot remove %s%s: %s", path, suffix, exc.strerror)
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
+    """``exc`` in one line: our own errors as they are, others with their type."""
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if isinstance(exc, (WarmupError, DatabaseError)) \
         else f"{type(exc).__name__}: {text}"
