@@ -36,7 +36,9 @@ from datetime import UTC, datetime
 from operator import itemgetter
 from pathlib import Path
 
-from prefork_workers.cpu import db
+from sqlmodel import SQLModel
+
+from prefork_workers.cpu import db  # imports models.py: its tables are in SQLModel.metadata
 from prefork_workers.cpu.db import DatabaseError
 
 SPAN_DAYS = 21  # generated observations cover this many days after ``start``
@@ -321,8 +323,8 @@ class _Generator:
         self.events = _Events()
 
     def build(self) -> dict[str, list[tuple]]:
-        """Rows per table, in :data:`_COLUMNS` order; planted findings before the noise,
-        so that the noise gets whatever budget is left."""
+        """Rows per table, each in its model's column order; planted findings before the
+        noise, so that the noise gets whatever budget is left."""
         self._network_layout()
         self._credentials()
         self._fingerprints()
@@ -757,32 +759,17 @@ class _Generator:
         self.rows["ingest_batches"] = batches
 
 
-# Insertion order respects foreign keys: parents first.
-_COLUMNS = {
-    "sites": "id, name, region, created_at",
-    "sensors": "id, site_id, hostname, version, last_heartbeat",
-    "decoys": "id, site_id, sensor_id, name, address, persona, enabled, deployed_at",
-    "services": "id, decoy_id, protocol, port, banner",
-    "lures": "id, decoy_id, kind, location, planted_at",
-    "tags": "id, name",
-    "decoy_tags": "decoy_id, tag_id",
-    "networks": "id, cidr, asn, country",
-    "sources": "id, address, network_id, first_seen, last_seen",
-    "credentials": "id, username, secret, honeytoken, common",
-    "fingerprints": "id, kind, value, common",
-    "payloads": "id, sha256, size, mime",
-    "sessions": "id, source_id, decoy_id, service_id, fingerprint_id, started_at, ended_at",
-    "observations": "id, observed_at, session_id, source_id, decoy_id, service_id, action, "
-                    "credential_id, fingerprint_id, payload_id",
-    "alerts": "id, observation_id, severity, message, acknowledged",
-    "ingest_batches": "id, sensor_id, received_at, first_observation_id, last_observation_id",
-}
+# The tables generate() fills, in an insertion order that respects foreign keys: parents
+# first. Each row's values come in its model's column order (models.py).
+_TABLES = ("sites", "sensors", "decoys", "services", "lures", "tags", "decoy_tags", "networks",
+           "sources", "credentials", "fingerprints", "payloads", "sessions", "observations",
+           "alerts", "ingest_batches")
 
 
 def _insert(connection: sqlite3.Connection, table: str, rows: Sequence[tuple]) -> None:
-    columns = _COLUMNS[table]
-    marks = ", ".join("?" * (columns.count(",") + 1))
-    connection.executemany(f"INSERT INTO {table} ({columns}) VALUES ({marks})", rows)
+    columns = SQLModel.metadata.tables[table].columns.keys()
+    connection.executemany(f"INSERT INTO {table} ({', '.join(columns)}) "
+                           f"VALUES ({', '.join('?' * len(columns))})", rows)
 
 
 def _error(path: Path, exc: sqlite3.Error) -> DatabaseError:
@@ -838,13 +825,13 @@ def generate(path: Path, *, observations: int = 300_000, sources: int = 3_000, s
                 raise DatabaseError(f"{path} has a deception network but no observations; "
                                     f"generate into a new file")
             rows = _Generator(random.Random(seed), observations, sources, start).build()
-            for table in _COLUMNS:
+            for table in _TABLES:
                 _insert(connection, table, rows[table])
             connection.execute("COMMIT")
         except BaseException:
             connection.execute("ROLLBACK")
             raise
-    return {table: len(rows[table]) for table in _COLUMNS}
+    return {table: len(rows[table]) for table in _TABLES}
 
 
 # -- feed ------------------------------------------------------------------------------
