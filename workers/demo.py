@@ -1,20 +1,31 @@
-"""The ``demo`` fleet: three kinds of worker over a shared SQLModel floor.
+"""The ``demo`` fleet: the small fleet that shows a master at work, restarts included.
 
-A stand-in for ``make run`` until the bundled ``cpu`` fleet lands. It shows what a fleet
-is: a ``clock`` that ticks, two ``primes`` replicas doing bursts of CPU work, and a
-``flaky`` worker that fails every half minute or so, so the restart backoff is visible.
+A ``clock`` that ticks, two ``primes`` replicas doing bursts of CPU work, and a ``flaky``
+worker that fails every half minute or so, so the restart backoff is visible in the log.
+``prefork run --fleet demo`` (``make run FLEET=demo``) runs it.
+
+Its floor (:data:`FLOOR`) is standard-library modules a service commonly imports, so it
+runs on a bare ``pip install prefork``, with nothing beyond prefork's own dependencies.
+Beside what prefork itself imports, they add 24 modules and 2.6 MiB to the master
+(measured, Python 3.11).
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import random
 import sys
 import time
 
-import sqlmodel  # noqa: F401 - the shared floor: imported once, in the master
-
 from prefork import Fleet, Worker, current_worker
+
+# The shared floor: standard-library modules a service commonly imports, imported once here,
+# in the master, so that every worker finds them in place. The workers below do not use them.
+FLOOR = ("decimal", "email.parser", "http.client", "json", "sqlite3", "urllib.request",
+         "xml.etree.ElementTree")
+for _module in FLOOR:
+    importlib.import_module(_module)
 
 log = logging.getLogger("prefork_workers.demo")
 
