@@ -49,6 +49,11 @@ SCRIPT = Path(__file__).resolve()
 RESULTS_JSON = HERE / "master-bench.json"
 RESULTS_MD = HERE / "master-bench.md"
 
+# The floor: what `prefork run --fleet cpu` imports before it forks (the cpu fleet's models,
+# loops and db modules, with SQLModel, SQLAlchemy, pydantic and aiosqlite), so that this
+# bench and `make measure` weigh the same master.
+FLOOR = "prefork_workers.cpu.fleet"
+
 # Probe records: what happened, in which process, when (CLOCK_MONOTONIC seconds).
 RECORD = struct.Struct("=iid")
 ENTRY, DIED, RUN_START, FIRST_FORK, READY = range(5)
@@ -107,15 +112,20 @@ def quiet_logging() -> None:
 
 
 def load_floor(enabled: bool) -> Json:
-    """Import measurements/floor.py into this (master) process if ``enabled``."""
+    """Import the cpu fleet (``FLOOR``) into this (master) process if ``enabled``; returns
+    its import time and table count, and this process's RSS afterwards."""
     if not enabled:
         return {"floor": False, "rss_kib_before_run": vm_kib("self", "VmRSS")}
     started = time.perf_counter()
-    floor = importlib.import_module("floor")
+    importlib.import_module(FLOOR)
+    took = time.perf_counter() - started
+    # Already imported by FLOOR (the fleet's floor module): a dictionary look-up, untimed.
+    models = importlib.import_module("prefork_workers.cpu.models")
     return {
         "floor": True,
-        "floor_import_ms": (time.perf_counter() - started) * 1000,
-        "floor_tables": len(floor.TABLES),
+        "floor_module": FLOOR,
+        "floor_import_ms": took * 1000,
+        "floor_tables": len(models.TABLES),
         "rss_kib_before_run": vm_kib("self", "VmRSS"),
     }
 
@@ -438,16 +448,17 @@ def bare_fork_baseline(read_end: int, samples: int) -> list[float]:
 
 def case_fresh(samples: int, warmup: int = 1) -> Json:
     """(b) What a systemd unit per worker pays: from just before ``Popen`` of a fresh
-    interpreter to the moment it has imported the floor (it prints time.monotonic()).
+    interpreter to the moment it has imported the floor, ``FLOOR`` (it prints
+    time.monotonic()); ``prefork probe``'s baseline interpreters import the same module.
     The first ``warmup`` runs are not counted. A deployed service has its .pyc files, so
-    PYTHONDONTWRITEBYTECODE is dropped: the warm-up writes floor's (``__pycache__`` is
-    git-ignored) and the measured runs load it, as they load site-packages' own."""
-    code = "import floor, time; print(time.monotonic(), flush=True)"
+    PYTHONDONTWRITEBYTECODE is dropped: the warm-up writes the fleet's (``__pycache__`` is
+    git-ignored) and the measured runs load them, as they load site-packages' own."""
+    code = f"import {FLOOR}, time; print(time.monotonic(), flush=True)"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
     latencies: list[float] = []
     for i in range(warmup + samples):
         before = time.monotonic()
-        proc = subprocess.Popen([sys.executable, "-c", code], cwd=HERE, env=env,
+        proc = subprocess.Popen([sys.executable, "-c", code], env=env,
                                 stdout=subprocess.PIPE, text=True)
         assert proc.stdout is not None
         imported = float(proc.stdout.readline())
@@ -744,9 +755,12 @@ every master: a master installs signal handlers and forks, so none shares a proc
 with another. Times are `time.monotonic()` (CLOCK_MONOTONIC, one clock for every process
 on the machine); workers write `(kind, pid, time)` records to a pipe they inherit. The
 `prefork` logger is set to ERROR so that log lines (one per crash) do not weigh on the
-timings. "Floor" means the master imported `measurements/floor.py` (26 SQLModel tables,
-SQLAlchemy, pydantic; a master of ~60 MiB RSS) before `Master.run()`, as a real fleet
-does; most cases also run without it, to show what the floor's size costs.
+timings. "Floor" means the master imported the bundled cpu fleet's floor before
+`Master.run()`, as `prefork run --fleet cpu` does before it forks: the module
+`prefork_workers.cpu.fleet`, which brings the fleet's models (its SQLModel tables), loops
+and db modules with SQLAlchemy, pydantic and aiosqlite. It is the floor `make measure`
+weighs; its import time, table count and the master's RSS are under Details. Most cases
+also run without it, to show what the floor's size costs.
 
 - **a. Crash to noticed.** One worker sleeps 2-8 ms (so the master is asleep in
   `select()`), writes `time.monotonic()` to the pipe, and dies: SIGKILL in half the
@@ -761,10 +775,10 @@ does; most cases also run without it, to show what the floor's size costs.
   with `restart="always"` that exits 10 ms after its first line. For scale, the same
   process then times a bare `os.fork()` to the child's first line. The comparison is
   what a systemd unit per worker pays: from just before `Popen([python, "-c", "import
-  floor; ..."])` to the moment that fresh interpreter reports it has imported the floor
-  (after one uncounted warm-up run that writes floor's `.pyc`; PYTHONDONTWRITEBYTECODE
-  is dropped for these runs, as a deployed service has its bytecode cached). Ratio =
-  fresh median / fork median (with the floor).
+  prefork_workers.cpu.fleet; ..."])` to the moment that fresh interpreter reports it has
+  imported the floor (after one uncounted warm-up run that writes the fleet's `.pyc`
+  files; PYTHONDONTWRITEBYTECODE is dropped for these runs, as a deployed service has its
+  bytecode cached). Ratio = fresh median / fork median (with the floor).
 - **c. Idle wake-ups.** A master with the floor and 8 workers that `signal.pause()`.
   Once all 8 reported in and 3 s more have passed, the probe reads the master's
   `voluntary_ctxt_switches + nonvoluntary_ctxt_switches` (all threads,
@@ -882,7 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--master", action="store_true",
                         help="(internal) be a probed master of pausing workers")
     parser.add_argument("--floor", action=argparse.BooleanOptionalAction, default=True,
-                        help="import measurements/floor.py in the master first")
+                        help=f"import the cpu fleet's floor ({FLOOR}) in the master first")
     parser.add_argument("--samples", type=int)
     parser.add_argument("--runs", type=int)
     parser.add_argument("--workers", type=int)
