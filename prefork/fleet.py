@@ -239,8 +239,15 @@ def load_fleet(spec: str) -> Fleet:
     if spec not in known:
         names = ", ".join(sorted(known)) or "none registered"
         raise FleetError(f"unknown fleet {spec!r} (known: {names}; or use module:ATTR)")
+    entry_point = known[spec]
     try:
-        obj = known[spec].load()
+        obj = entry_point.load()
+    except ModuleNotFoundError as exc:
+        if entry_point.extras and entry_point.dist is not None:  # "name = module:attr [cpu]"
+            wanted = f"{entry_point.dist.name}[{','.join(entry_point.extras)}]"
+            raise FleetError(f"fleet {spec!r} needs the packages of {wanted} ({exc}): "
+                             f"pip install '{wanted}'") from None
+        raise FleetError(f"fleet {spec!r} failed to import: {_describe(exc)}") from None
     except Exception as exc:
         raise FleetError(f"fleet {spec!r} failed to import: {_describe(exc)}") from None
     return as_fleet(obj, name=spec)

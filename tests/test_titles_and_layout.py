@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -58,3 +60,24 @@ def test_the_light_entry_points_import_neither_the_master_nor_a_database(
 def test_the_master_is_still_there_when_asked_for() -> None:
     modules = imported_by("import prefork\nassert prefork.Master.__name__ == 'Master'")
     assert "prefork.master" in modules
+
+
+def test_a_registered_fleet_without_its_extra_says_which_to_install(tmp_path: Path) -> None:
+    """An entry point that names an extra (``cpu = module:fleet [cpu]``) and cannot import
+    a module is one line naming the extra, as `pip install prefork` without [cpu] would
+    see for the cpu fleet."""
+    dist = tmp_path / "ghostfleet-1.0.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ghostfleet\nVersion: 1.0\n")
+    (dist / "entry_points.txt").write_text(textwrap.dedent("""
+        [prefork.fleets]
+        ghost = ghost_fleet_module:fleet [db]
+    """))
+    (tmp_path / "ghost_fleet_module.py").write_text("import no_such_database_library\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "prefork", "run", "--fleet", "ghost"], capture_output=True,
+        text=True, timeout=30, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "prefork: error: fleet 'ghost' needs the packages of ghostfleet[db] (No module named "
+        "'no_such_database_library'): pip install 'ghostfleet[db]'"]
