@@ -42,7 +42,8 @@ from typing import Any
 from machine import describe_machine
 
 import prefork
-from prefork.master import Observer, Slot
+from prefork.master import Observer
+from prefork.slot import Slot
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = Path(__file__).resolve()
