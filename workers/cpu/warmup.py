@@ -40,7 +40,6 @@ import fcntl
 import logging
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from prefork.paths import make_private_dir
+from prefork.policy import ExitStatus
 from prefork_workers.cpu.db import DatabaseError, connect
 from prefork_workers.cpu.loops import STEPS, Settings, Step, cluster_step
 from prefork_workers.cpu.models import SCHEMA_VERSION
@@ -221,10 +221,7 @@ def _failure(done: subprocess.CompletedProcess[str]) -> str:
     if last.startswith(_CLI_ERROR):
         return last.removeprefix(_CLI_ERROR)
     code = done.returncode
-    try:
-        ended = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
-    except ValueError:
-        ended = f"killed by signal {-code}"
+    ended = (ExitStatus(signal=-code) if code < 0 else ExitStatus(code=code)).describe()
     return f"the preparing process ended: {ended}" + (f"; {last[:500]}" if last else "")
 
 
