@@ -19,7 +19,6 @@ import os
 import signal
 from collections import deque
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 
 HANDLED: tuple[signal.Signals, ...] = (
     signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
@@ -77,16 +76,6 @@ class SignalInbox:
         """Each queued signal, oldest first, including any that arrive meanwhile."""
         while self._queue:
             yield self._queue.popleft()
-
-    @contextmanager
-    def held(self) -> Iterator[None]:
-        """Block the handled signals (around ``fork()``: a signal in the window is held for
-        the child, not run by the master's handler in it) and restore the mask after."""
-        saved = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
-        try:
-            yield
-        finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, saved)
 
     def _on_signal(self, signum: int, _frame: object) -> None:
         self._queue.append(signum)
