@@ -167,7 +167,8 @@ def probe(
 ) -> None:
     """Measure how much of each worker's memory is shared with the master and how much
     is its own (RSS, USS, PSS, shared, swap), against one fresh interpreter per worker."""
-    from prefork.probe import ProbeError, format_report, probe_fleet, probe_running
+    from prefork.probe import ProbeError, probe_fleet, probe_running
+    from prefork.probe_report import format_report
 
     try:
         if master_pid is not None:

@@ -18,6 +18,7 @@ from typing import Any
 
 from prefork.control import ControlError, Peer, peer_of
 from prefork.memory import MIB, MemoryUnavailable, measure
+from prefork.tables import align
 
 MAX_REPLY = 16 * 1024 * 1024  # bytes: the client's guard against a runaway reply
 
@@ -185,12 +186,7 @@ def format_status(status: dict[str, Any]) -> str:
                      _or_dash(w.get("pid")), state, str(w.get("restarts", "-")),
                      format_duration(w.get("uptime")), _or_dash(w.get("last_exit")),
                      *sizes, _or_dash(w.get("reason"))))
-    right = {1, 2, 4, 5, 7, 8, 9, 10}  # numbers line up on the right
-    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
-    for row in rows:
-        cells = [cell.rjust(width) if i in right else cell.ljust(width)
-                 for i, (cell, width) in enumerate(zip(row, widths, strict=True))]
-        lines.append("  ".join(cells).rstrip())
+    lines += align(rows, right={1, 2, 4, 5, 7, 8, 9, 10})  # numbers line up on the right
     lines.append("(memory in MiB)")
     return "\n".join(lines)
 

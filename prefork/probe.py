@@ -9,7 +9,8 @@ them the same way. :func:`probe_running` reads the same figures from a live flee
 :func:`probe_fleet` sets the process title, as a master does before it forks.
 
 Children are forked through :func:`prefork.child.run_child`, like the master's, and wait
-for commands on a socket; no process is left behind, whatever happens.
+for commands on a socket; no process is left behind, whatever happens. The report's
+shape and its table are in :mod:`prefork.probe_report`.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import psutil
 from setproctitle import setproctitle
@@ -33,9 +34,9 @@ from prefork import titles
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.fleet import Fleet, FleetError, Worker, load_fleet, replica_label
 from prefork.floor import WarmUpError, prepare_floor
-from prefork.memory import MIB, Memory, MemoryUnavailable, Meter, measure
+from prefork.memory import Memory, MemoryUnavailable, Meter, measure
+from prefork.probe_report import ProbeReport, Sample
 
-SCHEMA_VERSION = 1
 # An idle child wakes this often and leaves some reference cycles behind, as a polling
 # loop does (exceptions, futures, frames): only the collector frees those, so its
 # collections run as they would in a real worker (gen 0 about every second). Garbage
@@ -48,35 +49,6 @@ WORK_TIMEOUT = 600.0
 
 class ProbeError(Exception):
     """The probe could not measure. ``str()`` is one line for the user."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One process's memory at one moment of the probe."""
-
-    role: str  # "master", "child" or "baseline"
-    name: str  # the worker's label, or "master"
-    pid: int
-    phase: str  # "idle", "working" or "live"
-    at: float | None  # seconds after the children were up, for idle samples
-    memory: Memory
-
-    def as_dict(self) -> dict[str, object]:
-        return {"role": self.role, "name": self.name, "pid": self.pid, "phase": self.phase,
-                "at": self.at, **self.memory.as_dict()}
-
-
-@dataclass
-class ProbeReport:
-    """Every sample and the summary; ``as_dict()`` is the documented ``--json`` document."""
-
-    processes: list[Sample] = field(default_factory=list)
-    summary: dict[str, object] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, object]:
-        return {"schema": SCHEMA_VERSION,
-                "processes": [s.as_dict() for s in self.processes],
-                "summary": self.summary}
 
 
 @dataclass(frozen=True)
@@ -416,56 +388,3 @@ def probe_running(master_pid: int) -> ProbeReport:
         "probe_seconds": round(seconds, 6),
     }
     return report
-
-
-# -- the readable table ----------------------------------------------------------------
-
-
-def format_report(report: ProbeReport) -> str:
-    """The report as a table in MiB, then the summary in sentences."""
-    rows = [("role", "name", "pid", "phase", "RSS", "USS", "PSS", "shared", "swap")]
-    for s in report.processes:
-        phase = s.phase if s.at is None else f"{s.phase} {s.at:g}s"
-        m = s.memory
-        rows.append((s.role, s.name, str(s.pid), phase,
-                     *(f"{v / MIB:.1f}" for v in (m.rss, m.uss, m.pss, m.shared, m.swap))))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    lines = ["  ".join(cell.ljust(w) if i < 4 else cell.rjust(w)
-                       for i, (cell, w) in enumerate(zip(row, widths, strict=True)))
-             for row in rows]
-    lines.append("")
-    lines.extend(_summary_lines(report.summary))
-    return "\n".join(lines)
-
-
-def _summary_lines(summary: dict[str, object]) -> list[str]:
-    def mib(key: str) -> str:
-        value = summary.get(key)
-        return "-" if value is None else f"{value / MIB:.1f} MiB"  # type: ignore[operator]
-
-    lines = []
-    if summary.get("python") is not None:
-        lines.append(f"fleet {summary['fleet']}: {summary['workers']} children, Python "
-                     f"{summary['python']}, gc.freeze {'on' if summary['freeze'] else 'off'}, "
-                     f"warm-up in the master {'on' if summary['warm_up'] else 'off'}; "
-                     f"floor (master RSS at fork) {mib('floor_rss')}")
-    else:
-        lines.append(f"fleet {summary['fleet']}: master and {summary['workers']} workers, live")
-    line = f"fleet PSS: {mib('prefork_pss')} under prefork"
-    if summary.get("baseline_pss") is not None:
-        line += (f", {mib('baseline_pss')} as {summary['workers']} fresh interpreters "
-                 f"(ratio {summary['ratio']:.2f})")
-    lines.append(line)
-    if summary.get("working_prefork_pss") is not None:
-        line = f"fleet PSS working: {mib('working_prefork_pss')} under prefork"
-        if summary.get("working_baseline_pss") is not None:
-            line += f", {mib('working_baseline_pss')} as fresh interpreters"
-        lines.append(line)
-    line = f"private memory per child (median USS): {mib('idle_private')} idle"
-    if summary.get("working_private") is not None:
-        line += f", {mib('working_private')} working"
-    lines.append(line)
-    count = int(summary["workers"]) + 1  # type: ignore[call-overload]
-    lines.append(f"measuring {count} processes took {summary['probe_seconds'] * 1000:.1f} ms")  # type: ignore[operator]
-    return lines
-

@@ -1,0 +1,87 @@
+"""What ``prefork probe`` reports: every sample and the summary, as the ``--json``
+document (its schema is in the README) or as the table it prints."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from prefork.memory import MIB, Memory
+from prefork.tables import align
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One process's memory at one moment of the probe."""
+
+    role: str  # "master", "child" or "baseline"
+    name: str  # the worker's label, or "master"
+    pid: int
+    phase: str  # "idle", "working" or "live"
+    at: float | None  # seconds after the children were up, for idle samples
+    memory: Memory
+
+    def as_dict(self) -> dict[str, object]:
+        return {"role": self.role, "name": self.name, "pid": self.pid, "phase": self.phase,
+                "at": self.at, **self.memory.as_dict()}
+
+
+@dataclass
+class ProbeReport:
+    """Every sample and the summary; ``as_dict()`` is the documented ``--json`` document."""
+
+    processes: list[Sample] = field(default_factory=list)
+    summary: dict[str, object] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, object]:
+        return {"schema": SCHEMA_VERSION,
+                "processes": [s.as_dict() for s in self.processes],
+                "summary": self.summary}
+
+
+def format_report(report: ProbeReport) -> str:
+    """The report as a table in MiB, then the summary in sentences."""
+    rows = [("role", "name", "pid", "phase", "RSS", "USS", "PSS", "shared", "swap")]
+    for s in report.processes:
+        phase = s.phase if s.at is None else f"{s.phase} {s.at:g}s"
+        m = s.memory
+        rows.append((s.role, s.name, str(s.pid), phase,
+                     *(f"{v / MIB:.1f}" for v in (m.rss, m.uss, m.pss, m.shared, m.swap))))
+    lines = align(rows, right=range(4, len(rows[0])))
+    lines.append("")
+    lines.extend(_summary_lines(report.summary))
+    return "\n".join(lines)
+
+
+def _summary_lines(summary: dict[str, object]) -> list[str]:
+    def mib(key: str) -> str:
+        value = summary.get(key)
+        return "-" if value is None else f"{value / MIB:.1f} MiB"  # type: ignore[operator]
+
+    lines = []
+    if summary.get("python") is not None:
+        lines.append(f"fleet {summary['fleet']}: {summary['workers']} children, Python "
+                     f"{summary['python']}, gc.freeze {'on' if summary['freeze'] else 'off'}, "
+                     f"warm-up in the master {'on' if summary['warm_up'] else 'off'}; "
+                     f"floor (master RSS at fork) {mib('floor_rss')}")
+    else:
+        lines.append(f"fleet {summary['fleet']}: master and {summary['workers']} workers, live")
+    line = f"fleet PSS: {mib('prefork_pss')} under prefork"
+    if summary.get("baseline_pss") is not None:
+        line += (f", {mib('baseline_pss')} as {summary['workers']} fresh interpreters "
+                 f"(ratio {summary['ratio']:.2f})")
+    lines.append(line)
+    if summary.get("working_prefork_pss") is not None:
+        line = f"fleet PSS working: {mib('working_prefork_pss')} under prefork"
+        if summary.get("working_baseline_pss") is not None:
+            line += f", {mib('working_baseline_pss')} as fresh interpreters"
+        lines.append(line)
+    line = f"private memory per child (median USS): {mib('idle_private')} idle"
+    if summary.get("working_private") is not None:
+        line += f", {mib('working_private')} working"
+    lines.append(line)
+    count = int(summary["workers"]) + 1  # type: ignore[call-overload]
+    lines.append(f"measuring {count} processes took {summary['probe_seconds'] * 1000:.1f} ms")  # type: ignore[operator]
+    return lines
+
