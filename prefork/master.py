@@ -153,8 +153,7 @@ class Master:
             self.lock.release()
 
     def _watches(self) -> list[Watch]:
-        """Whose deadlines count: while the fleet stops, only the grace periods, the
-        control socket and systemd's watchdog."""
+        """While the fleet stops: only grace periods, the control socket and systemd."""
         watches: list[Watch] = [self._timers]
         if not self.stopping:
             watches += [self._heartbeats, self._memory, self._rolling]
@@ -250,14 +249,11 @@ class Master:
         flush_stdio()  # or the child's exit would never flush, and the master's twice
         context = WorkerContext(self.fleet.name, slot.worker.name, slot.replica, self._pid)
         heartbeat = self._heartbeats.arm(slot, time.monotonic())
-        # Everything the child needs is made here, before the fork: after it, each page
-        # either process writes is copied (measured: 20 more page faults in the master per
-        # fork, +0.1 ms, when this ran after the fork and through a context manager).
-        title = titles.worker(slot.label, self.fleet.name)
-        close_fds = self._own_fds()
+        # Made before the fork: after it, each page either process writes is copied
+        # (20 more faults a fork in the master when the child built these itself).
+        title, close_fds = titles.worker(slot.label, self.fleet.name), self._own_fds()
         self._observe("forking", slot)
-        # Held across fork(): a signal in the window waits for the child's own handlers.
-        saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)
+        saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)  # see prefork.child
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN/ENOMEM: a failed start, retried on the backoff
