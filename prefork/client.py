@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from prefork.control import ControlError, Peer, peer_of
+from prefork.control import ControlError, Peer, one_line, peer_of
 from prefork.memory import MIB, MemoryUnavailable, measure
 from prefork.tables import align
 
@@ -120,7 +120,7 @@ def fetch_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
     """
     reply = request(path, {"command": "status"}, timeout)
     if "error" in reply:
-        raise ControlError(f"the master refused status: {_one_line(str(reply['error']))}")
+        raise ControlError(f"the master refused status: {one_line(str(reply['error']))}")
     problem = _check_status(reply)
     if problem is not None:
         raise ControlError(f"the master's status reply is not understood: {problem}")
@@ -210,7 +210,3 @@ def format_duration(seconds: float | None) -> str:
 
 def _or_dash(value: object) -> str:
     return "-" if value is None else str(value)
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())

@@ -330,7 +330,7 @@ class ControlServer:
         try:
             request = json.loads(line)
         except (UnicodeDecodeError, ValueError) as exc:
-            return {"error": f"request is not JSON: {_one_line(str(exc))}"}
+            return {"error": f"request is not JSON: {one_line(str(exc))}"}
         problem = self.check(request)
         if problem is not None:
             return {"error": problem}
@@ -338,7 +338,7 @@ class ControlServer:
             reply = self.commands[request["command"]].run(request)
         except Exception as exc:
             log.exception("control: the %s handler failed", request["command"])
-            return {"error": f"internal error: {type(exc).__name__}: {_one_line(str(exc))}"}
+            return {"error": f"internal error: {type(exc).__name__}: {one_line(str(exc))}"}
         if not isinstance(reply, dict):
             log.error("control: the %s handler returned a %s, not a dict", request["command"],
                       type(reply).__name__)
@@ -383,5 +383,6 @@ class ControlServer:
                 self._selector.unregister(fd)
 
 
-def _one_line(text: str) -> str:
+def one_line(text: str) -> str:
+    """``text`` on one line, its runs of whitespace (newlines too) made single spaces."""
     return " ".join(text.split())
