@@ -112,6 +112,8 @@ class Master:
         self._heartbeats = HeartbeatWatch(self.slots)
         self._memory = MemoryWatch(self.slots, fleet.max_private_memory, memory_check_interval)
         self._rolling = RollingRestart(self.slots)
+        self._supervising: list[Watch] = []  # the loop's watches, made by _open()
+        self._while_stopping: list[Watch] = []
         self._control = (ControlServer(socket_path(directory, fleet.name), command_table(
             status=lambda _request: self.status(), scale=self._scale_request))
             if control else None)
@@ -154,14 +156,7 @@ class Master:
 
     def _watches(self) -> list[Watch]:
         """While the fleet stops: only grace periods, the control socket and systemd."""
-        watches: list[Watch] = [self._timers]
-        if not self.stopping:
-            watches += [self._heartbeats, self._memory, self._rolling]
-        if self._control is not None:
-            watches.append(self._control)
-        if self._systemd is not None:
-            watches.append(self._systemd)
-        return watches
+        return self._while_stopping if self.stopping else self._supervising
 
     def _wait(self) -> None:
         assert self._selector is not None
@@ -387,6 +382,10 @@ class Master:
                 lambda: summary(self.slots, stopping=self.stopping))
         if self._systemd is not None:
             self._systemd.due(time.monotonic())  # the first watchdog ping goes out at once
+        outside: list[Watch] = [w for w in (self._control, self._systemd) if w is not None]
+        self._supervising = [self._timers, self._heartbeats, self._memory, self._rolling,
+                             *outside]
+        self._while_stopping = [self._timers, *outside]
 
     def _close(self) -> None:
         self._signals.close()
