@@ -86,10 +86,10 @@ def make_private_dir(path: Path, *, what: str, advice: str, parents: bool = True
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            return f"{what} {path} is not a directory (a symlink); {advice}"
-        if exc.errno == errno.ENOTDIR:
-            return f"{what} {path} is not a directory; {advice}"
+        # O_NOFOLLOW with O_DIRECTORY fails a symlink with ENOTDIR (ELOOP without it).
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            link = " (a symlink)" if path.is_symlink() else ""
+            return f"{what} {path} is not a directory{link}; {advice}"
         return f"{what} {path}: {exc.strerror}"
     try:
         info = os.fstat(fd)

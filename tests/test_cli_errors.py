@@ -95,3 +95,22 @@ def test_unknown_command_and_help() -> None:
                         capture_output=True, text=True, timeout=30)
     assert ok.returncode == 0
     assert "--max-backoff" in ok.stdout
+
+
+def test_a_symlinked_runtime_dir_is_refused_and_its_target_untouched(
+        events: Events, runtime_dir: Path, tmp_path: Path) -> None:
+    target = tmp_path / "target"
+    target.mkdir(mode=0o700)
+    link = tmp_path / "link"
+    link.symlink_to(target)
+    result = subprocess.run(
+        [sys.executable, "-m", "prefork", "run", "--fleet", "fleets.basic:sleepers",
+         "--runtime-dir", str(link)],
+        capture_output=True, text=True, env=master_env(events, runtime_dir), timeout=30,
+    )
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"prefork: error: runtime directory {link} is not a directory (a symlink); "
+        "use a private one (--runtime-dir)"
+    ]
+    assert list(target.iterdir()) == []
