@@ -116,6 +116,7 @@ def run(
         for module in preload:
             import_module(module, what="preload module")
         fleet = load_fleet(fleet_spec)
+        logs.reclaim()  # the floor's logging set-up may have disabled prefork's logger
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart, max_private_memory)
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
