@@ -25,23 +25,25 @@ class _PreforkHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
 def configure(level: str) -> None:
     """Send the ``prefork`` logger's records at ``level`` and above to stderr, through
-    prefork's own handler only. Idempotent.
-
-    Under journald (``$JOURNAL_STREAM`` set) the timestamp is left to the journal.
-    """
+    prefork's own handler only. Idempotent."""
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level.upper())
     logger.propagate = False
     if any(isinstance(h, _PreforkHandler) for h in logger.handlers):
         return
     handler = _PreforkHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt, datefmt = "[%(process)d] %(levelname)s %(message)s", None
-    else:
-        fmt = "%(asctime)s.%(msecs)03d [%(process)d] %(levelname)s %(message)s"
-        datefmt = "%Y-%m-%d %H:%M:%S"
-    handler.setFormatter(logging.Formatter(fmt, datefmt))
+    handler.setFormatter(line_formatter())
     logger.addHandler(handler)
+
+
+def line_formatter() -> logging.Formatter:
+    """prefork's line format, for an application whose workers' lines should look like the
+    master's (the bundled fleets use it on their own logger). Under journald
+    (``$JOURNAL_STREAM`` set) the timestamp is left to the journal."""
+    if os.environ.get("JOURNAL_STREAM"):
+        return logging.Formatter("[%(process)d] %(levelname)s %(message)s")
+    return logging.Formatter("%(asctime)s.%(msecs)03d [%(process)d] %(levelname)s %(message)s",
+                             "%Y-%m-%d %H:%M:%S")
 
 
 def reclaim() -> None:
