@@ -20,6 +20,7 @@ import selectors
 import signal
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ from prefork.notify import SystemdReporter
 from prefork.paths import default_runtime_dir, socket_path
 from prefork.policy import ExitStatus
 from prefork.scaling import plan_scale, replicas
-from prefork.signals import HANDLED, STOP, SignalInbox
+from prefork.signals import IGNORED, STOP, SignalInbox, signal_name
 from prefork.slot import Next, Slot, StopReason, slots_for, summary
 from prefork.states import ACTIVE, ALIVE, WorkerState
 from prefork.watches import (
@@ -105,6 +106,7 @@ class Master:
         self._stop_started = 0.0
         self._killed_at_stop = 0
         self._signals = SignalInbox()
+        self._blocked: list[int] = []  # the inbox's signals, blocked across each fork
         self._selector: selectors.BaseSelector | None = None
         self._systemd_notify = systemd_notify
         self._systemd: SystemdReporter | None = None
@@ -176,8 +178,9 @@ class Master:
     # -- events --------------------------------------------------------------------
 
     def _handle_signals(self) -> None:
+        ignored: Counter[int] = Counter()
         for signum in self._signals.take():
-            name = signal.Signals(signum).name
+            name = signal_name(signum)
             if signum in STOP:
                 if self.stopping:
                     for slot in self.slots:
@@ -191,7 +194,15 @@ class Master:
                          self._rolling.begin())
             elif signum in (signal.SIGTTIN, signal.SIGTTOU):
                 self._scale_all(+1 if signum == signal.SIGTTIN else -1, name)
+            elif signum == signal.SIGUSR1:
+                log.info("SIGUSR1: no log file to reopen (the master logs to stderr)")
+            elif signum in IGNORED:
+                ignored[signum] += 1
             # SIGCHLD needs nothing here: every wake-up reaps.
+        for signum, count in ignored.items():  # one line for a burst, not one per signal
+            log.warning("%s%s: ignored (it means nothing to a prefork master; see the "
+                        "README's signal table)", signal_name(signum),
+                        f" x{count}" if count > 1 else "")
 
     def _reap(self) -> None:
         while True:
@@ -248,7 +259,7 @@ class Master:
         # (20 more faults a fork in the master when the child built these itself).
         title, close_fds = titles.worker(slot.label, self.fleet.name), self._own_fds()
         self._observe("forking", slot)
-        saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, HANDLED)  # see prefork.child
+        saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._blocked)  # prefork.child
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN/ENOMEM: a failed start, retried on the backoff
@@ -370,6 +381,7 @@ class Master:
         close it: the signal inbox, the selector, the control socket, the heartbeat
         table, systemd's notify socket."""
         self._signals.open()
+        self._blocked = self._signals.handled()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._signals.wake_r, selectors.EVENT_READ)
         if self._control is not None:

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 from prefork.fleet import Backoff, RestartPolicy, StartLimit
+from prefork.signals import signal_name
 
 
 @dataclass(frozen=True)
@@ -35,10 +35,7 @@ class ExitStatus:
 
     def describe(self) -> str:
         if self.signal is not None:
-            try:
-                return f"killed by {signal.Signals(self.signal).name}"
-            except ValueError:
-                return f"killed by signal {self.signal}"
+            return f"killed by {signal_name(self.signal)}"
         return f"exit code {self.code}"
 
 

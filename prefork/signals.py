@@ -6,11 +6,19 @@ loop's ``select()``. Nothing heavy ever runs inside a handler (it can interrupt 
 
 What the master does with each signal (the README's signal table):
 
-    SIGTERM, SIGINT   stop: SIGTERM to every worker, SIGKILL after the grace period;
-                      a second one SIGKILLs the stragglers at once
+    SIGTERM, SIGINT,  stop: SIGTERM to every worker, SIGKILL after the grace period;
+    SIGQUIT           a second one SIGKILLs the stragglers at once
     SIGHUP            rolling restart of every worker, one at a time
+    SIGUSR1           reopen log files (logrotate's ``postrotate``)
     SIGTTIN, SIGTTOU  one replica more / fewer of each worker that has max_replicas
     SIGCHLD           nothing but the wake-up: every wake-up reaps
+    IGNORED           logged and ignored: their default action would end the master at
+                      once, and the kernel would then SIGKILL every worker without grace
+
+The fault signals (SIGSEGV, SIGBUS, SIGILL, SIGFPE, SIGSYS, SIGTRAP, SIGABRT) keep their
+default, a core dump: a handler cannot run Python code on a real fault, and an operator
+who sends SIGABRT asks for the core. SIGTSTP, SIGCONT, SIGWINCH and SIGURG keep theirs too
+(stop, continue, nothing, nothing: none of them ends a process).
 """
 
 from __future__ import annotations
@@ -20,9 +28,29 @@ import signal
 from collections import deque
 from collections.abc import Callable, Iterator
 
-HANDLED: tuple[signal.Signals, ...] = (
-    signal.SIGTERM, signal.SIGINT, signal.SIGCHLD, signal.SIGHUP, signal.SIGTTIN, signal.SIGTTOU)
-STOP = frozenset({signal.SIGTERM, signal.SIGINT})
+HANDLED: tuple[int, ...] = (
+    signal.SIGTERM, signal.SIGINT, signal.SIGQUIT, signal.SIGCHLD, signal.SIGHUP,
+    signal.SIGUSR1, signal.SIGTTIN, signal.SIGTTOU)
+STOP = frozenset({signal.SIGTERM, signal.SIGINT, signal.SIGQUIT})
+# Signals whose default action terminates a process and that mean nothing to a master. A
+# handler is set only where the floor left the default: an application's own handler (a
+# profiler's SIGPROF) stays.
+IGNORED: tuple[int, ...] = (
+    signal.SIGUSR2, signal.SIGALRM, signal.SIGVTALRM, signal.SIGPROF, signal.SIGIO,
+    signal.SIGPWR, signal.SIGSTKFLT, signal.SIGXCPU, signal.SIGXFSZ,
+    *range(signal.SIGRTMIN, signal.SIGRTMAX + 1))
+
+
+
+def signal_name(signum: int) -> str:
+    """``SIGTERM``; ``SIGRTMIN+3`` for a real-time signal; ``signal 99`` for no signal."""
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        if signal.SIGRTMIN < signum <= signal.SIGRTMAX:
+            return f"SIGRTMIN+{signum - signal.SIGRTMIN}"
+        return f"signal {signum}"
+
 
 Disposition = Callable[[int, object], object] | int | signal.Handlers | None
 
@@ -30,8 +58,9 @@ Disposition = Callable[[int, object], object] | int | signal.Handlers | None
 class SignalInbox:
     """The handlers, their queue and the wake-up pipe, from ``open()`` to ``close()``.
 
-    ``defaults`` keeps the dispositions found at ``open()``: a forked child puts them back,
-    so a worker reacts to signals as it would as a program of its own.
+    ``defaults`` keeps the dispositions found at ``open()`` of every signal it handles: a
+    forked child puts them back, so a worker reacts to signals as it would as a program of
+    its own.
     """
 
     def __init__(self) -> None:
@@ -42,8 +71,10 @@ class SignalInbox:
 
     def open(self) -> None:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        for signum in HANDLED:
+        for signum in HANDLED + IGNORED:
             previous = signal.getsignal(signum)
+            if signum in IGNORED and previous not in (signal.SIG_DFL, None):
+                continue
             self.defaults[signum] = signal.SIG_DFL if previous is None else previous
             signal.signal(signum, self._on_signal)
         self._previous_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
@@ -59,6 +90,10 @@ class SignalInbox:
             if fd >= 0:
                 os.close(fd)
         self.wake_r = self.wake_w = -1
+
+    def handled(self) -> list[int]:
+        """The signals with the inbox's handler: what the master blocks across a fork."""
+        return list(self.defaults)
 
     def fds(self) -> list[int]:
         """The pipe: what a forked child must close."""
