@@ -22,11 +22,12 @@ from __future__ import annotations
 
 import _signal
 import ctypes
+import dataclasses
 import logging
 import os
 import signal
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -49,12 +50,15 @@ Handler = signal.Handlers | int | object
 
 @dataclass(frozen=True)
 class WorkerContext:
-    """Who this process is, for a worker that wants to know (``prefork.current_worker()``)."""
+    """Which worker: what ``prefork.current_worker()`` returns in a worker, and what the
+    fleet's hooks are given. ``pid`` is the worker's process, ``None`` before it is forked
+    (in ``pre_fork``)."""
 
     fleet: str
     name: str
     replica: int
     master_pid: int
+    pid: int | None = None
 
     @property
     def label(self) -> str:
@@ -77,8 +81,11 @@ def run_child(
     signal_defaults: Mapping[int, Handler],
     close_fds: Iterable[int],
     heartbeat: tuple[HeartbeatTable, int, float] | None = None,
+    post_fork: Callable[[WorkerContext], object] | None = None,
 ) -> NoReturn:
-    """Become a worker and run ``target``; never returns, whatever happens."""
+    """Become a worker, call the fleet's ``post_fork`` hook, and run ``target``; never
+    returns, whatever happens. A ``post_fork`` that raises ends the process with
+    ``ExitCode.CHILD_SETUP_FAILED`` before the worker's code runs: a failed start."""
     global _current
     code: int = ExitCode.CHILD_SETUP_FAILED
     try:
@@ -95,10 +102,10 @@ def run_child(
         if heartbeat is not None:
             table, cell, interval = heartbeat
             table.attach(cell, interval)
-        _current = context
+        _current = context = dataclasses.replace(context, pid=os.getpid())
         os.environ["PREFORK_WORKER"] = context.name
         os.environ["PREFORK_REPLICA"] = str(context.replica)
-        code = _call_worker(context.label, target)
+        code = _call_worker(context, target, post_fork)
     except BaseException:  # must never unwind into the master's code
         try:
             log.exception("worker %s: prefork failed to start it", context.label)
@@ -128,9 +135,19 @@ def _die_with_master(master_pid: int) -> None:
         os._exit(ExitCode.CHILD_SETUP_FAILED)
 
 
-def _call_worker(label: str, target: WorkerTarget) -> int:
-    """Run the worker; turn how it ended into an exit code (or die by SIGINT)."""
+def _call_worker(context: WorkerContext, target: WorkerTarget,
+                 post_fork: Callable[[WorkerContext], object] | None) -> int:
+    """Run the hook and the worker; turn how they ended into an exit code (or die by
+    SIGINT)."""
+    label = context.label
     try:
+        if post_fork is not None:
+            try:
+                post_fork(context)
+            except Exception as exc:
+                log.exception("worker %s: post_fork hook failed: %s: %s", label,
+                              type(exc).__name__, exc)
+                return ExitCode.CHILD_SETUP_FAILED
         target()
     except SystemExit as exc:
         return _system_exit_code(exc)

@@ -17,7 +17,7 @@ class ExitCode(IntEnum):
     NO_MASTER = 3  # status, reload, scale: no master of that fleet is running
     ALREADY_RUNNING = 4  # run: another master holds the fleet's lock
     WORKERS_FAILED = 5  # run: the master stopped and a worker had ended failed
-    # A worker's process: prefork failed in the child before the worker's code ran
-    # (sysexits.h EX_SOFTWARE).
+    # A worker's process: prefork, or the fleet's post_fork hook, failed in the child
+    # before the worker's code ran (sysexits.h EX_SOFTWARE).
     CHILD_SETUP_FAILED = 70
     INTERRUPTED = 130  # Ctrl-C before the master took over its signals (128 + SIGINT)

@@ -115,13 +115,26 @@ class Worker:
             object.__setattr__(self, "warmup", asyncio_worker(self.warmup))  # type: ignore[arg-type]
 
 
+# Each hook: (its arguments, where it runs and when).
+HOOKS: dict[str, tuple[tuple[str, ...], str]] = {
+    "on_starting": (("fleet",), "master, once, after the import and before the floor is "
+                                "frozen and the first worker forked"),
+    "pre_fork": (("worker",), "master, before each fork of a worker"),
+    "post_fork": (("worker",), "the worker's process, after prefork's set-up and before "
+                               "the worker's code; raising fails that start"),
+    "worker_exit": (("worker", "status"), "master, after a worker's process is reaped"),
+    "on_exit": (("fleet",), "master, once, when every worker has been reaped"),
+}
+
+
 @dataclass(frozen=True)
 class Fleet:
     """A named set of workers and the defaults they share.
 
     ``restart`` is ``"on-failure"`` (restart after a non-zero exit or a signal; a clean
     exit 0 ends the worker), ``"always"`` or ``"never"``. ``max_private_memory`` is the
-    limit for workers that set none.
+    limit for workers that set none. The hooks are plain callables, ``None`` for none;
+    :data:`HOOKS` says where each runs and what it is given.
     """
 
     name: str
@@ -130,6 +143,12 @@ class Fleet:
     backoff: Backoff = field(default_factory=Backoff)
     start_limit: StartLimit = field(default_factory=StartLimit)
     max_private_memory: int | None = None
+    # Hooks (see HOOKS), gunicorn's names. A worker is a prefork.WorkerContext.
+    on_starting: Callable[[Fleet], object] | None = None
+    pre_fork: Callable[[Any], object] | None = None
+    post_fork: Callable[[Any], object] | None = None
+    worker_exit: Callable[[Any, Any], object] | None = None
+    on_exit: Callable[[Fleet], object] | None = None
 
     def __post_init__(self) -> None:
         # Accept any iterable of workers but keep the frozen dataclass hashable.
@@ -146,6 +165,8 @@ class Fleet:
         self.backoff.check(f"fleet {self.name!r}")
         self.start_limit.check(f"fleet {self.name!r}")
         _check_size(f"fleet {self.name!r}: max_private_memory", self.max_private_memory)
+        for hook, (arguments, _where) in HOOKS.items():
+            _check_hook(f"fleet {self.name!r}: {hook}", getattr(self, hook), arguments)
         seen: set[str] = set()
         for worker in self.workers:
             if not isinstance(worker, Worker):
@@ -299,6 +320,21 @@ def _check_worker(worker: Worker) -> None:
         worker.backoff.check(where)
     if worker.start_limit is not None:
         worker.start_limit.check(where)
+
+
+def _check_hook(where: str, hook: object, arguments: tuple[str, ...]) -> None:
+    if hook is None:
+        return
+    if not callable(hook):
+        raise FleetError(f"{where}: {hook!r} is not callable")
+    try:
+        inspect.signature(hook).bind(*arguments)
+    except TypeError:
+        raise FleetError(f"{where}: {_callable_name(hook)} must take {len(arguments)} "
+                         f"positional argument{'s' if len(arguments) > 1 else ''} "
+                         f"({', '.join(arguments)})") from None
+    except ValueError:  # a builtin without a signature: trust it
+        pass
 
 
 def _check_size(what: str, value: object) -> None:

@@ -127,6 +127,7 @@ class Master:
         try:
             self._open()
             setproctitle(titles.master(self.fleet.name))
+            self._run_hook("on_starting", self.fleet)
             prepare_floor(self.fleet, freeze=self.freeze, warm_up=self.warm_up)
             log.info("master %d: fleet %s, %d workers: %s", self._pid, self.fleet.name,
                      len(self.slots), ", ".join(s.label for s in self.slots))
@@ -153,6 +154,7 @@ class Master:
             self._by_pid.clear()
             raise
         finally:
+            self._run_hook("on_exit", self.fleet)
             self._close()
             self.lock.release()
 
@@ -222,6 +224,7 @@ class Master:
             log.log(logging.WARNING if status.failed and not shutdown else logging.INFO,
                     "worker %s (pid %s) exited: %s after %.3fs", slot.label, pid,
                     status.describe(), now - slot.started_at)
+            self._run_hook("worker_exit", self._context(slot, pid), status)
             self._observe("exited", slot)  # slot.pid is still the pid that exited
             then = slot.exited(status, now, self._rng)
             if then is Next.START:
@@ -252,8 +255,9 @@ class Master:
     def _spawn(self, slot: Slot, *, count_start: bool = True) -> None:
         """Fork ``slot``'s worker. ``count_start=False``: a replacement the master chose
         (recycling, rolling restart), which must not count towards the start limit."""
+        context = self._context(slot)
+        self._run_hook("pre_fork", context)
         flush_stdio()  # or the child's exit would never flush, and the master's twice
-        context = WorkerContext(self.fleet.name, slot.worker.name, slot.replica, self._pid)
         heartbeat = self._heartbeats.arm(slot, time.monotonic())
         # Made before the fork: after it, each page either process writes is copied
         # (20 more faults a fork in the master when the child built these itself).
@@ -271,7 +275,7 @@ class Master:
         if pid == 0:
             run_child(context, slot.worker.target, title=title,
                       signal_defaults=self._signals.defaults, close_fds=close_fds,
-                      heartbeat=heartbeat)
+                      heartbeat=heartbeat, post_fork=self.fleet.post_fork)
         signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
         slot.started(pid, time.monotonic(), count_start=count_start)
         self._by_pid[pid] = slot
@@ -422,6 +426,21 @@ class Master:
         if self._control is not None:
             fds.extend(self._control.own_fds())
         return fds
+
+    def _context(self, slot: Slot, pid: int | None = None) -> WorkerContext:
+        return WorkerContext(self.fleet.name, slot.worker.name, slot.replica, self._pid, pid)
+
+    def _run_hook(self, name: str, *args: object) -> None:
+        """Call the fleet's hook ``name``, if it has one; a hook that raises is logged
+        with its traceback and the master goes on."""
+        hook = getattr(self.fleet, name)
+        if hook is None:
+            return
+        try:
+            hook(*args)
+        except (Exception, SystemExit) as exc:
+            log.exception("%s hook failed (the fleet goes on): %s: %s", name,
+                          type(exc).__name__, exc)
 
     def _observe(self, event: str, slot: Slot | None) -> None:
         if self._observer is not None:

@@ -96,7 +96,7 @@ def probe_fleet(
     floor = measure(os.getpid())
     members: list[_Member] = []
     for worker, replica in assignments:
-        members.append(_fork_child(fleet.name, worker, replica, members))
+        members.append(_fork_child(fleet, worker, replica, members))
     master = ("master", "master", os.getpid())
     try:
         timings = _run_phases(report, [master], members, idle_times)
@@ -187,9 +187,10 @@ def _summarize(report: ProbeReport, fleet: Fleet, count: int, freeze: bool, warm
 # -- the measured processes ------------------------------------------------------------
 
 
-def _fork_child(fleet_name: str, worker: Worker, replica: int,
+def _fork_child(fleet: Fleet, worker: Worker, replica: int,
                 siblings: list[_Member]) -> _Member:
     ours, theirs = socket.socketpair()
+    fleet_name = fleet.name
     context = WorkerContext(fleet_name, worker.name, replica, os.getpid())
     flush_stdio()
     pid = os.fork()
@@ -198,7 +199,7 @@ def _fork_child(fleet_name: str, worker: Worker, replica: int,
         fd = theirs.detach()
         run_child(context, lambda: _serve(worker, fd, fd),
                   title=titles.probe(fleet_name, context.label), signal_defaults={},
-                  close_fds=[m.read_fd for m in siblings])
+                  close_fds=[m.read_fd for m in siblings], post_fork=fleet.post_fork)
     theirs.close()
     fd = ours.detach()
     return _Member("child", context.label, pid, fd, fd)

@@ -51,6 +51,14 @@ def test_async_targets_are_wrapped_to_run_in_a_fresh_loop() -> None:
     (Fleet("f", [Worker("w", work)], start_limit=StartLimit(burst=0)), "burst must be"),
     (Fleet("f", [Worker("w", work, start_limit=StartLimit(interval=-2))]), "interval must be"),
     ({"w": Worker("v", work)}, "filed under the key"),
+    (Fleet("f", [Worker("w", work)], post_fork=42),  # type: ignore[arg-type]
+     "fleet 'f': post_fork: 42 is not callable"),
+    (Fleet("f", [Worker("w", work)], pre_fork=work),
+     "fleet 'f': pre_fork: work must take 1 positional argument (worker)"),
+    (Fleet("f", [Worker("w", work)], worker_exit=lambda w: None),
+     "worker_exit: <lambda> must take 2 positional arguments (worker, status)"),
+    (Fleet("f", [Worker("w", work)], on_exit=lambda a, b: None),
+     "on_exit: <lambda> must take 1 positional argument (fleet)"),
 ])
 def test_invalid_fleets_raise_one_line(obj: object, message: str) -> None:
     with pytest.raises(FleetError) as caught:
