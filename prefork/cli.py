@@ -43,6 +43,7 @@ from prefork.fleet import (
 from prefork.floor import WarmUpError
 from prefork.lock import AlreadyRunning
 from prefork.paths import RuntimeDirError
+from prefork.threads import ThreadsAtFork
 from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
 from prefork.version import __version__
 
@@ -79,6 +80,9 @@ def cli() -> None:
               help="gc.collect() and gc.freeze() in the master before forking.")
 @click.option("--warm-up/--no-warm-up", default=False, show_default=True,
               help="Run every worker's warm-up hook in the master before forking.")
+@click.option("--strict-fork/--no-strict-fork", default=False, show_default=True,
+              help="Refuse to fork when the master has other threads after importing "
+                   "the floor, instead of warning.")
 @click.option("--max-private-memory", type=SIZE, default=None, metavar="SIZE",
               help="Recycle a worker whose private memory (USS) stays above SIZE "
                    "(512M, 1G) for workers that set none [no limit].")
@@ -101,6 +105,7 @@ def run(
     restart: str | None,
     freeze: bool,
     warm_up: bool,
+    strict_fork: bool,
     max_private_memory: int | None,
     memory_check_interval: float,
     runtime_dir: Path | None,
@@ -120,7 +125,8 @@ def run(
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart, max_private_memory)
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
-                        runtime_dir=runtime_dir, memory_check_interval=memory_check_interval)
+                        runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
+                        strict_fork=strict_fork)
         master.lock.acquire()
     except FleetError as exc:
         raise CliError(str(exc)) from None
@@ -134,6 +140,8 @@ def run(
         return master.run()
     except (ControlError, RuntimeDirError, WarmUpError) as exc:  # before any fork
         raise CliError(str(exc)) from None
+    except ThreadsAtFork as exc:  # before any fork
+        raise CliError(f"--strict-fork: {exc}") from None
 
 
 @cli.command()

@@ -41,6 +41,7 @@ from prefork.scaling import plan_scale, replicas
 from prefork.signals import IGNORED, STOP, SignalInbox, signal_name
 from prefork.slot import Next, Slot, StopReason, slots_for, summary
 from prefork.states import ACTIVE, ALIVE, WorkerState
+from prefork.threads import ThreadCheck
 from prefork.watches import (
     Action,
     Add,
@@ -74,6 +75,8 @@ class Master:
     ``run()`` returns an exit code: ``ExitCode.OK``, or ``ExitCode.WORKERS_FAILED`` when a
     worker ended in the failed state. It raises ``AlreadyRunning`` when another master
     holds the fleet's lock and ``RuntimeDirError`` when the lock's directory is unsafe.
+    Other threads in the master before the first fork are a warning, or with
+    ``strict_fork`` a ``ThreadsAtFork`` (:mod:`prefork.threads`).
     """
 
     def __init__(
@@ -89,11 +92,13 @@ class Master:
         memory_check_interval: float = DEFAULT_MEMORY_CHECK_INTERVAL,
         control: bool = True,
         warm_up: bool = False,
+        strict_fork: bool = False,
     ) -> None:
         self.fleet = fleet.validate()
         self.grace = grace
         self.freeze = freeze
         self.warm_up = warm_up
+        self._threads = ThreadCheck(strict=strict_fork)
         self.slots = slots_for(fleet)
         directory = runtime_dir or default_runtime_dir()
         self.lock = FleetLock(directory, fleet.name)
@@ -129,6 +134,7 @@ class Master:
             setproctitle(titles.master(self.fleet.name))
             self._run_hook("on_starting", self.fleet)
             prepare_floor(self.fleet, freeze=self.freeze, warm_up=self.warm_up)
+            self._threads.check()  # strict: ThreadsAtFork, before any fork
             log.info("master %d: fleet %s, %d workers: %s", self._pid, self.fleet.name,
                      len(self.slots), ", ".join(s.label for s in self.slots))
             for slot in list(self.slots):
@@ -263,6 +269,7 @@ class Master:
         # (20 more faults a fork in the master when the child built these itself).
         title, close_fds = titles.worker(slot.label, self.fleet.name), self._own_fds()
         self._observe("forking", slot)
+        self._threads.check()  # a thread started since the last fork: warned about once
         saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._blocked)  # prefork.child
         try:
             pid = os.fork()

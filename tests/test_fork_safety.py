@@ -1,21 +1,132 @@
-"""Naming the threads of this process, without a master: Python threads, a real native
-thread (pthread_create from ctypes), a thread that has just ended; and the check that
-warns once per thread or, under strict, refuses at the first."""
+"""Threads in the master at fork: named in one warning, refused under --strict-fork, and
+threads started later named once before the next fork. Naming itself is tested without a
+master: Python threads, a real native thread (pthread_create from ctypes), and a thread
+that has just ended."""
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import re
+import signal
+import subprocess
+import sys
+import textwrap
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
+from conftest import Events, MasterProcess, master_env
+from fleets.threaded import THREAD_NAME
 from prefork import threads
 from prefork.threads import TaskThread, ThreadCheck, ThreadsAtFork, name_threads
+
+THREADED = "fleets.threaded:fleet"
+NAMED = f"'{THREAD_NAME}' (Python daemon thread, tid {{tid}}, runs fleets.threaded.flush_forever)"
+ADVICE = ("start it in a post_fork hook (Fleet(post_fork=...), run in each worker) instead "
+          "of at import, or use its library's fork-safe option")
+
+
+# -- a real master -----------------------------------------------------------------------
+
+
+def test_a_thread_started_at_import_is_named_in_one_warning_and_the_fleet_runs(
+        start_master, events: Events) -> None:
+    master: MasterProcess = start_master(THREADED)
+    events.wait(lambda e: e["kind"] == "up" and e.get("attempt") == 2, what="crashy restarted")
+    events.wait_kind("up", count=5)  # 3 sleepers, crashy twice
+    master.wait_log(r"worker crashy spawned", count=2)  # the restart's fork, after its check
+    warnings = master.log_matches(r"WARNING forking with (.*)")
+    assert len(warnings) == 1, master.log
+    tid = _tid(warnings[0][1])
+    assert str(tid) in os.listdir(f"/proc/{master.pid}/task")  # the master's real thread
+    assert warnings[0][1] == (f"1 other thread in the master: {NAMED.format(tid=tid)}; a lock "
+                              f"it holds at a fork stays held for good in the worker: {ADVICE}")
+    first_spawn = next(i for i, line in enumerate(master.lines) if " spawned " in line)
+    assert "WARNING forking with" in "".join(master.lines[:first_spawn])
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0, master.log
+
+
+def test_strict_fork_refuses_with_the_thread_named_and_forks_nothing(
+        events: Events, runtime_dir: Path, tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "prefork", "run", "--fleet", THREADED, "--strict-fork"],
+        capture_output=True, text=True, timeout=30,
+        env=master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)))
+    assert result.returncode == 2, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line]
+    assert len(errors) == 1, result.stderr
+    assert re.fullmatch(
+        "prefork: error: --strict-fork: not forking with 1 other thread in the master: "
+        + re.escape(NAMED).replace(r"\{tid\}", r"\d+") + re.escape(
+            f"; a lock it holds at a fork stays held for good in the worker: {ADVICE}"),
+        errors[0]), errors[0]
+    assert result.stderr.splitlines()[-1] == errors[0]
+    others = [line for line in result.stderr.splitlines() if line not in errors]
+    assert all(" INFO " in line for line in others), result.stderr  # no traceback, no warning
+    # Refused right after the floor: before the master announced, let alone forked, a worker.
+    assert not re.search(r"sleeper|crashy", result.stderr), result.stderr
+    events.drain()
+    assert not events.of("up"), "a worker ran although the master refused to fork"
+    lock = runtime_dir / "threaded.lock"
+    assert list(runtime_dir.iterdir()) == [lock], "the control socket was left behind"
+    assert lock.read_text() == "", "the lock was not released"
+
+
+@pytest.mark.parametrize("args", [[], ["--strict-fork"]], ids=["warn", "strict"])
+def test_a_fleet_without_threads_forks_without_a_word(start_master, events: Events,
+                                                      args: list[str]) -> None:
+    master: MasterProcess = start_master("fleets.basic:sleepers", *args)
+    events.wait_kind("up", count=4)
+    master.wait_log(r"worker sleeper.3 spawned")
+    assert not master.log_matches(r"thread|WARNING|ERROR"), master.log
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0, master.log
+
+
+def test_a_thread_started_after_the_first_forks_is_named_once_and_strict_only_warns(
+        events: Events, runtime_dir: Path, tmp_path: Path) -> None:
+    """The observer starts a thread in the master when the crasher first exits: each of the
+    crasher's later forks finds it, only the first says so, and strict_fork does not stop
+    the fleet."""
+    script = tmp_path / "late.py"
+    script.write_text(textwrap.dedent("""
+        import logging, sys, threading
+        from fleets.basic import crashing
+        from prefork import Master
+
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+        never = threading.Event()
+
+        def observer(event, slot, now):
+            if event == "exited" and not any(t.name == "late" for t in threading.enumerate()):
+                threading.Thread(target=never.wait, name="late", daemon=True).start()
+
+        sys.exit(Master(crashing, strict_fork=True, observer=observer).run())
+    """))
+    proc = subprocess.Popen([sys.executable, str(script)], stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL,
+                            env=master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)))
+    master = MasterProcess(proc, events)
+    try:
+        events.wait_kind("up", count=4)
+        master.wait_log(r"worker crasher spawned", count=4)
+        warnings = master.log_matches(r"WARNING (forking with .*)")
+        assert [w[1] for w in warnings] == [
+            "forking with 1 new thread in the master: 'late' (Python daemon thread, tid "
+            f"{_tid(warnings[0][1])}, runs threading.Event.wait); a lock it holds at a fork "
+            f"stays held for good in the worker: {ADVICE}"], master.log
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit() == 0, master.log
+    finally:
+        master.close()
+
 
 # -- naming, without a master ------------------------------------------------------------
 
