@@ -36,6 +36,7 @@ from prefork.fleet import Fleet, FleetError, Worker, load_fleet, replica_label
 from prefork.floor import WarmUpError, prepare_floor
 from prefork.memory import Memory, MemoryUnavailable, Meter, measure
 from prefork.probe_report import ProbeReport, Sample
+from prefork.threads import ThreadCheck
 
 # An idle child wakes this often and leaves some reference cycles behind, as a polling
 # loop does (exceptions, futures, frames): only the collector frees those, so its
@@ -93,6 +94,7 @@ def probe_fleet(
         prepare_floor(fleet, freeze=freeze, warm_up=warm_up)
     except WarmUpError as exc:
         raise ProbeError(f"in the master: {exc}") from None
+    ThreadCheck().check()  # a warning, as from `prefork run`'s master
     floor = measure(os.getpid())
     members: list[_Member] = []
     for worker, replica in assignments:

@@ -6,6 +6,7 @@ that has just ended."""
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import re
@@ -126,6 +127,19 @@ def test_a_thread_started_after_the_first_forks_is_named_once_and_strict_only_wa
         assert master.wait_exit() == 0, master.log
     finally:
         master.close()
+
+
+def test_the_probe_names_the_thread_once_and_still_measures(events: Events,
+                                                            runtime_dir: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "prefork", "probe", "--fleet", THREADED, "--idle", "0",
+         "--no-baseline", "--json"], capture_output=True, text=True, timeout=50,
+        env=master_env(events, runtime_dir))
+    assert result.returncode == 0, result.stderr
+    assert [line for line in result.stderr.splitlines() if THREAD_NAME in line] == [
+        f"forking with 1 other thread in the master: {NAMED.format(tid=_tid(result.stderr))}; "
+        f"a lock it holds at a fork stays held for good in the worker: {ADVICE}"]
+    assert json.loads(result.stdout)["summary"]["workers"] == 2
 
 
 # -- naming, without a master ------------------------------------------------------------
