@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Literal, get_args
 
+from prefork.aio import run_until_stopped
 from prefork.heartbeats import beat_interval, beat_while_the_loop_runs
 from prefork.paths import name_for_spec, name_problem
 
@@ -86,7 +87,8 @@ class Worker:
     """One named worker: ``target()`` runs in a forked child and blocks while it works.
 
     ``None`` for ``restart``, ``backoff`` or ``start_limit`` means the fleet's setting.
-    An ``async def`` target is run with :func:`asyncio_worker` automatically.
+    An ``async def`` target is run with :func:`asyncio_worker` automatically: SIGTERM
+    and SIGINT cancel it, and it exits 0 once its clean-up is done.
     ``warmup``, if given, runs the worker's real code once on sample data and returns:
     ``prefork probe`` calls it to measure a working child.
     ``timeout``: a worker that has not called :func:`prefork.heartbeat` for this many
@@ -184,11 +186,13 @@ def replica_label(name: str, replica: int) -> str:
 
 
 def asyncio_worker(func: Callable[[], Any]) -> WorkerTarget:
-    """Wrap an ``async def`` worker so the child runs it in a fresh event loop."""
+    """Wrap an ``async def`` worker so the child runs it in a fresh event loop, where
+    SIGTERM and SIGINT cancel it and let its clean-up run (:mod:`prefork.aio`): a worker
+    that lets that cancellation through returns ``None``, so its child exits 0."""
 
     @functools.wraps(func)
     def run() -> object:
-        return asyncio.run(_beating(func))
+        return run_until_stopped(_beating(func))
 
     return run
 
