@@ -7,6 +7,8 @@ What crosses the fork and what happens to it here:
   back the dispositions the master found at start-up (a standalone ``python`` worker's:
   SIGINT raises KeyboardInterrupt, SIGTERM kills), drops the master's wake-up fd, and
   only then unblocks, so a held SIGTERM now stops the worker as it would stop it alone.
+  (An ``async def`` worker's loop then turns SIGTERM/SIGINT into a cancellation:
+  :mod:`prefork.aio`.)
 - descriptors: the master's own (wake-up pipe, selector, fleet lock) are closed; a
   child holding the lock would keep the fleet "running" after its master died.
   Descriptors that the fleet's own imports opened are left alone: they are the floor's.
