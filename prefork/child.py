@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import _signal
 import ctypes
-import dataclasses
 import logging
 import os
 import signal
@@ -104,7 +103,9 @@ def run_child(
         if heartbeat is not None:
             table, cell, interval = heartbeat
             table.attach(cell, interval)
-        _current = context = dataclasses.replace(context, pid=os.getpid())
+        # Not dataclasses.replace(): 80 us more in a fresh child.
+        _current = context = WorkerContext(context.fleet, context.name, context.replica,
+                                           context.master_pid, os.getpid())
         os.environ["PREFORK_WORKER"] = context.name
         os.environ["PREFORK_REPLICA"] = str(context.replica)
         code = _call_worker(context, target, post_fork)
@@ -125,7 +126,8 @@ def _reset_signals(defaults: Mapping[int, Handler]) -> None:
         # conversion of the old handler raised and caught in a fresh child, 190 us for
         # three signals against 50 us. It takes SIG_DFL/SIG_IGN as the plain ints 0/1.
         _signal.signal(signum, int(handler) if isinstance(handler, int) else handler)
-    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    # _signal again: the wrapper turned the old mask of 47 signals into enums, 85 us.
+    _signal.pthread_sigmask(signal.SIG_SETMASK, ())
 
 
 def _die_with_master(master_pid: int) -> None:

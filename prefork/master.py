@@ -13,6 +13,7 @@ master forks, signals, reaps and removes.
 
 from __future__ import annotations
 
+import _signal
 import logging
 import os
 import random
@@ -111,7 +112,10 @@ class Master:
         self._stop_started = 0.0
         self._killed_at_stop = 0
         self._signals = SignalInbox()
-        self._blocked: list[int] = []  # the inbox's signals, blocked across each fork
+        # The inbox's signals, blocked across each fork. Through _signal, the C function
+        # signal.pthread_sigmask wraps: its conversion of the returned mask to enums cost
+        # 85 us a fork for 47 signals (real-time ones are no enum members), against 3 us.
+        self._blocked: list[int] = []
         self._selector: selectors.BaseSelector | None = None
         self._systemd_notify = systemd_notify
         self._systemd: SystemdReporter | None = None
@@ -270,11 +274,11 @@ class Master:
         title, close_fds = titles.worker(slot.label, self.fleet.name), self._own_fds()
         self._observe("forking", slot)
         self._threads.check()  # a thread started since the last fork: warned about once
-        saved_mask = signal.pthread_sigmask(signal.SIG_BLOCK, self._blocked)  # prefork.child
+        saved_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, self._blocked)  # prefork.child
         try:
             pid = os.fork()
         except OSError as exc:  # EAGAIN/ENOMEM: a failed start, retried on the backoff
-            signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+            _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
             log.error("worker %s: fork failed: %s", slot.label, exc)
             slot.fork_failed(time.monotonic(), self._rng)
             self._observe(_SETTLED_EVENTS[slot.state], slot)
@@ -283,7 +287,7 @@ class Master:
             run_child(context, slot.worker.target, title=title,
                       signal_defaults=self._signals.defaults, close_fds=close_fds,
                       heartbeat=heartbeat, post_fork=self.fleet.post_fork)
-        signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
         slot.started(pid, time.monotonic(), count_start=count_start)
         self._by_pid[pid] = slot
         log.info("worker %s spawned (pid %d)", slot.label, pid)
