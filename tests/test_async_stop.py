@@ -174,6 +174,19 @@ def test_once_the_main_task_is_over_signals_act_as_usual(start_master,
     master.wait_log(rf"worker blocking \(pid {pid}\) exited: killed by SIGTERM")
 
 
+def test_a_blocked_loop_dies_of_sigterm_instead_of_waiting_for_sigkill(
+        start_master, events: Events) -> None:
+    """The loop cannot take the cancellation: the worker dies of SIGTERM as a plain process
+    would, after BLOCKED_AFTER, long before the grace period's SIGKILL."""
+    master = start_master("fleets.graceful:blocked", "--grace", "120")
+    pid = _pid(events, "blocked")
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0  # within the harness's 20 s wait: no 120 s grace
+    master.wait_log(rf"worker blocked \(pid {pid}\) exited: killed by SIGTERM")
+    assert "SIGKILL" not in master.log
+    assert _story(events, pid) == ["up"]
+
+
 @pytest.fixture
 def standalone_dispositions() -> Iterator[None]:
     """SIGTERM and SIGINT as a standalone python has them, put back after the test."""

@@ -117,6 +117,15 @@ def _blocked() -> None:
     threading.Event().wait()
 
 
+async def blocks_its_loop() -> None:
+    """A hung worker: synchronous code in the coroutine that never yields to the loop."""
+    emit("up")
+    try:
+        time.sleep(3600)
+    finally:
+        emit("cleaned")  # never: the loop cannot run the cancellation
+
+
 def plain() -> None:
     emit("up")
     try:
@@ -137,3 +146,4 @@ plain_and_async = Fleet("plain_and_async", [Worker("plain", plain), Worker("tidy
 holding = Fleet("holding", [Worker("held", held), Worker("sleeper", plain)])
 blocking = Fleet("blocking", [Worker("blocking", leaves_a_thread_blocked)], restart="never")
 holding_never = Fleet("holding_never", [Worker("held", held)], restart="never")
+blocked = Fleet("blocked", [Worker("blocked", blocks_its_loop)], restart="never")
