@@ -40,6 +40,7 @@ from prefork.version import __version__
 
 if TYPE_CHECKING:
     from prefork.master import Master, Observer
+    from prefork.threads import ThreadsAtFork
 
 __all__ = [
     "EXIT_OK",
@@ -53,6 +54,7 @@ __all__ = [
     "RestartPolicy",
     "RuntimeDirError",
     "StartLimit",
+    "ThreadsAtFork",
     "Worker",
     "WorkerContext",
     "WorkerTarget",
@@ -76,26 +78,33 @@ def run_fleet(
     freeze: bool = True,
     runtime_dir: Path | None = None,
     observer: Observer | None = None,
+    strict_fork: bool = False,
 ) -> int:
     """Run ``fleet`` in this process as its master until SIGTERM/SIGINT; return the exit code.
 
     Must be called from the main thread (it installs signal handlers). ``name`` names a
     fleet given as a mapping or list. Raises :class:`FleetError` for an invalid fleet,
     :class:`AlreadyRunning` if another master runs a fleet of the same name, and
-    :class:`RuntimeDirError` if the lock's directory is unsafe. Returns ``EXIT_OK`` (0),
-    or ``EXIT_WORKERS_FAILED`` (5) if a worker ended failed.
+    :class:`RuntimeDirError` if the lock's directory is unsafe, and with ``strict_fork``
+    :class:`ThreadsAtFork` if the master has other threads when it would first fork.
+    Returns ``EXIT_OK`` (0), or ``EXIT_WORKERS_FAILED`` (5) if a worker ended failed.
     """
     from prefork.master import Master
 
     master = Master(as_fleet(fleet, name=name), grace=grace, freeze=freeze,
-                    runtime_dir=runtime_dir, observer=observer)
+                    runtime_dir=runtime_dir, observer=observer, strict_fork=strict_fork)
     return master.run()
 
 
 def __getattr__(name: str) -> Any:
-    # PEP 562: `prefork.Master` and `prefork.Observer` import the master on first use.
+    # PEP 562: `prefork.Master` and `prefork.Observer` import the master on first use,
+    # `prefork.ThreadsAtFork` its module (4 ms of `import prefork` otherwise).
     if name in ("Master", "Observer"):
         from prefork import master
 
         return getattr(master, name)
+    if name == "ThreadsAtFork":
+        from prefork import threads
+
+        return threads.ThreadsAtFork
     raise AttributeError(f"module 'prefork' has no attribute {name!r}")

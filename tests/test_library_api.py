@@ -39,6 +39,28 @@ def test_run_fleet_from_a_script(events: Events, runtime_dir: Path, tmp_path: Pa
         master.close()
 
 
+def test_run_fleet_strict_fork_refuses_a_floor_with_a_thread(
+        events: Events, runtime_dir: Path, tmp_path: Path) -> None:
+    script = tmp_path / "strict.py"
+    script.write_text(textwrap.dedent("""
+        import sys
+        from fleets.threaded import fleet
+        from prefork import ThreadsAtFork, run_fleet
+
+        try:
+            run_fleet(fleet, strict_fork=True)
+        except ThreadsAtFork as exc:
+            print("refused:", [t.name for t in exc.threads], file=sys.stderr)
+    """))
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            env=master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)),
+                            timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "refused: ['metrics-flusher']" in result.stderr
+    events.drain()
+    assert not events.of("up")  # nothing was forked
+
+
 def test_bundled_demo_fleet_runs_by_its_registered_name(start_master, events: Events) -> None:
     master = start_master("demo")
     master.wait_log(r"worker flaky spawned")
