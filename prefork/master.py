@@ -198,18 +198,19 @@ class Master:
                         self._kill(slot, f", second {name}")
                 else:
                     self._begin_stop(name)
-            elif self.stopping:
-                continue  # nothing but stopping while the fleet stops
+            elif signum == signal.SIGUSR1:
+                log.info("SIGUSR1: no log file to reopen (the master logs to stderr)")
+            elif signum in IGNORED:
+                ignored[signum] = ignored.get(signum, 0) + 1
+            elif signum == signal.SIGCHLD:
+                continue  # nothing but the wake-up: every wake-up reaps
+            elif self.stopping:  # nothing but stopping while the fleet stops
+                log.info("%s: ignored while the fleet stops", name)
             elif signum == signal.SIGHUP:
                 log.info("SIGHUP: rolling restart of %d workers, one at a time",
                          self._rolling.begin())
             elif signum in (signal.SIGTTIN, signal.SIGTTOU):
                 self._scale_all(+1 if signum == signal.SIGTTIN else -1, name)
-            elif signum == signal.SIGUSR1:
-                log.info("SIGUSR1: no log file to reopen (the master logs to stderr)")
-            elif signum in IGNORED:
-                ignored[signum] = ignored.get(signum, 0) + 1
-            # SIGCHLD needs nothing here: every wake-up reaps.
         for signum, count in ignored.items():  # one line for a burst, not one per signal
             log.warning("%s%s: ignored (it means nothing to a prefork master; see the "
                         "README's signal table)", signal_name(signum),

@@ -50,6 +50,22 @@ def test_a_signal_that_would_end_the_master_is_logged_and_ignored(
     assert len(master.log_matches(r"exited: killed by SIGTERM")) == 4
 
 
+def test_while_the_fleet_stops_other_signals_are_logged_and_change_nothing(
+        start_master, events: Events) -> None:
+    master = start_master("fleets.basic:stubborn", "--grace", "120")
+    events.wait_kind("up", count=2)
+    master.signal(signal.SIGTERM)
+    master.wait_log(r"worker sleeper .* exited")  # stopping: the stubborn one holds it
+    for signum in (signal.SIGHUP, signal.SIGTTIN, signal.SIGUSR2):
+        master.signal(signum)
+        master.wait_log(rf"{signal_name(signum)}: ignored")
+    master.signal(signal.SIGQUIT)  # a second stop signal: SIGKILL at once
+    assert master.wait_exit() == 0
+    master.wait_log(r"worker stubborn \(pid \d+\) still running, second SIGQUIT: SIGKILL")
+    assert "rolling restart" not in master.log
+    assert len(master.log_matches(r"spawned")) == 2
+
+
 def test_a_handler_the_application_set_at_import_is_kept(start_master, events: Events,
                                                          runtime_dir: Path,
                                                          tmp_path: Path) -> None:
