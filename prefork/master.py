@@ -198,12 +198,12 @@ class Master:
                         self._kill(slot, f", second {name}")
                 else:
                     self._begin_stop(name)
+            elif signum == signal.SIGCHLD:
+                continue  # nothing but the wake-up: every wake-up reaps
             elif signum == signal.SIGUSR1:
                 log.info("SIGUSR1: no log file to reopen (the master logs to stderr)")
             elif signum in IGNORED:
                 ignored[signum] = ignored.get(signum, 0) + 1
-            elif signum == signal.SIGCHLD:
-                continue  # nothing but the wake-up: every wake-up reaps
             elif self.stopping:  # nothing but stopping while the fleet stops
                 log.info("%s: ignored while the fleet stops", name)
             elif signum == signal.SIGHUP:
