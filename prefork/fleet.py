@@ -117,15 +117,14 @@ class Worker:
             object.__setattr__(self, "warmup", asyncio_worker(self.warmup))  # type: ignore[arg-type]
 
 
-# Each hook: (its arguments, where it runs and when).
-HOOKS: dict[str, tuple[tuple[str, ...], str]] = {
-    "on_starting": (("fleet",), "master, once, after the import and before the floor is "
-                                "frozen and the first worker forked"),
-    "pre_fork": (("worker",), "master, before each fork of a worker"),
-    "post_fork": (("worker",), "the worker's process, after prefork's set-up and before "
-                               "the worker's code; raising fails that start"),
-    "worker_exit": (("worker", "status"), "master, after a worker's process is reaped"),
-    "on_exit": (("fleet",), "master, once, when every worker has been reaped"),
+# Each hook and the arguments it is given. Where and when each runs: the README's table
+# (on_starting, pre_fork, worker_exit and on_exit in the master; post_fork in the worker).
+HOOKS: dict[str, tuple[str, ...]] = {
+    "on_starting": ("fleet",),
+    "pre_fork": ("worker",),
+    "post_fork": ("worker",),
+    "worker_exit": ("worker", "status"),
+    "on_exit": ("fleet",),
 }
 
 
@@ -136,7 +135,7 @@ class Fleet:
     ``restart`` is ``"on-failure"`` (restart after a non-zero exit or a signal; a clean
     exit 0 ends the worker), ``"always"`` or ``"never"``. ``max_private_memory`` is the
     limit for workers that set none. The hooks are plain callables, ``None`` for none;
-    :data:`HOOKS` says where each runs and what it is given.
+    :data:`HOOKS` says what each is given.
     """
 
     name: str
@@ -167,7 +166,7 @@ class Fleet:
         self.backoff.check(f"fleet {self.name!r}")
         self.start_limit.check(f"fleet {self.name!r}")
         _check_size(f"fleet {self.name!r}: max_private_memory", self.max_private_memory)
-        for hook, (arguments, _where) in HOOKS.items():
+        for hook, arguments in HOOKS.items():
             _check_hook(f"fleet {self.name!r}: {hook}", getattr(self, hook), arguments)
         seen: set[str] = set()
         for worker in self.workers:
