@@ -16,7 +16,6 @@ import json
 import os
 import re
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -276,7 +275,3 @@ def wait_gone(pids: list[int], timeout: float = WAIT) -> list[int]:
     finally:
         for fd in fds:
             os.close(fd)
-
-
-def signal_name(signum: int) -> str:
-    return signal.Signals(signum).name
