@@ -45,13 +45,16 @@ BAD_RUNS = [
 ]
 
 
+def _run(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    """``prefork run ARGS`` to its end, with its output."""
+    return subprocess.run([sys.executable, "-m", "prefork", "run", *args],
+                          capture_output=True, text=True, env=env, timeout=30)
+
+
 @pytest.mark.parametrize(("args", "message"), BAD_RUNS, ids=[" ".join(a) for a, _ in BAD_RUNS])
 def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, events: Events,
                                           runtime_dir: Path, tmp_path: Path) -> None:
-    result = subprocess.run(
-        [sys.executable, "-m", "prefork", "run", *args], capture_output=True, text=True,
-        env=master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)), timeout=30,
-    )
+    result = _run(args, master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)))
     lines = result.stderr.splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1, result.stderr
@@ -66,11 +69,8 @@ def test_unsafe_runtime_dir_is_refused(events: Events, runtime_dir: Path,
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    result = subprocess.run(
-        [sys.executable, "-m", "prefork", "run", "--fleet", "fleets.basic:sleepers",
-         "--runtime-dir", str(shared)],
-        capture_output=True, text=True, env=master_env(events, runtime_dir), timeout=30,
-    )
+    result = _run(["--fleet", "fleets.basic:sleepers", "--runtime-dir", str(shared)],
+                  master_env(events, runtime_dir))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"prefork: error: runtime directory {shared} is writable by others; "
@@ -103,11 +103,8 @@ def test_a_symlinked_runtime_dir_is_refused_and_its_target_untouched(
     target.mkdir(mode=0o700)
     link = tmp_path / "link"
     link.symlink_to(target)
-    result = subprocess.run(
-        [sys.executable, "-m", "prefork", "run", "--fleet", "fleets.basic:sleepers",
-         "--runtime-dir", str(link)],
-        capture_output=True, text=True, env=master_env(events, runtime_dir), timeout=30,
-    )
+    result = _run(["--fleet", "fleets.basic:sleepers", "--runtime-dir", str(link)],
+                  master_env(events, runtime_dir))
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         f"prefork: error: runtime directory {link} is not a directory (a symlink); "
