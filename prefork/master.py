@@ -354,6 +354,8 @@ class Master:
     def scale(self, name: str, delta: int) -> str:
         """One replica more (``delta=1``) or fewer (``-1``) of worker ``name``; returns
         what was done, raises ValueError (one line) when it cannot."""
+        if self.stopping:
+            raise ValueError("the fleet is stopping: it scales no more")
         done, actions = plan_scale(self.fleet, self.slots, name, delta)
         for action in actions:
             self._act(action, time.monotonic())

@@ -159,6 +159,22 @@ def test_ttin_ttou_and_scale_change_replicas(start_master, events: Events,
     stop(master)
 
 
+def test_scale_is_refused_while_the_fleet_stops(start_master, events: Events,
+                                                runtime_dir: Path) -> None:
+    master = start_master("fleets.operated:stalling", "--grace", "30")
+    events.wait_kind("up", count=2)
+    master.signal(signal.SIGTERM)
+    master.wait_log(r"worker w \(pid \d+\) exited")  # "deaf" keeps the stop going
+    refused = cli(events, runtime_dir, "scale", "--fleet", "stalling", "w", "+1")
+    assert refused.returncode == 2
+    assert refused.stderr.splitlines() == [
+        "prefork: error: the fleet is stopping: it scales no more"]
+    master.signal(signal.SIGTERM)  # the second one ends "deaf" at once
+    assert master.wait_exit() == 0
+    assert len(events.of("up", label="w.1")) == 0
+    assert not master.log_matches(r"worker w.1 spawned")
+
+
 def test_status_shows_true_pids_and_states(start_master, events: Events,
                                            runtime_dir: Path) -> None:
     master = start_master("fleets.operated:troubled")

@@ -61,6 +61,12 @@ async def async_then_blocks() -> None:
     await asyncio.Event().wait()
 
 
+def deaf_to_sigterm() -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    emit("up")
+    idle_forever()
+
+
 def grows_private() -> None:
     """On its first start, dirty 40 MiB of its own; later starts stay small."""
     attempt = bump(f"leak-{_label()}")
@@ -110,6 +116,9 @@ leaking = Fleet("leaking", [Worker("leaker", grows_private, replicas=2,
 rolling = Fleet("rolling", [Worker("a", graceful), Worker("b", graceful, replicas=2),
                             Worker("c", graceful)])
 scalable = Fleet("scalable", [Worker("w", graceful, max_replicas=3), Worker("fixed", graceful)])
+# Its stop lasts the grace period: "deaf" ignores SIGTERM.
+stalling = Fleet("stalling", [Worker("deaf", deaf_to_sigterm), Worker("w", graceful,
+                                                                      max_replicas=3)])
 troubled = Fleet("troubled", [
     Worker("steady", idle_forever),
     Worker("crasher", crash_soon, backoff=Backoff(initial=30, maximum=30, jitter=0)),
