@@ -16,6 +16,10 @@ What crosses the fork and what happens to it here:
   check of ``getppid()`` after setting it covers a master that died before that.
   SIGKILL, not SIGTERM: a master that vanished cannot run a grace period, and a worker
   that ignores SIGTERM must not outlive it.
+- process group: the child leads a group of its own (the master sets it too, so neither
+  side's order matters), and what it starts joins it: the worker's process tree, which
+  the master signals as one (:mod:`prefork.trees`). A terminal's Ctrl-C therefore
+  reaches the master only, which stops the workers as it stops them for SIGTERM.
 - exit: always ``os._exit`` after flushing stdio, so the master's atexit handlers and
   buffered output never run twice.
 """
@@ -23,7 +27,6 @@ What crosses the fork and what happens to it here:
 from __future__ import annotations
 
 import _signal
-import ctypes
 import logging
 import os
 import signal
@@ -37,14 +40,9 @@ from setproctitle import setproctitle, setthreadtitle
 from prefork.exits import ExitCode
 from prefork.fleet import WorkerTarget, replica_label
 from prefork.heartbeats import HeartbeatTable
+from prefork.prctl import PR_SET_PDEATHSIG, prctl
 
 log = logging.getLogger("prefork")
-
-_PR_SET_PDEATHSIG = 1
-# Resolved once, in the master at import: loading libc again in every child cost ~250 us.
-_prctl = ctypes.CDLL(None, use_errno=True).prctl
-_prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
-_prctl.restype = ctypes.c_int
 
 Handler = signal.Handlers | int | object
 
@@ -90,6 +88,7 @@ def run_child(
     global _current
     code: int = ExitCode.CHILD_SETUP_FAILED
     try:
+        os.setpgid(0, 0)
         _reset_signals(signal_defaults)
         _die_with_master(context.master_pid)
         for fd in close_fds:
@@ -131,9 +130,7 @@ def _reset_signals(defaults: Mapping[int, Handler]) -> None:
 
 
 def _die_with_master(master_pid: int) -> None:
-    if _prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"prctl(PR_SET_PDEATHSIG): {os.strerror(errno)}")
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     # The master may have died between fork() and prctl(): then no signal will come.
     if os.getppid() != master_pid:
         os._exit(ExitCode.CHILD_SETUP_FAILED)

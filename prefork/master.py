@@ -8,7 +8,8 @@ with healthy workers and no limits is never woken by a clock. Signals only queue
 number and wake it (:mod:`prefork.signals`). Each wake-up: handle queued signals, reap
 every dead child with ``waitpid(-1, WNOHANG)`` until none is left, then carry out what
 each watch says is due. Each slot decides what an exit means (:mod:`prefork.slot`); the
-master forks, signals, reaps and removes.
+master forks, signals, reaps and removes. A worker is its whole process tree: the master
+is a child subreaper, and what a worker leaves behind is stopped too (:mod:`prefork.trees`).
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from prefork.signals import IGNORED, STOP, SignalInbox, signal_name
 from prefork.slot import Next, Slot, StopReason, slots_for, summary
 from prefork.states import ACTIVE, ALIVE, WorkerState
 from prefork.threads import ThreadCheck
+from prefork.trees import WorkerTrees, become_subreaper, signal_tree
 from prefork.watches import (
     Action,
     Add,
@@ -65,6 +67,8 @@ log = logging.getLogger("prefork")
 Observer = Callable[[str, "Slot | None", float], None]
 
 # What a slot's state after an exit is called in the observer's events.
+MAX_SLEEP = 86400.0  # seconds: the longest the loop sleeps in one select()
+
 _SETTLED_EVENTS = {WorkerState.BACKOFF: "backoff", WorkerState.FAILED: "failed",
                    WorkerState.EXITED: "finished"}
 
@@ -76,7 +80,8 @@ class Master:
     worker ended in the failed state. It raises ``AlreadyRunning`` when another master
     holds the fleet's lock and ``RuntimeDirError`` when the lock's directory is unsafe.
     Other threads in the master before the first fork are a warning, or with
-    ``strict_fork`` a ``ThreadsAtFork`` (:mod:`prefork.threads`).
+    ``strict_fork`` a ``ThreadsAtFork`` (:mod:`prefork.threads`). ``run()`` makes the
+    calling process a child subreaper for good (``PR_SET_CHILD_SUBREAPER``).
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class Master:
         self._heartbeats = HeartbeatWatch(self.slots)
         self._memory = MemoryWatch(self.slots, fleet.max_private_memory, memory_check_interval)
         self._rolling = RollingRestart(self.slots)
+        self._trees = WorkerTrees(self._by_pid.__contains__)
         self._supervising: list[Watch] = []  # the loop's watches, made by _open()
         self._while_stopping: list[Watch] = []
         self._control = (ControlServer(socket_path(directory, fleet.name), command_table(
@@ -149,7 +155,12 @@ class Master:
                 self._observe("ready", None)
                 if self._systemd is not None:
                     self._systemd.ready()
-            while not self._finished():
+            while True:
+                if not self._workers_busy():
+                    if not self._trees.children_left:
+                        break
+                    # No worker to wait for, only what they left behind (prefork.trees).
+                    self._trees.no_worker_left(self._end_of_grace())
                 self._wait()
                 self._handle_signals()
                 self._reap()
@@ -159,8 +170,7 @@ class Master:
                         self._act(action, now)
             return self._summarize()
         except BaseException:  # the master itself failed: leave no child, and no zombie
-            _kill_and_reap(list(self._by_pid))
-            self._by_pid.clear()
+            self._kill_and_reap()
             raise
         finally:
             self._run_hook("on_exit", self.fleet)
@@ -175,16 +185,24 @@ class Master:
         assert self._selector is not None
         deadline = min((d for w in self._watches() if (d := w.next_deadline()) is not None),
                        default=None)
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        # At most a day: epoll's timeout is an int of milliseconds (24.8 days).
+        timeout = None if deadline is None else min(max(0.0, deadline - time.monotonic()),
+                                                     MAX_SLEEP)
         for key, _ in self._selector.select(timeout):
             if self._control is not None and key.data is self._control:
                 self._control.handle(key.fd)  # a status request: answered at once
             else:
                 self._signals.drain()
 
-    def _finished(self) -> bool:
+    def _workers_busy(self) -> bool:
+        """A worker is still to supervise (or, while the fleet stops, to wait for)."""
         busy = ALIVE if self.stopping else ACTIVE
-        return not any(slot.state in busy for slot in self.slots)
+        return any(slot.state in busy for slot in self.slots)
+
+    def _end_of_grace(self) -> float:
+        """When what is still running gets SIGKILL: the fleet's grace period, from the
+        stop signal, or from now when the workers ended on their own."""
+        return (self._stop_started if self.stopping else time.monotonic()) + self.grace
 
     # -- events --------------------------------------------------------------------
 
@@ -196,6 +214,7 @@ class Master:
                 if self.stopping:
                     for slot in self.slots:
                         self._kill(slot, f", second {name}")
+                    self._trees.kill_all()
                 else:
                     self._begin_stop(name)
             elif signum == signal.SIGCHLD:
@@ -221,14 +240,18 @@ class Master:
             try:
                 pid, wait_status = os.waitpid(-1, os.WNOHANG)
             except ChildProcessError:
+                self._trees.children_left = False
                 return
             if pid == 0:
+                self._trees.children_left = True
                 return
             slot = self._by_pid.pop(pid, None)
-            if slot is None:
+            if slot is None:  # left behind by a worker, re-parented to us (prefork.trees)
                 log.debug("reaped pid %d, not a worker", pid)
                 continue
             now = time.monotonic()
+            # What it started gets the rest of the grace it was given, or one of its own.
+            self._trees.worker_exited(pid, slot.label, slot.kill_at or now + self.grace)
             status = ExitStatus.from_wait_status(wait_status)
             shutdown = slot.stopping_for is StopReason.SHUTDOWN
             log.log(logging.WARNING if status.failed and not shutdown else logging.INFO,
@@ -288,6 +311,10 @@ class Master:
                       signal_defaults=self._signals.defaults, close_fds=close_fds,
                       heartbeat=heartbeat, post_fork=self.fleet.post_fork)
         _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+        try:
+            os.setpgid(pid, pid)  # the child does it too: whichever runs first (prefork.child)
+        except OSError:  # it has exited already
+            pass
         slot.started(pid, time.monotonic(), count_start=count_start)
         self._by_pid[pid] = slot
         log.info("worker %s spawned (pid %d)", slot.label, pid)
@@ -311,7 +338,7 @@ class Master:
         if slot.state not in ALIVE or slot.pid is None:
             return
         log.warning("worker %s (pid %d) still running%s: SIGKILL", slot.label, slot.pid, why)
-        _send(slot.pid, signal.SIGKILL)
+        signal_tree(slot.pid, signal.SIGKILL)  # its group: what it started dies with it
         if self.stopping:
             self._killed_at_stop += 1
 
@@ -354,7 +381,7 @@ class Master:
     def scale(self, name: str, delta: int) -> str:
         """One replica more (``delta=1``) or fewer (``-1``) of worker ``name``; returns
         what was done, raises ValueError (one line) when it cannot."""
-        if self.stopping:
+        if self.stopping or self._trees.ending:
             raise ValueError("the fleet is stopping: it scales no more")
         done, actions = plan_scale(self.fleet, self.slots, name, delta)
         for action in actions:
@@ -405,6 +432,7 @@ class Master:
             self._control.attach(self._selector)
             self._control.open()
         self._heartbeats.open()
+        become_subreaper()
         self._memory.start(time.monotonic())
         if self._systemd_notify:
             self._systemd = SystemdReporter.from_environment(
@@ -413,8 +441,8 @@ class Master:
             self._systemd.due(time.monotonic())  # the first watchdog ping goes out at once
         outside: list[Watch] = [w for w in (self._control, self._systemd) if w is not None]
         self._supervising = [self._timers, self._heartbeats, self._memory, self._rolling,
-                             *outside]
-        self._while_stopping = [self._timers, *outside]
+                             self._trees, *outside]
+        self._while_stopping = [self._timers, self._trees, *outside]
 
     def _close(self) -> None:
         self._signals.close()
@@ -455,19 +483,21 @@ class Master:
             log.exception("%s hook failed (the fleet goes on): %s: %s", name,
                           type(exc).__name__, exc)
 
+    def _kill_and_reap(self) -> None:
+        """SIGKILL every worker's tree and every other descendant; reap them all."""
+        for pid in list(self._by_pid):
+            signal_tree(pid, signal.SIGKILL)
+        self._by_pid.clear()
+        self._trees.kill_all()
+        while True:
+            try:
+                os.waitpid(-1, 0)
+            except ChildProcessError:
+                return
+
     def _observe(self, event: str, slot: Slot | None) -> None:
         if self._observer is not None:
             self._observer(event, slot, time.monotonic())
-
-
-def _kill_and_reap(pids: list[int]) -> None:
-    for pid in pids:
-        _send(pid, signal.SIGKILL)
-    for pid in pids:
-        try:
-            os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
 
 
 def _send(pid: int, signum: int) -> None:
