@@ -13,6 +13,11 @@ request over ``MAX_REQUEST`` bytes is dropped, and the small reply is written wi
 ``WRITE_TIMEOUT`` at most. Only our own uid and root may talk to it: the socket file is
 0600 in a 0700 directory, and ``SO_PEERCRED`` is checked on every connection besides.
 
+No byte sequence from a client raises out of the server: a request that is not UTF-8
+JSON, nests too deeply, holds a number too long to convert or cannot be parsed in the
+memory left is answered with an error, and any other exception while serving one
+connection is logged with its traceback and drops that connection only.
+
 The commands are one table, :func:`command_table`: each name with the check of its
 arguments and the master's handler for it. The master answers ``status`` from what it
 knows; the memory figures are measured by the client (:mod:`prefork.client`), so the
@@ -46,6 +51,7 @@ MAX_REQUEST = 64 * 1024  # bytes in a request line, newline excluded
 MAX_CONNECTIONS = 16  # open at once; more are closed on accept, so the loop cannot stall
 BACKLOG = 16
 ACCEPT_PAUSE = 1.0  # seconds without accepting after accept() failed for want of resources
+SHOWN = 40  # characters of a client's value quoted back in an error reply
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
@@ -82,8 +88,19 @@ def _check_scale(request: dict[str, Any]) -> str | None:
     if not isinstance(worker, str) or not worker:
         return 'scale needs a "worker" name'
     if not is_scale_delta(delta):
-        return f'scale needs a "delta" of 1 or -1, got {delta!r}'
+        return f'scale needs a "delta" of 1 or -1, got {shown(delta)}'
     return None
+
+
+def shown(value: object) -> str:
+    """A client's JSON value quoted in a reply: the repr of a scalar, cut to ``SHOWN``
+    characters; only the kind of an array or object (whose repr may nest too deeply)."""
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    text = repr(value)
+    return text if len(text) <= SHOWN else f"{text[:SHOWN - 3]}..."
 
 
 class Peer(NamedTuple):
@@ -246,12 +263,16 @@ class ControlServer:
         """``fd`` is readable: accept new clients, or read (and maybe answer) one.
 
         Never blocks, except to write a reply, for ``WRITE_TIMEOUT`` at most. An ``fd``
-        that is not (or no longer) ours is ignored.
+        that is not (or no longer) ours is ignored. Never raises: a failure while serving
+        one connection is logged and drops that connection.
         """
         if self._listener is not None and fd == self._listener.fileno():
             self._accept()
-        elif fd in self._connections:
-            self._read(fd)
+        elif (connection := self._connections.get(fd)) is not None:
+            try:
+                self._read(fd)
+            except Exception:
+                self._failed(connection.sock)
 
     # -- inside ----------------------------------------------------------------------
 
@@ -272,28 +293,35 @@ class ControlServer:
                 self._unwatch(self._listener.fileno())
                 return
             try:
-                peer = peer_of(sock)
-            except OSError:
-                sock.close()
-                continue
-            if peer.uid not in (os.getuid(), 0):
-                allowed = "root" if os.getuid() == 0 else f"uid {os.getuid()} and root"
-                log.warning("control: refused a connection from uid %d (pid %d): only %s may "
-                            "control this master", peer.uid, peer.pid, allowed)
-                sock.close()
-                continue
-            if len(self._connections) >= MAX_CONNECTIONS:
-                log.warning("control: %d clients already connected; refused pid %d",
-                            MAX_CONNECTIONS, peer.pid)
-                sock.close()
-                continue
-            sock.setblocking(False)
-            fd = sock.fileno()
-            self._connections[fd] = _Connection(sock, peer, time.monotonic() + READ_TIMEOUT,
-                                                bytearray())
-            if self._selector is not None:
-                self._selector.register(fd, selectors.EVENT_READ, self)
-            self._read(fd)  # the request is often there already
+                self._admit(sock)
+            except Exception:
+                self._failed(sock)
+
+    def _admit(self, sock: socket.socket) -> None:
+        """Keep a new connection if its peer may talk to us and there is room."""
+        try:
+            peer = peer_of(sock)
+        except OSError:
+            sock.close()
+            return
+        if peer.uid not in (os.getuid(), 0):
+            allowed = "root" if os.getuid() == 0 else f"uid {os.getuid()} and root"
+            log.warning("control: refused a connection from uid %d (pid %d): only %s may "
+                        "control this master", peer.uid, peer.pid, allowed)
+            sock.close()
+            return
+        if len(self._connections) >= MAX_CONNECTIONS:
+            log.warning("control: %d clients already connected; refused pid %d",
+                        MAX_CONNECTIONS, peer.pid)
+            sock.close()
+            return
+        sock.setblocking(False)
+        fd = sock.fileno()
+        self._connections[fd] = _Connection(sock, peer, time.monotonic() + READ_TIMEOUT,
+                                            bytearray())
+        if self._selector is not None:
+            self._selector.register(fd, selectors.EVENT_READ, self)
+        self._read(fd)  # the request is often there already
 
     def _read(self, fd: int) -> None:
         connection = self._connections[fd]
@@ -328,10 +356,19 @@ class ControlServer:
 
     def _dispatch(self, line: bytes) -> dict[str, Any]:
         try:
-            request = json.loads(line)
-        except (UnicodeDecodeError, ValueError) as exc:
-            return {"error": f"request is not JSON: {one_line(str(exc))}"}
-        problem = self.check(request)
+            # Decoded here: given bytes, json.loads would guess UTF-16 or -32 from NULs.
+            request = json.loads(line.decode())
+        except RecursionError:
+            return {"error": "request is not JSON this master reads: it nests too deeply"}
+        except MemoryError:  # the master is short of memory: refuse, and let it go on
+            return {"error": "request is not JSON this master reads: out of memory"}
+        except ValueError as exc:  # UnicodeDecodeError too; and ints over 4300 digits
+            return {"error": f"request is not JSON: {one_line(str(exc))[:200]}"}
+        try:
+            problem = self.check(request)
+        except Exception as exc:
+            log.exception("control: checking a request failed")
+            return {"error": f"internal error: {type(exc).__name__}: {one_line(str(exc))}"}
         if problem is not None:
             return {"error": problem}
         try:
@@ -353,7 +390,8 @@ class ControlServer:
         if not isinstance(command, str):
             return 'a request needs a "command"'
         if command not in self.commands:
-            return f"unknown command {command!r} (known: {', '.join(sorted(self.commands))})"
+            return (f"unknown command {shown(command)} "
+                    f"(known: {', '.join(sorted(self.commands))})")
         check = self.commands[command].check
         return None if check is None else check(request)
 
@@ -362,8 +400,8 @@ class ControlServer:
         connection = self._connections[fd]
         try:
             data = json.dumps(reply, separators=(",", ":"), allow_nan=False).encode() + b"\n"
-        except (TypeError, ValueError) as exc:
-            log.error("control: cannot encode the reply: %s", exc)
+        except (TypeError, ValueError, RecursionError) as exc:
+            log.error("control: cannot encode the reply: %s", one_line(str(exc)))
             data = b'{"error":"internal error: the master\'s reply is not JSON"}\n'
         try:
             connection.sock.settimeout(WRITE_TIMEOUT)
@@ -375,7 +413,21 @@ class ControlServer:
     def _drop(self, fd: int) -> None:
         connection = self._connections.pop(fd)
         self._unwatch(fd)
-        connection.sock.close()
+        with contextlib.suppress(OSError):
+            connection.sock.close()
+
+    def _failed(self, sock: socket.socket) -> None:
+        """The last line of defence: serving ``sock`` raised what nothing above expected.
+        Log it with its traceback and drop that connection only."""
+        log.exception("control: internal error while serving a client; dropped its "
+                      "connection")
+        fd = sock.fileno()  # -1 once closed
+        connection = self._connections.get(fd)
+        if connection is not None and connection.sock is sock:
+            self._drop(fd)
+        else:
+            with contextlib.suppress(OSError):
+                sock.close()
 
     def _unwatch(self, fd: int) -> None:
         if self._selector is not None:

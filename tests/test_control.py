@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import logging
 import os
 import re
 import select
@@ -32,6 +33,7 @@ from typing import Any
 
 import pytest
 
+from conftest import Events, MasterProcess
 from prefork.cli import main
 from prefork.client import NoMaster, exchange, format_duration, request
 from prefork.control import (
@@ -88,6 +90,30 @@ def server(runtime_dir: Path) -> Iterator[ControlServer]:
     control.open()
     yield control
     control.close()
+
+
+class _Records(logging.Handler):
+    def __init__(self, records: list[logging.LogRecord]) -> None:
+        super().__init__(logging.DEBUG)
+        self.records = records
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.levelno >= logging.WARNING:
+            self.records.append(record)
+
+
+@pytest.fixture
+def prefork_log() -> Iterator[list[logging.LogRecord]]:
+    """The warnings and errors the ``prefork`` logger emits during the test (caught on the
+    logger itself: ``prefork run`` in-process stops its records from reaching root)."""
+    records: list[logging.LogRecord] = []
+    logger = logging.getLogger("prefork")
+    handler = _Records(records)
+    logger.addHandler(handler)
+    try:
+        yield records
+    finally:
+        logger.removeHandler(handler)
 
 
 def connect(path: Path) -> socket.socket:
@@ -441,6 +467,109 @@ def test_oversized_request_is_dropped(server: ControlServer) -> None:
     assert requests_of(server) == []
     assert server.fds() == server.fds()[:1]
     client.close()
+
+
+SCALE = b'{"command": "scale", "worker": "w", "delta": '
+HOSTILE_REQUESTS = [
+    (b"[" * 60000, "nests too deeply"),
+    (b'{"a":' * 12000, "nests too deeply"),
+    (b'{"command": ' + b"[" * 30000, "nests too deeply"),
+    (SCALE + b"[" * 500 + b"]" * 500 + b"}", 'needs a "delta" of 1 or -1, got an array'),
+    (SCALE + b"1" * 5000 + b"}", "request is not JSON: Exceeds the limit (4300 digits)"),
+    (SCALE + b"1e999999}", 'needs a "delta" of 1 or -1, got inf'),
+    (SCALE + b'"' + b"9" * 60000 + b'"}', "got '" + "9" * 36 + "..."),
+    (b'{"command": ["status"]}', 'a request needs a "command"'),
+    (b'{"command": {"status": 1}}', 'a request needs a "command"'),
+    (b'{"command": "' + b"x" * 60000 + b'"}', "unknown command '" + "x" * 36 + "..."),
+    (b'{"command": "\\ud800"}', "unknown command '\\ud800' (known: scale, status)"),
+    # Given bytes, json.loads would take these for UTF-16 and UTF-32 and run the command.
+    ('{"command": "status"}'.encode("utf-16-le"), "request is not JSON"),
+    ('{"command": "status"}'.encode("utf-32"), "request is not JSON"),
+    (b'{"command": "status", "x": "\xc3\x28"}', "request is not JSON: 'utf-8' codec can't"),
+    (b"\x00" * 1000, "request is not JSON"),
+    (b"-Infinity", "a request must be a JSON object"),
+]
+
+
+@pytest.mark.parametrize("shut", [False, True], ids=["newline", "eof"])
+@pytest.mark.parametrize(("raw", "message"), HOSTILE_REQUESTS,
+                         ids=[f"{raw[:12]!r}-{len(raw)}" for raw, _ in HOSTILE_REQUESTS])
+def test_hostile_request_gets_one_short_error_line_and_the_server_goes_on(
+        server: ControlServer, raw: bytes, message: str, shut: bool) -> None:
+    assert len(raw) <= MAX_REQUEST and b"\n" not in raw
+    reply = ask(server, raw if shut else raw + b"\n", shut=shut)
+    assert reply.endswith(b"\n") and reply.count(b"\n") == 1
+    assert len(reply) < 300, reply[:300]  # nothing of the request is echoed at length
+    assert message in json.loads(reply)["error"]
+    assert requests_of(server) == []
+    assert json.loads(ask(server, b'{"command": "status"}\n')) == {"ok": True}
+    assert server.fds() == server.fds()[:1]  # nothing left open
+
+
+def failing(exc: Exception) -> Callable[..., Any]:
+    def fail(*args: object) -> Any:
+        raise exc
+    return fail
+
+
+def test_an_unexpected_failure_drops_only_that_connection(
+        server: ControlServer, monkeypatch: pytest.MonkeyPatch,
+        prefork_log: list[logging.LogRecord]) -> None:
+    # The last line of defence, for bugs not yet made: in reading, dispatching, accepting.
+    client = connect(server.path)
+    with monkeypatch.context() as patch:
+        patch.setattr(server, "_dispatch", failing(KeyError("bug")))
+        client.sendall(b'{"command": "status"}\n')
+        pump(server, readable(client))
+    assert client.recv(4096) == b""  # dropped: EOF, no reply
+    client.close()
+    assert server.fds() == server.fds()[:1]
+    [record] = prefork_log
+    assert record.getMessage() == ("control: internal error while serving a client; dropped "
+                                   "its connection")
+    assert record.exc_info is not None and record.exc_info[0] is KeyError
+
+    with monkeypatch.context() as patch:
+        patch.setattr("prefork.control.peer_of", failing(RuntimeError("bug")))
+        client = connect(server.path)
+        pump(server, readable(client))
+    assert client.recv(4096) == b""
+    client.close()
+    assert server.fds() == server.fds()[:1]
+    assert len(prefork_log) == 2 and prefork_log[1].exc_info[0] is RuntimeError
+    assert json.loads(ask(server, b'{"command": "status"}\n')) == {"ok": True}
+
+
+def test_a_check_that_fails_is_an_error_reply(runtime_dir: Path) -> None:
+    commands = {"status": Command(Recorder(), failing(TypeError("unhashable type: 'list'")))}
+    control = ControlServer(socket_path(runtime_dir, "demo"), commands)
+    control.open()
+    try:
+        reply = json.loads(ask(control, b'{"command": "status"}\n'))
+        assert reply == {"error": "internal error: TypeError: unhashable type: 'list'"}
+    finally:
+        control.close()
+
+
+def test_a_request_that_crashed_the_master_gets_an_error_and_the_fleet_runs_on(
+        start_master: Callable[..., MasterProcess], events: Events, runtime_dir: Path) -> None:
+    master = start_master("fleets.basic:one_sleeper")
+    worker = events.wait_kind("up")[0]["pid"]
+    path = socket_path(runtime_dir, "fleets.basic.one_sleeper")
+    client = connect(path)
+    client.sendall(b"[" * 60000 + b"\n")  # json.loads raised RecursionError in the master
+    reply = b""
+    while chunk := client.recv(65536):
+        reply += chunk
+    client.close()
+    assert reply, f"no reply; the master's log:\n{master.log}"
+    assert json.loads(reply) == {
+        "error": "request is not JSON this master reads: it nests too deeply"}
+    status = request(path, {"command": "status"})
+    assert status["master_pid"] == master.pid
+    assert [w["pid"] for w in status["workers"]] == [worker]
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0, master.log
 
 
 def test_attach_keeps_a_selector_in_step_when_fd_numbers_are_reused(
