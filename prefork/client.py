@@ -78,7 +78,7 @@ def exchange(path: Path, message: dict[str, Any],
         sock.close()
     try:
         reply = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise ControlError(f"master of fleet {fleet!r} sent a broken reply: "
                            f"{data[:80]!r}") from None
     if not isinstance(reply, dict):

@@ -662,19 +662,20 @@ def test_client_timeout_and_broken_reply_are_control_errors(runtime_dir: Path) -
             request(path, {"command": "status"}, timeout=0.2)  # nobody accepts
         listener.accept()[0].close()  # the timed-out client's connection
 
-        def garbage() -> None:
-            connection, _ = listener.accept()
-            with connection:
-                connection.recv(4096)
-                connection.sendall(b"<html>\n")
+        for reply, shown in [(b"<html>", "b'<html>'"), (b"[" * 60000, "b'[[[[[[")]:
+            def garbage(reply: bytes = reply) -> None:
+                connection, _ = listener.accept()
+                with connection:
+                    connection.recv(4096)
+                    connection.sendall(reply + b"\n")
 
-        thread = threading.Thread(target=garbage)
-        thread.start()
-        try:
-            with pytest.raises(ControlError, match="sent a broken reply: b'<html>'"):
-                request(path, {"command": "status"})
-        finally:
-            thread.join(WAIT)
+            thread = threading.Thread(target=garbage)
+            thread.start()
+            try:
+                with pytest.raises(ControlError, match=f"sent a broken reply: {re.escape(shown)}"):
+                    request(path, {"command": "status"})
+            finally:
+                thread.join(WAIT)
     finally:
         listener.close()
 
