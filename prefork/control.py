@@ -16,7 +16,9 @@ request over ``MAX_REQUEST`` bytes is dropped, and the small reply is written wi
 No byte sequence from a client raises out of the server: a request that is not UTF-8
 JSON, nests too deeply, holds a number too long to convert or cannot be parsed in the
 memory left is answered with an error, and any other exception while serving one
-connection is logged with its traceback and drops that connection only.
+connection is logged with its traceback and drops that connection only. Warnings a
+client can cause again and again (refused connections, oversized requests) are
+rate-limited by :class:`Throttle`, so they cannot flood the log.
 
 The commands are one table, :func:`command_table`: each name with the check of its
 arguments and the master's handler for it. The master answers ``status`` from what it
@@ -35,7 +37,7 @@ import socket
 import stat
 import struct
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -51,6 +53,7 @@ MAX_REQUEST = 64 * 1024  # bytes in a request line, newline excluded
 MAX_CONNECTIONS = 16  # open at once; more are closed on accept, so the loop cannot stall
 BACKLOG = 16
 ACCEPT_PAUSE = 1.0  # seconds without accepting after accept() failed for want of resources
+WARNING_INTERVAL = 10.0  # seconds between two log lines about one kind of hostile client
 SHOWN = 40  # characters of a client's value quoted back in an error reply
 
 _PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
@@ -103,6 +106,40 @@ def shown(value: object) -> str:
     return text if len(text) <= SHOWN else f"{text[:SHOWN - 3]}..."
 
 
+class Throttle:
+    """When to log a warning that a client can cause again and again: the first of a kind
+    at once, then at most one line per ``interval`` seconds, with how many were held back.
+
+    Pure: the caller passes the clock and logs what it is told to. Kinds are a few fixed
+    strings, so the state stays small whatever clients do.
+    """
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._quiet_until: dict[str, float] = {}
+        self._held: dict[str, int] = {}
+
+    def note(self, kind: str, now: float) -> int:
+        """One more event of ``kind`` at ``now``: how many to report in a line now (this
+        one and those held back before it), or 0 to hold it back."""
+        if now < self._quiet_until.get(kind, now):
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return 0
+        self._quiet_until[kind] = now + self.interval
+        return self._held.pop(kind, 0) + 1
+
+    def next_deadline(self) -> float | None:
+        """When the events held back are due to be reported, if any are."""
+        return min((self._quiet_until[kind] for kind in self._held), default=None)
+
+    def due(self, now: float) -> Iterator[tuple[str, int]]:
+        """Each ``(kind, count)`` of events held back whose quiet time is over at ``now``:
+        report one line for each."""
+        for kind in [k for k in self._held if self._quiet_until[k] <= now]:
+            self._quiet_until[kind] = now + self.interval
+            yield kind, self._held.pop(kind)
+
+
 class Peer(NamedTuple):
     """The credentials of the process on the other end of a Unix socket."""
 
@@ -150,6 +187,7 @@ class ControlServer:
         # Out of descriptors: the listener stays readable while accept() fails, so it is
         # not watched until then (else the loop would spin on it).
         self._paused_until: float | None = None
+        self._warnings = Throttle(WARNING_INTERVAL)
 
     # -- lifecycle -------------------------------------------------------------------
 
@@ -195,9 +233,11 @@ class ControlServer:
             self._selector.register(listener.fileno(), selectors.EVENT_READ, self)
 
     def close(self) -> None:
-        """Close every socket and remove the socket file, unless it is no longer ours."""
+        """Close every socket and remove the socket file, unless it is no longer ours.
+        Warnings still held back are logged now."""
         for fd in list(self._connections):
             self._drop(fd)
+        self._log_held_back(float("inf"))
         if self._listener is None:
             return
         self._unwatch(self._listener.fileno())
@@ -242,12 +282,15 @@ class ControlServer:
         deadlines = [c.deadline for c in self._connections.values()]
         if self._paused_until is not None:
             deadlines.append(self._paused_until)
+        if (held := self._warnings.next_deadline()) is not None:
+            deadlines.append(held)
         return min(deadlines, default=None)
 
     def due(self, now: float) -> tuple[()]:
         """Drop every client whose deadline is at or before ``now``; watch the listener
-        again once a pause for want of descriptors is over. Nothing for the master to do
-        (the loop's :class:`prefork.watches.Watch` interface)."""
+        again once a pause for want of descriptors is over; log how many warnings were
+        held back, when their time comes. Nothing for the master to do (the loop's
+        :class:`prefork.watches.Watch` interface)."""
         if self._paused_until is not None and now >= self._paused_until:
             self._paused_until = None
             if self._selector is not None and self._listener is not None:
@@ -257,6 +300,7 @@ class ControlServer:
                 log.debug("control: dropped a client (pid %d) that sent no whole request "
                           "within %gs", connection.peer.pid, READ_TIMEOUT)
                 self._drop(fd)
+        self._log_held_back(now)
         return ()
 
     def handle(self, fd: int) -> None:
@@ -306,13 +350,13 @@ class ControlServer:
             return
         if peer.uid not in (os.getuid(), 0):
             allowed = "root" if os.getuid() == 0 else f"uid {os.getuid()} and root"
-            log.warning("control: refused a connection from uid %d (pid %d): only %s may "
-                        "control this master", peer.uid, peer.pid, allowed)
+            self._warn("uid", "refused a connection from uid %d (pid %d): only %s may "
+                       "control this master", peer.uid, peer.pid, allowed)
             sock.close()
             return
         if len(self._connections) >= MAX_CONNECTIONS:
-            log.warning("control: %d clients already connected; refused pid %d",
-                        MAX_CONNECTIONS, peer.pid)
+            self._warn("busy", "%d clients already connected; refused pid %d",
+                       MAX_CONNECTIONS, peer.pid)
             sock.close()
             return
         sock.setblocking(False)
@@ -341,8 +385,8 @@ class ControlServer:
             buffer += chunk
         end = buffer.find(b"\n")
         if end > MAX_REQUEST or (end < 0 and len(buffer) > MAX_REQUEST):
-            log.warning("control: dropped a request over %d bytes from pid %d", MAX_REQUEST,
-                        connection.peer.pid)
+            self._warn("large", "dropped a request over %d bytes from pid %d", MAX_REQUEST,
+                       connection.peer.pid)
             self._reply(fd, {"error": f"request over {MAX_REQUEST} bytes"})
             return
         if end >= 0:
@@ -418,9 +462,10 @@ class ControlServer:
 
     def _failed(self, sock: socket.socket) -> None:
         """The last line of defence: serving ``sock`` raised what nothing above expected.
-        Log it with its traceback and drop that connection only."""
-        log.exception("control: internal error while serving a client; dropped its "
-                      "connection")
+        Log it with its traceback (rate-limited) and drop that connection only."""
+        if self._warnings.note("failed", time.monotonic()):
+            log.exception("control: internal error while serving a client; dropped its "
+                          "connection")
         fd = sock.fileno()  # -1 once closed
         connection = self._connections.get(fd)
         if connection is not None and connection.sock is sock:
@@ -429,10 +474,29 @@ class ControlServer:
             with contextlib.suppress(OSError):
                 sock.close()
 
+    def _log_held_back(self, now: float) -> None:
+        for kind, count in self._warnings.due(now):
+            log.warning("control: %s", _HELD_BACK[kind].format(count=count))
+
+    def _warn(self, kind: str, message: str, *args: object) -> None:
+        """Log a warning a client can cause at will, unless ``kind`` is being held back."""
+        count = self._warnings.note(kind, time.monotonic())
+        if count:
+            more = f" ({count - 1} more since the last line)" if count > 1 else ""
+            log.warning("control: " + message + "%s", *args, more)
+
     def _unwatch(self, fd: int) -> None:
         if self._selector is not None:
             with contextlib.suppress(KeyError, ValueError):
                 self._selector.unregister(fd)
+
+
+_HELD_BACK = {  # the line for warnings held back by the Throttle, by kind
+    "uid": "refused {count} more connection(s) from other uids",
+    "busy": f"refused {{count}} more connection(s): {MAX_CONNECTIONS} clients already connected",
+    "large": f"dropped {{count}} more request(s) over {MAX_REQUEST} bytes",
+    "failed": "{count} more internal error(s) while serving clients; connections dropped",
+}
 
 
 def one_line(text: str) -> str:

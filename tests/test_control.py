@@ -37,11 +37,14 @@ from conftest import Events, MasterProcess
 from prefork.cli import main
 from prefork.client import NoMaster, exchange, format_duration, request
 from prefork.control import (
+    MAX_CONNECTIONS,
     MAX_REQUEST,
     READ_TIMEOUT,
+    WARNING_INTERVAL,
     Command,
     ControlError,
     ControlServer,
+    Throttle,
     command_table,
 )
 from prefork.paths import socket_path
@@ -536,8 +539,11 @@ def test_an_unexpected_failure_drops_only_that_connection(
     assert client.recv(4096) == b""
     client.close()
     assert server.fds() == server.fds()[:1]
-    assert len(prefork_log) == 2 and prefork_log[1].exc_info[0] is RuntimeError
+    assert len(prefork_log) == 1  # the second failure within WARNING_INTERVAL: held back
     assert json.loads(ask(server, b'{"command": "status"}\n')) == {"ok": True}
+    server.due(time.monotonic() + WARNING_INTERVAL)
+    assert [r.getMessage() for r in prefork_log[1:]] == [
+        "control: 1 more internal error(s) while serving clients; connections dropped"]
 
 
 def test_a_check_that_fails_is_an_error_reply(runtime_dir: Path) -> None:
@@ -547,6 +553,80 @@ def test_a_check_that_fails_is_an_error_reply(runtime_dir: Path) -> None:
     try:
         reply = json.loads(ask(control, b'{"command": "status"}\n'))
         assert reply == {"error": "internal error: TypeError: unhashable type: 'list'"}
+    finally:
+        control.close()
+
+
+def test_throttle_logs_the_first_then_one_line_per_interval_with_the_count() -> None:
+    throttle = Throttle(10.0)
+    assert throttle.next_deadline() is None
+    assert throttle.note("busy", 100.0) == 1  # the first: at once
+    assert throttle.next_deadline() is None  # nothing held back: no wake-up needed
+    assert [throttle.note("busy", t) for t in (100.0, 101.0, 109.9)] == [0, 0, 0]
+    assert throttle.note("uid", 105.0) == 1  # each kind on its own
+    assert throttle.next_deadline() == 110.0
+    assert list(throttle.due(109.9)) == []
+    assert list(throttle.due(110.0)) == [("busy", 3)]
+    assert throttle.next_deadline() is None
+    assert throttle.note("busy", 115.0) == 0  # quiet until 120: the summary was a line
+    assert throttle.note("busy", 121.0) == 2  # no due() in between: told with this one
+    assert throttle.note("busy", 140.0) == 1  # long quiet: at once again
+    assert list(throttle.due(1e9)) == []
+
+
+def test_refused_connections_are_logged_once_then_counted(
+        server: ControlServer, prefork_log: list[logging.LogRecord]) -> None:
+    silent = [connect(server.path) for _ in range(MAX_CONNECTIONS)]
+    pump(server, lambda: len(server.fds()) == 1 + MAX_CONNECTIONS)
+    refused = []
+    for _ in range(40):
+        refused.append(connect(server.path))
+        pump(server, readable(refused[-1]))  # closed by the server: EOF is readable
+    assert [r.getMessage() for r in prefork_log] == [
+        f"control: {MAX_CONNECTIONS} clients already connected; refused pid {os.getpid()}"]
+    deadline = server.next_deadline()
+    assert deadline is not None
+    server.due(time.monotonic() + WARNING_INTERVAL)
+    assert [r.getMessage() for r in prefork_log[1:]] == [
+        f"control: refused 39 more connection(s): {MAX_CONNECTIONS} clients already connected"]
+    for client in silent + refused:
+        client.close()
+
+
+def test_oversized_requests_are_logged_once_then_counted_at_close(
+        server: ControlServer, prefork_log: list[logging.LogRecord]) -> None:
+    for _ in range(3):
+        reply = ask(server, b"x" * (MAX_REQUEST + 1))  # all read: no reset on close
+        assert json.loads(reply) == {"error": f"request over {MAX_REQUEST} bytes"}
+    server.close()  # what is held back is not lost when the master stops
+    assert [r.getMessage() for r in prefork_log] == [
+        f"control: dropped a request over {MAX_REQUEST} bytes from pid {os.getpid()}",
+        f"control: dropped 2 more request(s) over {MAX_REQUEST} bytes"]
+
+
+@as_root
+def test_refused_uids_are_logged_once_then_counted(
+        open_dir: Path, prefork_log: list[logging.LogRecord]) -> None:
+    control = ControlServer(socket_path(open_dir, "demo"), answering(Recorder()))
+    control.open()
+    try:
+        control.path.chmod(0o666)
+
+        def as_nobody() -> str:
+            os.setuid(NOBODY)
+            for _ in range(30):
+                client = connect(control.path)
+                client.recv(1)  # EOF once the server has refused it
+                client.close()
+            return "done"
+
+        assert in_child(as_nobody, serving=control) == "done"
+        pump(control, lambda: len(control.fds()) == 1)
+        messages = [r.getMessage() for r in prefork_log]
+        assert len(messages) == 1 and f"refused a connection from uid {NOBODY}" in messages[0]
+        control.due(time.monotonic() + WARNING_INTERVAL)
+        assert [r.getMessage() for r in prefork_log[1:]] == [
+            "control: refused 29 more connection(s) from other uids"]
     finally:
         control.close()
 
