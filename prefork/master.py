@@ -28,7 +28,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from prefork import titles
+from prefork import logs, titles
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.control import ControlServer, command_table
 from prefork.exits import ExitCode
@@ -439,7 +439,8 @@ class Master:
                 lambda: summary(self.slots, stopping=self.stopping))
         if self._systemd is not None:
             self._systemd.due(time.monotonic())  # the first watchdog ping goes out at once
-        outside: list[Watch] = [w for w in (self._control, self._systemd) if w is not None]
+        outside: list[Watch] = [w for w in (self._control, self._systemd, logs.output_watch())
+                                if w is not None]
         self._supervising = [self._timers, self._heartbeats, self._memory, self._rolling,
                              self._trees, *outside]
         self._while_stopping = [self._timers, self._trees, *outside]
