@@ -5,7 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import os
+import resource
+import signal
 import sqlite3
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -97,3 +101,57 @@ def test_a_second_writer_of_the_same_worker_is_caught(tmp_path: Path) -> None:
     c = sqlite3.connect(path)
     assert c.execute("SELECT last_id, batches FROM worker_watermarks").fetchone() == (10, 1)
     c.close()
+
+
+def _cpu(*args: str, file_size_limit: int | None = None,
+         env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -m prefork_workers.cpu ARGS``; ``file_size_limit``: no file it writes may
+    grow past that many bytes (RLIMIT_FSIZE, SIGXFSZ ignored): a disk that fills up."""
+
+    def limit() -> None:
+        if file_size_limit is not None:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
+
+    return subprocess.run([sys.executable, "-m", "prefork_workers.cpu", *args],
+                          capture_output=True, text=True, timeout=60, preexec_fn=limit,
+                          env={**os.environ, **(env or {})})
+
+
+def _observations(path: Path) -> tuple[int, str]:
+    c = sqlite3.connect(path)
+    try:
+        return (c.execute("SELECT count(*) FROM observations").fetchone()[0],
+                c.execute("PRAGMA integrity_check").fetchone()[0])
+    finally:
+        c.close()
+
+
+def test_a_disk_full_during_feed_is_reported_as_such_and_loses_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.sqlite3"
+    assert _cpu("generate", "--db", str(path), "--observations", "2000",
+                "--sources", "50").returncode == 0
+    # The first batch (2,000 observations) needs far more than 64 KiB of WAL.
+    result = _cpu("feed", "--db", str(path), "--rate", "2000", "--duration", "5",
+                  file_size_limit=64 * 1024)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"prefork-cpu: error: {path}: disk I/O error"]
+    assert _observations(path) == (2000, "ok")
+
+
+def test_a_disk_full_during_generate_leaves_the_database_empty(tmp_path: Path) -> None:
+    path = tmp_path / "cpu.sqlite3"
+    prepare_database(path)  # the schema: generate's one transaction is what fails
+    result = _cpu("generate", "--db", str(path), "--observations", "2000", "--sources", "50",
+                  file_size_limit=path.stat().st_size + 64 * 1024)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.splitlines() == [f"prefork-cpu: error: {path}: disk I/O error"]
+    assert _observations(path) == (0, "ok")
+
+
+@pytest.mark.parametrize("command", ["feed", "generate", "info"])
+def test_a_path_that_is_not_a_file_is_refused_in_one_line(command: str) -> None:
+    result = _cpu(command, env={"PREFORK_DB": "/dev/null"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "prefork-cpu: error: /dev/null is not a regular file; point PREFORK_DB or --db at one"]

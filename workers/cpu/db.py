@@ -77,6 +77,8 @@ def prepare_database(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise DatabaseError(f"cannot create {path.parent}: {exc.strerror}") from None
+    if path.exists() and not path.is_file():  # /dev/null: SQLite reads it, then cannot write
+        raise DatabaseError(f"{path} is not a regular file; point {ENV_VAR} or --db at one")
     try:
         connection = sqlite3.connect(path, timeout=busy_timeout, isolation_level=None)
     except sqlite3.Error as exc:
@@ -112,8 +114,21 @@ def _create_schema(connection: sqlite3.Connection, path: Path) -> None:
             connection.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
         connection.execute("COMMIT")
     except BaseException:
-        connection.execute("ROLLBACK")
+        rollback(connection)
         raise
+
+
+def rollback(connection: sqlite3.Connection) -> None:
+    """Roll back the transaction under way, if SQLite has not already: after a full disk or
+    an I/O error it has, and a ROLLBACK then would raise "cannot rollback - no transaction
+    is active" in place of the error that says what went wrong. A ROLLBACK that fails
+    leaves the same to the journal (the next connection rolls it back): nothing committed
+    is lost either way, and the error under way is the one to report."""
+    if connection.in_transaction:
+        try:
+            connection.execute("ROLLBACK")
+        except sqlite3.Error:
+            pass
 
 
 def _describe(path: Path, exc: sqlite3.Error,
@@ -148,7 +163,8 @@ class Database:
         try:
             yield self.connection
         finally:
-            await self.connection.execute("COMMIT")
+            if self.connection.in_transaction:  # not after an error that ended it
+                await self.connection.execute("COMMIT")
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -164,7 +180,11 @@ class Database:
         try:
             yield self.connection
         except BaseException:
-            await self.connection.execute("ROLLBACK")
+            if self.connection.in_transaction:  # as rollback() says
+                try:
+                    await self.connection.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
             raise
         try:
             await self.connection.execute("COMMIT")

@@ -829,7 +829,7 @@ def generate(path: Path, *, observations: int = 300_000, sources: int = 3_000, s
                 _insert(connection, table, rows[table])
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            db.rollback(connection)
             raise
     return {table: len(rows[table]) for table in _TABLES}
 
@@ -986,7 +986,7 @@ class _Feeder:
                                                         rows[-1][0])])
             connection.execute("COMMIT")
         except BaseException:
-            connection.execute("ROLLBACK")
+            db.rollback(connection)
             raise
         self.sources += [row[0] for row in new_sources]
         return len(rows), rows[-1][0] if rows else top["observations"]
