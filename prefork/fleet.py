@@ -213,7 +213,18 @@ def as_fleet(obj: object, name: str) -> Fleet:
 
     Accepted: a ``Fleet``; a mapping of worker name to zero-argument callable (or to a
     ``Worker``); an iterable of ``Worker``. ``name`` names the fleet when ``obj`` does not.
+    Whatever the user's objects raise while they are read (a mapping whose ``items()``
+    fails, say) is a :class:`FleetError` too; KeyboardInterrupt still means Ctrl-C.
     """
+    try:
+        return _as_fleet(obj, name)
+    except (FleetError, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        raise FleetError(f"fleet {name!r} cannot be read: {_describe(exc)}") from None
+
+
+def _as_fleet(obj: object, name: str) -> Fleet:
     if isinstance(obj, Fleet):
         return obj.validate()
     if isinstance(obj, Mapping):
@@ -258,6 +269,10 @@ def load_fleet(spec: str) -> Fleet:
                 obj = getattr(obj, part)
             except AttributeError:
                 raise FleetError(f"module {module_name!r} has no attribute {attr!r}") from None
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # a module __getattr__ or a property that fails
+                raise FleetError(f"fleet {spec!r} cannot be read: {_describe(exc)}") from None
         return as_fleet(obj, name=name_for_spec(spec))
     known = registered_fleets()
     if spec not in known:
@@ -272,20 +287,26 @@ def load_fleet(spec: str) -> Fleet:
             raise FleetError(f"fleet {spec!r} needs the packages of {wanted} ({exc}): "
                              f"pip install '{wanted}'") from None
         raise FleetError(f"fleet {spec!r} failed to import: {_describe(exc)}") from None
-    except Exception as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise FleetError(f"fleet {spec!r} failed to import: {_describe(exc)}") from None
     return as_fleet(obj, name=spec)
 
 
 def import_module(name: str, *, what: str = "module") -> Any:
-    """Import ``name``; any failure, including an exception at import time, is a FleetError."""
+    """Import ``name``; any failure, including whatever the module raises as it is imported
+    (SystemExit, a BaseException of its own), is a FleetError - but KeyboardInterrupt,
+    which is what Ctrl-C during a slow import raises: it goes on to mean Ctrl-C."""
     try:
         return importlib.import_module(name)
     except ModuleNotFoundError as exc:
         if exc.name and name.startswith(exc.name):
             raise FleetError(f"{what} {name!r} not found") from None
         raise FleetError(f"{what} {name!r} failed to import: {_describe(exc)}") from None
-    except (Exception, SystemExit) as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         raise FleetError(f"{what} {name!r} failed to import: {_describe(exc)}") from None
 
 
@@ -392,7 +413,11 @@ def _is_number(value: object) -> bool:
 
 def _describe(exc: BaseException) -> str:
     """``Type: message (at file:line)`` for the innermost frame: one line, no traceback."""
-    text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    try:
+        message = " ".join(str(exc).split())
+    except Exception:  # its __str__ fails too
+        message = "(its message cannot be shown)"
+    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
     frames = traceback.extract_tb(exc.__traceback__)
     user_frames = [f for f in frames if "importlib" not in f.filename]
     if user_frames:

@@ -42,6 +42,12 @@ BAD_RUNS = [
                                                    "bytes > 0"),
     (["--fleet", "fleets.basic:bad_warmup"], "warmup <lambda> takes arguments"),
     ([], "Missing option '--fleet'"),
+    # Whatever the user's module or mapping raises while it is read.
+    (["--fleet", "fleets.odd_import:fleet"], "fleet module 'fleets.odd_import' failed to "
+                                             "import: Unusual: the floor gave up (at "),
+    (["--fleet", "fleets.unreadable:fleet"], "fleet 'fleets.unreadable.fleet' cannot be read: "
+                                             "RuntimeError: the worker table is not loaded "
+                                             "(at "),
 ]
 
 
@@ -111,3 +117,11 @@ def test_a_symlinked_runtime_dir_is_refused_and_its_target_untouched(
         "use a private one (--runtime-dir)"
     ]
     assert list(target.iterdir()) == []
+
+
+def test_ctrl_c_while_the_fleet_imports_exits_130_quietly(events: Events, runtime_dir: Path,
+                                                          tmp_path: Path) -> None:
+    """A KeyboardInterrupt during the import is Ctrl-C, not a configuration error."""
+    result = _run(["--fleet", "fleets.interrupted_import:fleet"],
+                  master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)))
+    assert (result.returncode, result.stderr.strip()) == (130, "")  # click ends ^C's line

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
+
 import pytest
 
 from prefork import Backoff, Fleet, FleetError, StartLimit, Worker, as_fleet, load_fleet
@@ -72,12 +74,57 @@ def test_invalid_fleets_raise_one_line(obj: object, message: str) -> None:
     ("no_such_module_xyz:fleet", "fleet module 'no_such_module_xyz' not found"),
     ("fleets.basic:nope", "has no attribute 'nope'"),
     ("fleets.broken_import:fleet", "RuntimeError: database URL is not set (at "),
+    ("fleets.odd_import:fleet", "failed to import: Unusual: the floor gave up (at "),
+    ("fleets.unreadable:fleet", "cannot be read: RuntimeError: the worker table is not "),
     (":fleet", "must look like package.module:ATTR"),
 ])
 def test_load_fleet_errors_name_the_problem(spec: str, message: str) -> None:
     with pytest.raises(FleetError) as caught:
         load_fleet(spec)
     assert message in str(caught.value)
+
+
+class _Unprintable(Exception):
+    def __str__(self) -> str:
+        raise ValueError("no")
+
+
+class _Raising(Mapping[str, object]):
+    """A mapping whose ``items()`` raises ``error``."""
+
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+    def __getitem__(self, key: str) -> object:
+        return work
+
+    def __len__(self) -> int:
+        return 1
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(["w"])
+
+    def items(self):  # type: ignore[override]
+        raise self.error
+
+
+@pytest.mark.parametrize(("error", "message"), [
+    (RuntimeError("not\nloaded"), "fleet 'f' cannot be read: RuntimeError: not loaded (at "),
+    (SystemExit(3), "fleet 'f' cannot be read: SystemExit: 3 (at "),
+    (GeneratorExit(), "fleet 'f' cannot be read: GeneratorExit (at "),
+    (_Unprintable(), "_Unprintable: (its message cannot be shown) (at "),
+])
+def test_a_mapping_whose_items_raise_is_one_line(error: BaseException, message: str) -> None:
+    with pytest.raises(FleetError) as caught:
+        as_fleet(_Raising(error), name="f")
+    assert message in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_ctrl_c_while_a_fleet_is_read_is_still_ctrl_c() -> None:
+    with pytest.raises(KeyboardInterrupt):
+        as_fleet(_Raising(KeyboardInterrupt()), name="f")
+    with pytest.raises(KeyboardInterrupt):
+        load_fleet("fleets.interrupted_import:fleet")
 
 
 def test_registered_fleet_loads_by_name() -> None:
