@@ -15,7 +15,7 @@ from typing import NoReturn
 import click
 
 from prefork.exits import ExitCode
-from prefork.fleet import parse_size
+from prefork.fleet import MAX_SECONDS, parse_size
 from prefork.policy import is_scale_delta
 
 
@@ -26,7 +26,7 @@ class CliError(click.ClickException):
 
 
 class Seconds(click.ParamType):
-    """A finite number of seconds >= 0."""
+    """A number of seconds from 0 to :data:`prefork.fleet.MAX_SECONDS` (a week)."""
 
     name = "seconds"
 
@@ -40,6 +40,9 @@ class Seconds(click.ParamType):
             self.fail(f"{value!r} is not a number of seconds", param, ctx)
         if not math.isfinite(seconds) or seconds < 0:
             self.fail(f"{value!r} must be a finite number of seconds >= 0", param, ctx)
+        if seconds > MAX_SECONDS:
+            self.fail(f"{value!r} is more than {MAX_SECONDS:g} seconds (7 days), the "
+                      "longest prefork accepts", param, ctx)
         return seconds
 
 

@@ -11,6 +11,7 @@ import asyncio
 import functools
 import importlib
 import inspect
+import math
 import re
 import traceback
 from collections.abc import Callable, Iterable, Mapping
@@ -19,7 +20,7 @@ from importlib import metadata
 from typing import Any, Literal, get_args
 
 from prefork.aio import run_until_stopped
-from prefork.heartbeats import beat_interval, beat_while_the_loop_runs
+from prefork.heartbeats import HEARTBEAT_CAPACITY, beat_interval, beat_while_the_loop_runs
 from prefork.paths import name_for_spec, name_problem
 
 WorkerTarget = Callable[[], object]
@@ -30,6 +31,13 @@ DEFAULT_GRACE = 15.0
 # Seconds between two reads of the private memory of workers with a limit (~1 ms each).
 DEFAULT_MEMORY_CHECK_INTERVAL = 10.0
 ENTRY_POINT_GROUP = "prefork.fleets"
+# The longest duration a user may give (grace, backoff, timeouts, intervals): a week, far
+# beyond any sensible one and far below the ~24.8 days (2**31 ms) past which the master's
+# select() would raise OverflowError.
+MAX_SECONDS = 7 * 24 * 3600.0
+# The most worker processes a fleet may run at once: its workers' max_replicas (or
+# replicas) added up. Each may need a cell of the master's heartbeat table.
+MAX_WORKERS = HEARTBEAT_CAPACITY
 
 
 class FleetError(Exception):
@@ -53,11 +61,12 @@ class Backoff:
     reset_after: float = 60.0
 
     def check(self, where: str) -> None:
-        _non_negative(f"{where}: backoff initial", self.initial)
-        _non_negative(f"{where}: backoff maximum", self.maximum)
-        _non_negative(f"{where}: backoff reset_after", self.reset_after)
-        if not _is_number(self.factor) or self.factor < 1:
-            raise FleetError(f"{where}: backoff factor must be a number >= 1, got {self.factor!r}")
+        check_seconds(f"{where}: backoff initial", self.initial)
+        check_seconds(f"{where}: backoff maximum", self.maximum)
+        check_seconds(f"{where}: backoff reset_after", self.reset_after)
+        if not _is_number(self.factor) or not 1 <= self.factor < math.inf:
+            raise FleetError(f"{where}: backoff factor must be a finite number >= 1, "
+                             f"got {self.factor!r}")
         if not _is_number(self.jitter) or not 0 <= self.jitter < 1:
             raise FleetError(f"{where}: backoff jitter must be in [0, 1), got {self.jitter!r}")
 
@@ -79,7 +88,7 @@ class StartLimit:
         if isinstance(self.burst, bool) or not isinstance(self.burst, int) or self.burst < 1:
             raise FleetError(f"{where}: start limit burst must be an integer >= 1, "
                              f"got {self.burst!r}")
-        _non_negative(f"{where}: start limit interval", self.interval)
+        check_seconds(f"{where}: start limit interval", self.interval)
 
 
 @dataclass(frozen=True)
@@ -176,6 +185,11 @@ class Fleet:
             if worker.name in seen:
                 raise FleetError(f"fleet {self.name!r}: two workers are named {worker.name!r}")
             seen.add(worker.name)
+        most = sum(w.max_replicas or w.replicas for w in self.workers)
+        if most > MAX_WORKERS:
+            raise FleetError(f"fleet {self.name!r} may run {most} worker processes (its "
+                             f"workers' max_replicas, or replicas, added up); at most "
+                             f"{MAX_WORKERS} are allowed")
         return self
 
 
@@ -320,24 +334,22 @@ def _check_worker(worker: Worker) -> None:
     if _required_arguments(worker.target):
         raise FleetError(f"{where}: {_callable_name(worker.target)} takes arguments; "
                          "a worker must be a zero-argument callable")
-    if (isinstance(worker.replicas, bool) or not isinstance(worker.replicas, int)
-            or worker.replicas < 1):
-        raise FleetError(f"{where}: replicas must be an integer >= 1, got {worker.replicas!r}")
+    if not _is_count(worker.replicas, 1):
+        raise FleetError(f"{where}: replicas must be an integer >= 1 and at most "
+                         f"{MAX_WORKERS}, got {worker.replicas!r}")
     if worker.warmup is not None:
         if not callable(worker.warmup):
             raise FleetError(f"{where}: warmup {worker.warmup!r} is not callable")
         if _required_arguments(worker.warmup):
             raise FleetError(f"{where}: warmup {_callable_name(worker.warmup)} takes "
                              "arguments; it must be a zero-argument callable")
-    if worker.timeout is not None and (not _is_number(worker.timeout) or worker.timeout <= 0):
-        raise FleetError(f"{where}: timeout must be a number of seconds > 0, "
-                         f"got {worker.timeout!r}")
+    if worker.timeout is not None:
+        check_seconds(f"{where}: timeout", worker.timeout, positive=True)
     _check_size(f"{where}: max_private_memory", worker.max_private_memory)
-    if worker.max_replicas is not None and (
-            isinstance(worker.max_replicas, bool) or not isinstance(worker.max_replicas, int)
-            or worker.max_replicas < worker.replicas):
+    if worker.max_replicas is not None and not _is_count(worker.max_replicas, worker.replicas):
         raise FleetError(f"{where}: max_replicas must be an integer >= replicas "
-                         f"({worker.replicas}), got {worker.max_replicas!r}")
+                         f"({worker.replicas}) and at most {MAX_WORKERS}, "
+                         f"got {worker.max_replicas!r}")
     if worker.restart is not None:
         _check_restart(where, worker.restart)
     if worker.backoff is not None:
@@ -402,9 +414,19 @@ def _callable_name(func: object) -> str:
     return getattr(func, "__qualname__", None) or repr(func)
 
 
-def _non_negative(what: str, value: object) -> None:
-    if not _is_number(value) or value < 0:  # type: ignore[operator]
-        raise FleetError(f"{what} must be a number >= 0, got {value!r}")
+def check_seconds(what: str, value: object, *, positive: bool = False) -> None:
+    """Raise :class:`FleetError` unless ``value`` is a number of seconds from 0 (excluded
+    if ``positive``) to :data:`MAX_SECONDS`: every duration a user gives is checked so."""
+    if (not _is_number(value) or value > MAX_SECONDS  # type: ignore[operator]
+            or (value <= 0 if positive else value < 0)):  # type: ignore[operator]
+        raise FleetError(f"{what} must be a number of seconds {'> 0' if positive else '>= 0'} "
+                         f"and at most {MAX_SECONDS:g} (7 days), got {value!r}")
+
+
+def _is_count(value: object, least: int) -> bool:
+    """An int (not a bool) from ``least`` to :data:`MAX_WORKERS`."""
+    return (isinstance(value, int) and not isinstance(value, bool)
+            and least <= value <= MAX_WORKERS)
 
 
 def _is_number(value: object) -> bool:

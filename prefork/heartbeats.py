@@ -15,6 +15,9 @@ import struct
 import time
 
 _CELL = struct.Struct("d")
+# Cells in the master's table: one per worker process a fleet may run at once, which
+# fleet validation bounds by this (prefork.fleet.MAX_WORKERS).
+HEARTBEAT_CAPACITY = 1024
 
 # Child side: set by prefork.child right after fork for a worker that has a timeout.
 _table: mmap.mmap | None = None

@@ -61,11 +61,15 @@ def backoff_delay(attempt: int, backoff: Backoff, spread: float) -> float:
     initial, factor, maximum = backoff.initial, backoff.factor, backoff.maximum
     if initial <= 0 or factor == 1 or initial >= maximum:
         nominal = min(initial, maximum)
+    elif (attempt - 1) * math.log(factor) >= math.log(maximum) - math.log(initial):
+        # Decided on logarithms, in constant time for any attempt: a power past the cap
+        # could overflow a float (factor 1e200 at the third attempt, 2.0 near the 1025th).
+        nominal = maximum
     else:
-        # Constant time for any attempt: the exponent never needs to pass the step that
-        # reaches the cap (and factor**attempt alone would overflow a float near 1024).
-        steps_to_cap = math.ceil(math.log(maximum / initial, factor)) + 1  # +1: log rounding
-        nominal = min(maximum, initial * factor ** min(attempt - 1, steps_to_cap))
+        try:
+            nominal = min(maximum, initial * factor ** (attempt - 1))
+        except OverflowError:  # below the cap, from a subnormal initial: the same in logs
+            nominal = min(maximum, math.exp(math.log(initial) + (attempt - 1) * math.log(factor)))
     return nominal * (1.0 - backoff.jitter * spread)
 
 

@@ -35,7 +35,14 @@ def plan_scale(fleet: Fleet, slots: Sequence[Slot], name: str,
         if len(mine) >= worker.max_replicas:
             raise ValueError(f"worker {name} already runs {len(mine)} replicas "
                              f"(max_replicas {worker.max_replicas})")
-        slot = new_slot(fleet, worker, next_replica(s.replica for s in mine))
+        # One scaled down but not exited yet still counts: the fleet's processes, and so
+        # its heartbeat cells, never pass what validation allowed.
+        every = [s for s in slots if s.worker.name == name]
+        if len(every) >= worker.max_replicas:
+            leaving = ", ".join(s.label for s in every if s not in mine)
+            raise ValueError(f"worker {name} is at max_replicas {worker.max_replicas} until "
+                             f"the replicas scaled down exit ({leaving})")
+        slot = new_slot(fleet, worker, next_replica(s.replica for s in every))
         return f"worker {name}: {len(mine) + 1} replicas, started {slot.label}", [Add(slot)]
     if len(mine) <= 1:
         raise ValueError(f"worker {name} runs 1 replica, the fewest it can")

@@ -23,16 +23,14 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from prefork.heartbeats import HeartbeatTable
+from prefork.fleet import check_seconds
+from prefork.heartbeats import HEARTBEAT_CAPACITY, HeartbeatTable
 from prefork.memory import MIB, MemoryUnavailable, measure
 from prefork.policy import over_memory_limit
 from prefork.slot import Slot, StopReason
 from prefork.states import WorkerState
 
 log = logging.getLogger("prefork")
-
-# Slots a master can run with heartbeats: one 8-byte cell each in the shared table.
-HEARTBEAT_CAPACITY = 1024
 
 
 @dataclass(frozen=True)
@@ -91,6 +89,7 @@ class SlotTimers:
     after SIGTERM - its own, or the whole fleet's when it stops."""
 
     def __init__(self, slots: Sequence[Slot], grace: float) -> None:
+        check_seconds("grace", grace)  # FleetError: the master's too is checked at load
         self.slots = slots
         self.grace = grace
 
@@ -182,6 +181,7 @@ class MemoryWatch:
 
     def __init__(self, slots: Sequence[Slot], default_limit: int | None,
                  interval: float) -> None:
+        check_seconds("memory check interval", interval, positive=True)
         self.slots = slots
         self.default_limit = default_limit
         self.interval = interval

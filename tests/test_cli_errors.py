@@ -42,6 +42,29 @@ BAD_RUNS = [
                                                    "bytes > 0"),
     (["--fleet", "fleets.basic:bad_warmup"], "warmup <lambda> takes arguments"),
     ([], "Missing option '--fleet'"),
+    # Durations past a week: the master's select() would overflow at ~24.8 days.
+    (["--fleet", "fleets.basic:sleepers", "--grace", "3000000"],
+     "'--grace': '3000000' is more than 604800 seconds (7 days)"),
+    (["--fleet", "fleets.basic:sleepers", "--grace", "1e10"], "'--grace': '1e10' is more than"),
+    (["--fleet", "fleets.basic:sleepers", "--memory-check-interval", "1e10"],
+     "'--memory-check-interval': '1e10' is more than"),
+    (["--fleet", "fleets.basic:sleepers", "--max-backoff", "604801"], "'--max-backoff'"),
+    (["--fleet", "fleets.basic:sleepers", "--backoff-reset", "1e9"], "'--backoff-reset'"),
+    (["--fleet", "fleets.basic:sleepers", "--start-limit-interval", "1e9"],
+     "'--start-limit-interval'"),
+    (["--fleet", "fleets.limits:endless_backoff"], "backoff initial must be a number of seconds "
+                                                   ">= 0 and at most 604800 (7 days), got inf"),
+    (["--fleet", "fleets.limits:long_timeout"], "timeout must be a number of seconds > 0 and "
+                                                "at most 604800 (7 days), got 10000000000.0"),
+    (["--fleet", "fleets.limits:long_start_limit"], "start limit interval must be"),
+    # How many: one heartbeat cell, and one slot, per worker process.
+    (["--fleet", "fleets.limits:huge_replicas"], "replicas must be an integer >= 1 and at "
+                                                 "most 1024, got 1000000000"),
+    (["--fleet", "fleets.limits:huge_max_replicas"], "max_replicas must be an integer >= "
+                                                     "replicas (1) and at most 1024, got 1025"),
+    (["--fleet", "fleets.limits:too_many"], "fleet 'many' may run 1025 worker processes (its "
+                                            "workers' max_replicas, or replicas, added up); "
+                                            "at most 1024 are allowed"),
     # Whatever the user's module or mapping raises while it is read.
     (["--fleet", "fleets.odd_import:fleet"], "fleet module 'fleets.odd_import' failed to "
                                              "import: Unusual: the floor gave up (at "),

@@ -9,6 +9,9 @@ import pytest
 from prefork import Backoff, Fleet, FleetError, StartLimit, Worker, as_fleet, load_fleet
 from prefork.fleet import parse_size
 
+INF = float("inf")
+DAY = 86400.0
+
 
 def work() -> None:
     pass
@@ -61,6 +64,22 @@ def test_async_targets_are_wrapped_to_run_in_a_fresh_loop() -> None:
      "worker_exit: <lambda> must take 2 positional arguments (worker, status)"),
     (Fleet("f", [Worker("w", work)], on_exit=lambda a, b: None),
      "on_exit: <lambda> must take 1 positional argument (fleet)"),
+    # Every duration is finite and at most a week; a count of workers at most 1,024.
+    (Fleet("f", [Worker("w", work)], backoff=Backoff(initial=INF)), "initial must be"),
+    (Fleet("f", [Worker("w", work)], backoff=Backoff(maximum=INF)), "maximum must be"),
+    (Fleet("f", [Worker("w", work)], backoff=Backoff(reset_after=8 * DAY)), "reset_after must"),
+    (Fleet("f", [Worker("w", work)], backoff=Backoff(factor=INF)), "factor must be a finite"),
+    (Fleet("f", [Worker("w", work, backoff=Backoff(initial=1e10))]),
+     "worker 'w': backoff initial must be a number of seconds >= 0 and at most 604800"),
+    (Fleet("f", [Worker("w", work)], start_limit=StartLimit(interval=INF)), "interval must be"),
+    (Fleet("f", [Worker("w", work, timeout=INF)]), "timeout must be a number of seconds > 0"),
+    (Fleet("f", [Worker("w", work, timeout=3e6)]), "at most 604800 (7 days), got 3000000.0"),
+    (Fleet("f", [Worker("w", work, replicas=10**9)]), "replicas must be an integer >= 1 and "
+                                                      "at most 1024, got 1000000000"),
+    (Fleet("f", [Worker("w", work, max_replicas=10**9)]), "max_replicas must be an integer"),
+    (Fleet("f", [Worker("a", work, max_replicas=1000), Worker("b", work, replicas=10),
+                 Worker("c", work, replicas=2, max_replicas=15)]),
+     "fleet 'f' may run 1025 worker processes"),
 ])
 def test_invalid_fleets_raise_one_line(obj: object, message: str) -> None:
     with pytest.raises(FleetError) as caught:
@@ -82,6 +101,15 @@ def test_load_fleet_errors_name_the_problem(spec: str, message: str) -> None:
     with pytest.raises(FleetError) as caught:
         load_fleet(spec)
     assert message in str(caught.value)
+
+
+def test_the_limits_themselves_are_allowed() -> None:
+    week = 7 * DAY
+    fleet = as_fleet(Fleet("f", [Worker("a", work, timeout=week, max_replicas=1000),
+                                 Worker("b", work, replicas=24)],
+                           backoff=Backoff(initial=week, maximum=week, reset_after=week),
+                           start_limit=StartLimit(interval=week)), name="f")
+    assert sum(w.max_replicas or w.replicas for w in fleet.workers) == 1024
 
 
 class _Unprintable(Exception):

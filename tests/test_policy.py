@@ -46,6 +46,17 @@ def test_delay_for_a_billionth_attempt_is_computed_not_iterated(backoff: Backoff
     assert backoff_delay(10**9, backoff, 0.0) == expected
 
 
+@pytest.mark.parametrize(("backoff", "attempt", "expected"), [
+    (Backoff(factor=1e200, jitter=0.0), 3, 30.0),  # factor**2 overflowed a float
+    (Backoff(factor=2.0, maximum=7 * 86400.0, jitter=0.0), 1100, 7 * 86400.0),
+    (Backoff(initial=1e-310, factor=2.0, maximum=1.0, jitter=0.0), 1030, pytest.approx(0.5753,
+                                                                                        rel=1e-3)),
+])
+def test_no_backoff_a_fleet_may_give_overflows(backoff: Backoff, attempt: int,
+                                                expected: float) -> None:
+    assert backoff_delay(attempt, backoff, 0.0) == expected
+
+
 @pytest.mark.parametrize("factor", [1.5, 2.0, 3.0, 10.0])
 def test_closed_form_matches_repeated_multiplication(factor: float) -> None:
     backoff = Backoff(initial=0.1, factor=factor, maximum=30.0, jitter=0.0)

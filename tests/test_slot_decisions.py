@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import random
 import signal
+from collections.abc import Callable
 
 import pytest
 
-from prefork import Backoff, Fleet, StartLimit, Worker
+from prefork import Backoff, Fleet, FleetError, StartLimit, Worker
 from prefork.policy import ExitStatus
 from prefork.scaling import plan_scale, replicas
 from prefork.slot import Next, Slot, StopReason, new_slot, slots_for, summary
@@ -21,6 +22,7 @@ from prefork.watches import (
     Add,
     HeartbeatWatch,
     Kill,
+    MemoryWatch,
     Remove,
     RollingRestart,
     SlotTimers,
@@ -201,6 +203,17 @@ def test_the_heartbeat_watch_stops_a_silent_worker_only_after_its_timeout() -> N
         watch.close()
 
 
+@pytest.mark.parametrize("make", [
+    lambda: SlotTimers([], grace=3_000_000),  # OverflowError in select() at the stop
+    lambda: SlotTimers([], grace=float("inf")),
+    lambda: MemoryWatch([], None, interval=1e10),
+    lambda: MemoryWatch([], None, interval=0),
+])
+def test_the_watches_refuse_a_duration_past_a_week_or_none(make: Callable[[], object]) -> None:
+    with pytest.raises(FleetError, match=r"must be a number of seconds .* at most 604800"):
+        make()
+
+
 def test_a_rolling_restart_replaces_one_worker_at_a_time(caplog: pytest.LogCaptureFixture) -> None:
     slots = [running(name=n) for n in ("a", "b", "c")]
     slots[2].exited(CRASH, 1.0, RNG)  # c is in backoff: it starts from the same floor when due
@@ -259,6 +272,24 @@ def test_scaling_down_a_replica_in_backoff_removes_it_and_one_stopping_is_not_re
     [stop] = plan_scale(fleet, slots, "w", -1)[1]
     assert stop.reason is StopReason.SCALED_DOWN
     assert stop.detail == "recycled: private memory 9 MiB > 8 MiB"
+
+
+def test_a_replica_scaled_down_counts_until_it_has_exited() -> None:
+    """Its process and its heartbeat cell are there until it exits: scaling up again in
+    its grace period must not take the fleet past what validation allowed."""
+    fleet = Fleet("f", [Worker("w", work, replicas=2, max_replicas=3)])
+    slots = slots_for(fleet)
+    for slot in slots:
+        slot.started(1000 + slot.replica, 1.0, count_start=True)
+    [stop] = plan_scale(fleet, slots, "w", -1)[1]
+    slots[1].stopping(StopReason.SCALED_DOWN, stop.detail, kill_at=20.0)
+    done, [add] = plan_scale(fleet, slots, "w", 1)  # 2 processes: one more fits
+    assert add.slot.replica == 2 and done == "worker w: 2 replicas, started w.2"
+    slots.append(add.slot)
+    with pytest.raises(ValueError) as caught:
+        plan_scale(fleet, slots, "w", 1)
+    assert str(caught.value) == ("worker w is at max_replicas 3 until the replicas scaled "
+                                 "down exit (w.1)")
 
 
 @pytest.mark.parametrize(("name", "delta", "message"), [
