@@ -103,6 +103,21 @@ def over_memory_limit(uss: int, limit: int, over_since: float | None, now: float
     return since, now - since >= hold
 
 
+def memory_recycle_verdict(runs_over: int, seen_under: bool,
+                           limit: StartLimit) -> tuple[int, bool]:
+    """A worker is to be recycled for its private memory: ``(runs_over, fail)``.
+
+    ``runs_over`` counts the runs in a row that were over the limit at every check
+    (``seen_under``: this one was once under it). At ``limit.burst`` such runs the worker
+    is failed, not recycled again: it is over its limit from its start, and a new one from
+    the same floor will be too. Recycles do not count in the start limit's window: each
+    takes two memory checks at least (20 s by default), so 5 in 60 s could never happen.
+    ``limit.interval == 0`` (no start limit) recycles it for ever.
+    """
+    runs = 0 if seen_under else runs_over + 1
+    return runs, limit.interval != 0 and runs >= limit.burst
+
+
 def next_replica(taken: Iterable[int]) -> int:
     """The lowest replica number not in use: a fleet scaled down then up reuses names."""
     used = set(taken)

@@ -38,6 +38,7 @@ class After(Enum):
     REPLACE = "replace"  # fork a new one at once from the same floor; no start-limit count
     REMOVE = "remove"  # drop the slot
     STAY_STOPPED = "stay stopped"  # the fleet is stopping
+    FAIL = "fail"  # mark it failed: a new one would do the same
 
 
 class StopReason(Enum):
@@ -45,6 +46,7 @@ class StopReason(Enum):
 
     HUNG = ("hung", After.BACKOFF, logging.WARNING)  # no heartbeat within its timeout
     RECYCLED = ("recycled", After.REPLACE, logging.INFO)  # private memory over its limit
+    OVER_MEMORY = ("over memory", After.FAIL, logging.ERROR)  # ... from its start, every time
     ROLLING_RESTART = ("rolling restart", After.REPLACE, logging.INFO)  # SIGHUP
     SCALED_DOWN = ("scaled down", After.REMOVE, logging.INFO)  # SIGTTOU, `prefork scale -1`
     SHUTDOWN = ("shutdown", After.STAY_STOPPED, logging.DEBUG)  # the fleet stops
@@ -86,6 +88,8 @@ class Slot:
     kill_at: float | None = None
     reason: str | None = None  # why the master last stopped it, for the log and status
     over_since: float | None = None  # its USS is above its limit since then
+    seen_under: bool = False  # a memory check of this run found it under its limit
+    runs_over: int = 0  # runs in a row recycled without ever being under their limit
 
     @property
     def label(self) -> str:
@@ -100,7 +104,7 @@ class Slot:
     def started(self, pid: int, now: float, *, count_start: bool) -> None:
         """Its child was forked. ``count_start=False``: a replacement the master chose,
         which does not count towards the start limit."""
-        self.pid, self.started_at, self.due = pid, now, None
+        self.pid, self.started_at, self.due, self.seen_under = pid, now, None, False
         if count_start:
             self.start_times.append(now)
         self.move(WorkerState.RUNNING)
@@ -128,6 +132,10 @@ class Slot:
             return Next.REMOVE
         if after is After.REPLACE:
             return Next.START
+        if after is After.FAIL:
+            self.move(WorkerState.FAILED)
+            log.error("worker %s marked failed: %s; not restarting it", self.label, self.reason)
+            return Next.NOTHING
         if after is After.BACKOFF and self.restart != "never":
             self.schedule_restart(now, uptime, rng)
             return Next.NOTHING

@@ -26,7 +26,7 @@ from typing import Protocol
 from prefork.fleet import check_seconds
 from prefork.heartbeats import HEARTBEAT_CAPACITY, HeartbeatTable
 from prefork.memory import MIB, MemoryUnavailable, measure
-from prefork.policy import over_memory_limit
+from prefork.policy import memory_recycle_verdict, over_memory_limit
 from prefork.slot import Slot, StopReason
 from prefork.states import WorkerState
 
@@ -177,7 +177,9 @@ class HeartbeatWatch:
 class MemoryWatch:
     """Every ``interval`` seconds, read the private memory (USS) of each worker that has a
     limit - about 1 ms a worker - and recycle one that stayed above it for a whole
-    interval: only one at a time, so a fleet-wide leak is not a fleet-wide restart."""
+    interval: only one at a time, so a fleet-wide leak is not a fleet-wide restart. One
+    over its limit at every check of its start limit's ``burst`` runs in a row is stopped
+    and failed instead (:func:`prefork.policy.memory_recycle_verdict`)."""
 
     def __init__(self, slots: Sequence[Slot], default_limit: int | None,
                  interval: float) -> None:
@@ -214,12 +216,19 @@ class MemoryWatch:
                 uss = measure(slot.pid).uss
             except MemoryUnavailable:
                 continue  # it just exited: the reaper will see it
+            slot.seen_under = slot.seen_under or uss <= limit
             slot.over_since, recycle = over_memory_limit(uss, limit, slot.over_since, now,
                                                          self.interval)
             if recycle and self._recycling is None:
                 self._recycling = slot
-                actions.append(Stop(slot, StopReason.RECYCLED, f"recycled: private memory "
-                                    f"{uss / MIB:.0f} MiB > {limit / MIB:.0f} MiB"))
+                over = f"private memory {uss / MIB:.0f} MiB > {limit / MIB:.0f} MiB"
+                slot.runs_over, fail = memory_recycle_verdict(slot.runs_over, slot.seen_under,
+                                                              slot.start_limit)
+                if fail:
+                    actions.append(Stop(slot, StopReason.OVER_MEMORY, f"{over} at every check "
+                                        f"of {slot.runs_over} runs in a row"))
+                else:
+                    actions.append(Stop(slot, StopReason.RECYCLED, f"recycled: {over}"))
         return actions
 
 

@@ -13,6 +13,7 @@ from prefork.policy import (
     backoff_delay,
     exceeds_start_limit,
     is_stable_run,
+    memory_recycle_verdict,
     next_replica,
     over_memory_limit,
     should_restart,
@@ -168,6 +169,18 @@ def test_memory_recycling_needs_the_limit_exceeded_for_a_whole_hold() -> None:
     assert over_memory_limit(300, 200, over_since=10.0, now=12.0, hold=2.0) == (10.0, True)
     # Exactly at the limit is not over it.
     assert over_memory_limit(200, 200, over_since=None, now=1.0, hold=0.0) == (None, False)
+
+
+def test_a_worker_over_its_memory_limit_from_its_start_burst_times_in_a_row_fails() -> None:
+    limit = StartLimit(burst=3, interval=60.0)
+    assert memory_recycle_verdict(0, seen_under=False, limit=limit) == (1, False)
+    assert memory_recycle_verdict(1, seen_under=False, limit=limit) == (2, False)
+    assert memory_recycle_verdict(2, seen_under=False, limit=limit) == (3, True)
+    # A run once under its limit grew past it: a leak, which recycling is for.
+    assert memory_recycle_verdict(2, seen_under=True, limit=limit) == (0, False)
+    # No start limit: recycled for ever, as a crash-looping worker restarts for ever.
+    assert memory_recycle_verdict(9, seen_under=False,
+                                  limit=StartLimit(burst=3, interval=0)) == (10, False)
 
 
 def test_next_replica_reuses_the_lowest_free_number() -> None:

@@ -10,10 +10,12 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import pytest
 
 from prefork import Backoff, Fleet, FleetError, StartLimit, Worker
+from prefork.memory import MIB
 from prefork.policy import ExitStatus
 from prefork.scaling import plan_scale, replicas
 from prefork.slot import Next, Slot, StopReason, new_slot, slots_for, summary
@@ -53,9 +55,10 @@ def work() -> None:
 
 def running(restart: str = "on-failure", *, at: float = 100.0, timeout: float | None = None,
             limit: StartLimit | None = None, name: str = "w", max_replicas: int | None = None,
-            replica: int = 0) -> Slot:
+            replica: int = 0, max_private_memory: int | None = None) -> Slot:
     fleet = Fleet("f", [Worker(name, work, restart=restart, timeout=timeout,  # type: ignore[arg-type]
-                               max_replicas=max_replicas)],
+                               max_replicas=max_replicas,
+                               max_private_memory=max_private_memory)],
                   backoff=NO_JITTER, start_limit=limit or StartLimit())
     slot = new_slot(fleet, fleet.workers[0], replica)
     slot.started(1000 + replica, at, count_start=True)
@@ -117,6 +120,7 @@ def test_a_fork_that_failed_counts_as_a_start_and_backs_off() -> None:
     (StopReason.SCALED_DOWN, Next.REMOVE, S.STOPPING),  # the master drops the slot
     (StopReason.SHUTDOWN, Next.NOTHING, S.STOPPED),
     (StopReason.HUNG, Next.NOTHING, S.BACKOFF),  # as after a crash
+    (StopReason.OVER_MEMORY, Next.NOTHING, S.FAILED),  # a new one would be over it too
 ])
 def test_a_worker_the_master_stopped_goes_where_the_reason_says(
         reason: StopReason, then: Next, state: WorkerState) -> None:
@@ -212,6 +216,60 @@ def test_the_heartbeat_watch_stops_a_silent_worker_only_after_its_timeout() -> N
 def test_the_watches_refuse_a_duration_past_a_week_or_none(make: Callable[[], object]) -> None:
     with pytest.raises(FleetError, match=r"must be a number of seconds .* at most 604800"):
         make()
+
+
+class _FakeUss:
+    """Stands in for prefork.memory.measure: each pid's USS is what the test sets."""
+
+    def __init__(self) -> None:
+        self.uss: dict[int, int] = {}
+
+    def __call__(self, pid: int) -> SimpleNamespace:
+        return SimpleNamespace(uss=self.uss[pid])
+
+
+def test_a_worker_over_its_memory_limit_from_every_start_ends_failed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    uss = _FakeUss()
+    monkeypatch.setattr("prefork.watches.measure", uss)
+    slot = running(limit=StartLimit(burst=2, interval=60.0), max_private_memory=20 * MIB)
+    watch = MemoryWatch([slot], None, interval=1.0)
+    watch.start(100.0)
+    uss.uss[1000] = 40 * MIB  # over from its first check
+    assert watch.due(101.0) == []  # over once: not yet
+    [stop] = watch.due(102.0)
+    assert stop == Stop(slot, StopReason.RECYCLED, "recycled: private memory 40 MiB > 20 MiB")
+    slot.stopping(stop.reason, stop.detail, kill_at=120.0)
+    assert slot.exited(TERMINATED, 102.5, RNG) is Next.START
+    slot.started(1001, 102.5, count_start=False)
+    uss.uss[1001] = 41 * MIB  # the replacement is over its limit at once too
+    assert watch.due(103.0) == []
+    [stop] = watch.due(104.0)
+    assert stop == Stop(slot, StopReason.OVER_MEMORY,
+                        "private memory 41 MiB > 20 MiB at every check of 2 runs in a row")
+    slot.stopping(stop.reason, stop.detail, kill_at=124.0)
+    assert slot.exited(TERMINATED, 104.5, RNG) is Next.NOTHING
+    assert slot.state is S.FAILED and slot.reason == stop.detail
+
+
+def test_a_worker_that_was_under_its_memory_limit_first_is_recycled_as_often_as_it_leaks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    uss = _FakeUss()
+    monkeypatch.setattr("prefork.watches.measure", uss)
+    slot = running(limit=StartLimit(burst=1, interval=60.0), max_private_memory=20 * MIB)
+    watch = MemoryWatch([slot], None, interval=1.0)
+    watch.start(100.0)
+    for run in range(3):
+        pid = 1000 + run
+        uss.uss[pid] = 10 * MIB
+        assert watch.due(101.0 + 3 * run) == []  # under its limit: then it leaks
+        uss.uss[pid] = 30 * MIB
+        assert watch.due(102.0 + 3 * run) == []
+        [stop] = watch.due(103.0 + 3 * run)
+        assert stop.reason is StopReason.RECYCLED
+        slot.stopping(stop.reason, stop.detail, kill_at=200.0)
+        assert slot.exited(TERMINATED, 103.5 + 3 * run, RNG) is Next.START
+        slot.started(pid + 1, 103.5 + 3 * run, count_start=False)
 
 
 def test_a_rolling_restart_replaces_one_worker_at_a_time(caplog: pytest.LogCaptureFixture) -> None:

@@ -1,13 +1,26 @@
-"""Fleets at and past prefork's limits: how many workers, how long a duration. Each
-attribute is one ``--fleet fleets.limits:X``."""
+"""Fleets at and past prefork's limits: how many workers, how long a duration, how much
+private memory. Each attribute is one ``--fleet fleets.limits:X``."""
 
 from __future__ import annotations
 
 from fleets.common import emit, idle_forever
 from prefork import Backoff, Fleet, StartLimit, Worker
 
+MIB = 1024 * 1024
+_kept: list[bytearray] = []
+
 
 def sleeper() -> None:
+    emit("up")
+    idle_forever()
+
+
+def over_its_limit_from_the_start() -> None:
+    """Dirty 40 MiB of its own at once, every start: always over a 20 MiB limit."""
+    block = bytearray(40 * MIB)
+    for offset in range(0, len(block), 4096):
+        block[offset] = 1
+    _kept.append(block)
     emit("up")
     idle_forever()
 
@@ -21,3 +34,6 @@ endless_backoff = Fleet("endless", [Worker("w", sleeper)], backoff=Backoff(initi
 long_timeout = Fleet("long", [Worker("w", sleeper, timeout=1e10)])
 long_start_limit = Fleet("long", [Worker("w", sleeper)],
                          start_limit=StartLimit(interval=3_000_000))
+memory_hog = Fleet("hog", [Worker("hog", over_its_limit_from_the_start)],
+                   max_private_memory=20 * MIB, start_limit=StartLimit(burst=2, interval=60),
+                   restart="always")
