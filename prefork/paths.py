@@ -17,6 +17,10 @@ from pathlib import Path
 # A fleet's or a worker's name: a file name in the runtime directory, never hidden, never
 # "." or "..", no '/', no whitespace.
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
+# Characters in a name: NAME.lock and NAME.sock must fit Linux's NAME_MAX of 255 bytes (a
+# name is ASCII). The socket's whole path must also fit sun_path (107 bytes): the control
+# server checks that, since it depends on the directory too.
+MAX_NAME = 255 - len(".lock")
 _IDENTIFIER = r"[A-Za-z_][A-Za-z0-9_]*"
 _DOTTED = rf"{_IDENTIFIER}(?:\.{_IDENTIFIER})*"
 # What --fleet takes: a registered name, or module:ATTR (both parts dotted identifiers).
@@ -30,6 +34,9 @@ class RuntimeDirError(Exception):
 def name_problem(name: object, what: str = "fleet") -> str | None:
     """Why ``name`` cannot name a fleet (or a worker: ``what="worker"``), or None."""
     if isinstance(name, str) and NAME.fullmatch(name):
+        if len(name) > MAX_NAME:
+            return (f"{what} name {name[:20]}... is {len(name)} characters long; "
+                    f"at most {MAX_NAME} fit in a file name")
         return None
     return f"{what} name {name!r} must be letters, digits, '.', '_' or '-'"
 

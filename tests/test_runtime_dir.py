@@ -1,0 +1,80 @@
+"""The runtime directory: checked once, then used only through what was checked; names and
+paths that cannot work are one line and exit 2."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import Events, master_env
+from prefork import paths
+from prefork.paths import name_problem
+
+# -- names and paths that cannot work ---------------------------------------------------------
+
+
+def test_name_length_is_capped_by_the_file_names_it_becomes() -> None:
+    assert paths.MAX_NAME == 250  # NAME.lock, NAME.sock: 255 bytes at most
+    assert name_problem("a" * 250) is None
+    assert name_problem("a" * 251) == (
+        f"fleet name {'a' * 20}... is 251 characters long; at most 250 fit in a file name")
+    assert name_problem("w" * 300, "worker") == (
+        f"worker name {'w' * 20}... is 300 characters long; at most 250 fit in a file name")
+
+
+LONG = "y" * 260
+
+
+@pytest.fixture
+def long_names(tmp_path: Path) -> Path:
+    """A module ``long_names`` on the path the subprocesses get, with fleets whose fleet or
+    worker name is too long."""
+    (tmp_path / "long_names.py").write_text(
+        "from prefork import Fleet, Worker\n"
+        "def w():\n    pass\n"
+        f"fleet = Fleet(name={LONG!r}, workers=[Worker('w', w)])\n"
+        f"worker = Fleet(name='short', workers=[Worker({LONG!r}, w)])\n"
+        f"sock = Fleet(name={'z' * 200!r}, workers=[Worker('w', w)])\n")
+    return tmp_path
+
+
+def _prefork(args: list[str], env: dict[str, str],
+             cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "prefork", *args], capture_output=True,
+                          text=True, env=env, cwd=cwd, timeout=30)
+
+
+@pytest.mark.parametrize(("attribute", "message"), [
+    ("fleet", f"fleet name {'y' * 20}... is 260 characters long; at most 250 fit in a file "
+              "name"),
+    ("worker", f"worker name {'y' * 20}... is 260 characters long; at most 250 fit in a "
+               "file name"),
+    # Fits a file name, but not sun_path: the control server's own check.
+    ("sock", "AF_UNIX path too long"),
+])
+def test_a_name_too_long_is_one_line(attribute: str, message: str, long_names: Path,
+                                     events: Events, runtime_dir: Path) -> None:
+    env = master_env(events, runtime_dir)
+    env["PYTHONPATH"] += os.pathsep + str(long_names)
+    result = _prefork(["run", "--fleet", f"long_names:{attribute}"], env)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if " INFO " not in line]
+    assert len(lines) == 1 and message in lines[0], result.stderr
+    assert lines[0].startswith("prefork: error: ")
+    assert not [e for e in events.seen if e.get("kind") == "up"]
+
+
+def test_status_of_a_name_too_long_is_one_line(events: Events, runtime_dir: Path) -> None:
+    result = _prefork(["status", "--fleet", LONG], master_env(events, runtime_dir))
+    assert (result.returncode, result.stderr) == (2, (
+        f"prefork: error: fleet name {'y' * 20}... is 260 characters long; at most 250 fit "
+        "in a file name\n"))
+
+
+OPERATE = [["status"], ["reload"], ["scale", "w", "+1"]]
+RUN = ["run", "--fleet", "fleets.basic:sleepers"]
+
