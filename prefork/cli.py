@@ -18,7 +18,7 @@ from pathlib import Path
 import click
 
 from prefork import logs
-from prefork.cli_operate import reload, scale, status
+from prefork.cli_operate import absolute_runtime_dir, reload, scale, status
 from prefork.cli_params import (
     SECONDS,
     SIZE,
@@ -89,7 +89,8 @@ def cli() -> None:
 @click.option("--memory-check-interval", type=PositiveSeconds(),
               default=DEFAULT_MEMORY_CHECK_INTERVAL, show_default=True,
               help="Seconds between checks of the workers' private memory.")
-@click.option("--runtime-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+@click.option("--runtime-dir", type=click.Path(file_okay=False), default=None,
+              callback=absolute_runtime_dir,
               help="Where the fleet's lock lives [$PREFORK_RUNTIME_DIR, $RUNTIME_DIRECTORY, "
                    "$XDG_RUNTIME_DIR/prefork, /tmp/prefork-UID].")
 @click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),

@@ -28,14 +28,35 @@ from prefork.client import NoMaster, exchange, fetch_status, format_status, requ
 from prefork.control import ControlError
 from prefork.exits import ExitCode
 from prefork.fleet import FleetError, load_fleet
-from prefork.paths import default_runtime_dir, name_problem, socket_path
+from prefork.paths import (
+    RuntimeDirError,
+    default_runtime_dir,
+    name_problem,
+    runtime_dir_problem,
+    socket_path,
+)
 
 _control_fleet_option = click.option(
     "--fleet", "-f", "fleet_spec", default=None, metavar="NAME|module:ATTR",
     help="The fleet's name, or module:ATTR (imported to learn its name) "
          "[the only fleet with a socket in the runtime directory].")
+
+
+def absolute_runtime_dir(ctx: click.Context, param: click.Parameter,
+                         value: str | None) -> Path | None:
+    """``--runtime-dir``'s check: an absolute path (an empty or relative one would
+    silently be the current directory)."""
+    if value is None:
+        return None
+    problem = runtime_dir_problem(value)
+    if problem is not None:
+        raise click.BadParameter(problem, ctx=ctx, param=param)
+    return Path(value)
+
+
 _control_runtime_dir_option = click.option(
-    "--runtime-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+    "--runtime-dir", type=click.Path(file_okay=False), default=None,
+    callback=absolute_runtime_dir,
     help="Where the master's socket is, as given to `prefork run` [$PREFORK_RUNTIME_DIR, "
          "$RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/prefork, /tmp/prefork-UID].")
 
@@ -166,7 +187,10 @@ def _control_socket(fleet_spec: str | None, runtime_dir: Path | None) -> Path:
     is imported to learn its fleet's name.
     """
 
-    directory = runtime_dir or default_runtime_dir()
+    try:
+        directory = runtime_dir or default_runtime_dir()
+    except RuntimeDirError as exc:
+        raise CliError(str(exc)) from None
     if fleet_spec is None:
         try:
             names = sorted(entry.name for entry in os.scandir(directory)

@@ -55,14 +55,32 @@ def name_for_spec(spec: str) -> str:
     return spec.replace(":", ".")
 
 
+def runtime_dir_problem(path: str) -> str | None:
+    """Why ``path`` cannot be given as a runtime directory, or None: it must be absolute
+    (an empty or relative one would silently be the current directory)."""
+    if os.path.isabs(path):
+        return None
+    return f"must be an absolute path, not {path!r}"
+
+
 def default_runtime_dir() -> Path:
     """``$PREFORK_RUNTIME_DIR``, else systemd's ``$RUNTIME_DIRECTORY``, else
-    ``$XDG_RUNTIME_DIR/prefork``, else ``/tmp/prefork-<uid>``."""
+    ``$XDG_RUNTIME_DIR/prefork``, else ``/tmp/prefork-<uid>``.
+
+    An empty variable counts as unset; a relative ``$PREFORK_RUNTIME_DIR`` or
+    ``$RUNTIME_DIRECTORY`` raises :class:`RuntimeDirError`; a relative ``$XDG_RUNTIME_DIR``
+    is ignored, as the XDG Base Directory specification says it must be.
+    """
     for variable in ("PREFORK_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
         if os.environ.get(variable):
-            return Path(os.environ[variable].split(":")[0])
-    if os.environ.get("XDG_RUNTIME_DIR"):
-        return Path(os.environ["XDG_RUNTIME_DIR"]) / "prefork"
+            path = os.environ[variable].split(":")[0]
+            problem = runtime_dir_problem(path)
+            if problem is not None:
+                raise RuntimeDirError(f"${variable} {problem}")
+            return Path(path)
+    xdg = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(xdg):
+        return Path(xdg) / "prefork"
     return Path("/tmp") / f"prefork-{os.getuid()}"
 
 

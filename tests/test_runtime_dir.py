@@ -12,7 +12,7 @@ import pytest
 
 from conftest import Events, master_env
 from prefork import paths
-from prefork.paths import name_problem
+from prefork.paths import default_runtime_dir, name_problem
 
 # -- names and paths that cannot work ---------------------------------------------------------
 
@@ -77,4 +77,47 @@ def test_status_of_a_name_too_long_is_one_line(events: Events, runtime_dir: Path
 
 OPERATE = [["status"], ["reload"], ["scale", "w", "+1"]]
 RUN = ["run", "--fleet", "fleets.basic:sleepers"]
+
+
+@pytest.mark.parametrize("given", ["", "run", "./run", "../x"])
+@pytest.mark.parametrize("command", [RUN, *OPERATE], ids=lambda c: c[0])
+def test_a_relative_runtime_dir_option_is_one_line(command: list[str], given: str,
+                                                   events: Events, runtime_dir: Path,
+                                                   tmp_path: Path) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(mode=0o700)
+    result = _prefork([*command, "--runtime-dir", given], master_env(events, runtime_dir),
+                      cwd=cwd)
+    assert (result.returncode, result.stderr) == (2, (
+        f"prefork: error: Invalid value for '--runtime-dir': must be an absolute path, "
+        f"not {given!r}\n"))
+    assert os.listdir(cwd) == []
+
+
+@pytest.mark.parametrize("variable", ["PREFORK_RUNTIME_DIR", "RUNTIME_DIRECTORY"])
+@pytest.mark.parametrize("command", [RUN, *OPERATE], ids=lambda c: c[0])
+def test_a_relative_runtime_dir_variable_is_one_line(command: list[str], variable: str,
+                                                     events: Events, runtime_dir: Path,
+                                                     tmp_path: Path) -> None:
+    cwd = tmp_path / "cwd"
+    cwd.mkdir(mode=0o700)
+    env = master_env(events, runtime_dir)
+    del env["PREFORK_RUNTIME_DIR"]
+    env[variable] = "run"
+    result = _prefork(command, env, cwd=cwd)
+    assert (result.returncode, result.stderr) == (
+        2, f"prefork: error: ${variable} must be an absolute path, not 'run'\n")
+    assert os.listdir(cwd) == []
+
+
+def test_a_relative_xdg_runtime_dir_is_ignored(monkeypatch: pytest.MonkeyPatch) -> None:
+    for variable in ("PREFORK_RUNTIME_DIR", "RUNTIME_DIRECTORY"):
+        monkeypatch.delenv(variable, raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "run/user")
+    assert default_runtime_dir() == Path(f"/tmp/prefork-{os.getuid()}")
+    monkeypatch.setenv("XDG_RUNTIME_DIR", "/run/user/7")
+    assert default_runtime_dir() == Path("/run/user/7/prefork")
+    monkeypatch.setenv("PREFORK_RUNTIME_DIR", "")  # empty: unset
+    assert default_runtime_dir() == Path("/run/user/7/prefork")
+
 
