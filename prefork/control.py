@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from prefork.paths import ensure_runtime_dir
+from prefork.paths import in_dir, open_runtime_dir
 from prefork.policy import is_scale_delta
 
 log = logging.getLogger("prefork")
@@ -199,9 +199,24 @@ class ControlServer:
         """
         if self._listener is not None:
             return
-        ensure_runtime_dir(self.path.parent)
+        # Through the directory checked, not its path, which may name another by now.
+        directory = open_runtime_dir(self.path.parent)
         try:
-            info = self.path.lstat()
+            listener, info = self._bind(in_dir(directory, self.path.name))
+        finally:
+            os.close(directory)
+        self._listener = listener
+        self._inode = (info.st_dev, info.st_ino)
+        if self._selector is not None:
+            self._selector.register(listener.fileno(), selectors.EVENT_READ, self)
+
+    def _bind(self, here: str) -> tuple[socket.socket, os.stat_result]:
+        """Replace a stale socket file at ``here`` and listen there: ``self.path``, reached
+        through the runtime directory's descriptor."""
+        if len(os.fsencode(self.path)) >= 108:  # sun_path: clients connect by this path
+            raise ControlError(f"control socket {self.path}: AF_UNIX path too long")
+        try:
+            info = os.lstat(here)
         except FileNotFoundError:
             pass
         except OSError as exc:
@@ -212,25 +227,22 @@ class ControlServer:
                                    "is in the way; remove it")
             # Safe: the caller holds the fleet's lock, so no live master listens here.
             with contextlib.suppress(FileNotFoundError):
-                self.path.unlink()
+                os.unlink(here)
         listener = socket.socket(socket.AF_UNIX,
                                  socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
             # Linux creates the socket file with the socket inode's mode (less the umask):
             # set it before bind(), so the file is never open to others, not even briefly.
             os.fchmod(listener.fileno(), 0o600)
-            listener.bind(os.fspath(self.path))
-            os.chmod(self.path, 0o600)
-            info = self.path.lstat()
+            listener.bind(here)
+            os.chmod(here, 0o600)
+            info = os.lstat(here)
             listener.listen(BACKLOG)
         except OSError as exc:
             listener.close()
             raise ControlError(f"control socket {self.path}: "
                                f"{exc.strerror or exc}") from None
-        self._listener = listener
-        self._inode = (info.st_dev, info.st_ino)
-        if self._selector is not None:
-            self._selector.register(listener.fileno(), selectors.EVENT_READ, self)
+        return listener, info
 
     def close(self) -> None:
         """Close every socket and remove the socket file, unless it is no longer ours.

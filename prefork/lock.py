@@ -11,7 +11,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from prefork.paths import RuntimeDirError, ensure_runtime_dir, lock_path
+from prefork.paths import RuntimeDirError, lock_path, open_runtime_dir
 
 
 class AlreadyRunning(Exception):
@@ -29,12 +29,16 @@ class FleetLock:
         """Take the lock (a no-op if held); raise AlreadyRunning or RuntimeDirError."""
         if self.fd is not None:
             return
-        ensure_runtime_dir(self.path.parent)
+        # In the directory checked, not through its path, which may name another by now.
+        directory = open_runtime_dir(self.path.parent)
         # No O_TRUNC: the running master's pid must survive a refused second master.
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            fd = os.open(self.path.name, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                         0o600, dir_fd=directory)
         except OSError as exc:
             raise RuntimeDirError(f"lock {self.path}: {exc.strerror}") from None
+        finally:
+            os.close(directory)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -100,8 +100,20 @@ def make_private_dir(path: Path, *, what: str, advice: str, parents: bool = True
 
     Ours alone: a real directory, not a symlink to one (the last component is opened with
     ``O_NOFOLLOW``: in a shared /tmp anyone may have made the name first), owned by our
-    uid, and writable by nobody else.
+    uid, and writable by nobody else. What is checked is the directory as opened: to use
+    it safely afterwards, through a path that may since name something else, take
+    :func:`open_private_dir`'s descriptor instead.
     """
+    opened = open_private_dir(path, what=what, advice=advice, parents=parents)
+    if isinstance(opened, str):
+        return opened
+    os.close(opened)
+    return None
+
+
+def open_private_dir(path: Path, *, what: str, advice: str, parents: bool = True) -> int | str:
+    """:func:`make_private_dir`, returning an ``O_DIRECTORY`` descriptor of the directory
+    it checked (the caller closes it) instead of None."""
     try:
         path.mkdir(mode=0o700, parents=parents, exist_ok=True)
     except FileExistsError:
@@ -116,20 +128,33 @@ def make_private_dir(path: Path, *, what: str, advice: str, parents: bool = True
             link = " (a symlink)" if path.is_symlink() else ""
             return f"{what} {path} is not a directory{link}; {advice}"
         return f"{what} {path}: {exc.strerror}"
-    try:
-        info = os.fstat(fd)
-    finally:
-        os.close(fd)
+    info = os.fstat(fd)
+    problem = None
     if info.st_uid != os.getuid():
-        return f"{what} {path} belongs to uid {info.st_uid}, not to uid {os.getuid()}; {advice}"
-    if info.st_mode & 0o022:
-        return f"{what} {path} is writable by others; {advice}"
-    return None
-
-
-def ensure_runtime_dir(path: Path) -> None:
-    """:func:`make_private_dir` for the runtime directory; raises :class:`RuntimeDirError`."""
-    problem = make_private_dir(path, what="runtime directory",
-                               advice="use a private one (--runtime-dir)")
+        problem = f"{what} {path} belongs to uid {info.st_uid}, not to uid {os.getuid()}; {advice}"
+    elif info.st_mode & 0o022:
+        problem = f"{what} {path} is writable by others; {advice}"
     if problem is not None:
-        raise RuntimeDirError(problem)
+        os.close(fd)
+        return problem
+    return fd
+
+
+def open_runtime_dir(path: Path) -> int:
+    """:func:`open_private_dir` for the runtime directory: the descriptor of the directory
+    it checked, through which the lock and the socket are then made, so that a path
+    swapped for a symlink after the check cannot lead them elsewhere. Raises
+    :class:`RuntimeDirError`."""
+    opened = open_private_dir(path, what="runtime directory",
+                              advice="use a private one (--runtime-dir)")
+    if isinstance(opened, str):
+        raise RuntimeDirError(opened)
+    return opened
+
+
+def in_dir(dir_fd: int, name: str) -> str:
+    """A path to ``name`` in the directory open as ``dir_fd``, for the calls that take no
+    ``dir_fd`` (``bind()``): through /proc's link to the descriptor, never re-walking the
+    directory's own path, which may name another directory by now."""
+    return f"/proc/self/fd/{dir_fd}/{name}"
+

@@ -4,15 +4,19 @@ paths that cannot work are one line and exit 2."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from conftest import Events, master_env
 from prefork import paths
-from prefork.paths import default_runtime_dir, name_problem
+from prefork.control import ControlServer, command_table
+from prefork.lock import FleetLock
+from prefork.paths import default_runtime_dir, name_problem, socket_path
 
 # -- names and paths that cannot work ---------------------------------------------------------
 
@@ -119,5 +123,72 @@ def test_a_relative_xdg_runtime_dir_is_ignored(monkeypatch: pytest.MonkeyPatch) 
     assert default_runtime_dir() == Path("/run/user/7/prefork")
     monkeypatch.setenv("PREFORK_RUNTIME_DIR", "")  # empty: unset
     assert default_runtime_dir() == Path("/run/user/7/prefork")
+
+
+
+# -- a path swapped for a symlink after the check -------------------------------------------
+
+
+@pytest.fixture
+def swapped(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Path, Path]]:
+    """(runtime dir, victim): the moment the runtime directory has been checked (its
+    ``fstat``), an attacker renames it away and puts a symlink to ``victim`` in its place,
+    the worst case of the race in a directory others may write. ``victim`` is a private
+    directory of ours with a service's socket ``f.sock`` in it."""
+    runtime_dir, victim = tmp_path / "run", tmp_path / "victim"
+    runtime_dir.mkdir(mode=0o700)
+    victim.mkdir(mode=0o700)
+    checked = runtime_dir.stat()
+    real_fstat = os.fstat
+
+    def fstat_then_swap(fd: int) -> os.stat_result:
+        info = real_fstat(fd)
+        if (info.st_dev, info.st_ino) == (checked.st_dev, checked.st_ino) \
+                and not runtime_dir.is_symlink():
+            runtime_dir.rename(tmp_path / "moved")
+            runtime_dir.symlink_to(victim)
+        return info
+
+    service = socket.socket(socket.AF_UNIX)
+    service.bind(str(victim / "f.sock"))
+    service.listen()
+    monkeypatch.setattr(os, "fstat", fstat_then_swap)
+    yield runtime_dir, victim
+    monkeypatch.undo()
+    service.close()
+
+
+def _untouched(victim: Path) -> None:
+    assert os.listdir(victim) == ["f.sock"]
+    with socket.socket(socket.AF_UNIX) as client:
+        client.connect(str(victim / "f.sock"))  # still the service's, still listening
+
+
+def test_the_lock_is_made_in_the_directory_checked(swapped: tuple[Path, Path],
+                                                    tmp_path: Path) -> None:
+    runtime_dir, victim = swapped
+    lock = FleetLock(runtime_dir, "f")
+    lock.acquire()
+    try:
+        assert runtime_dir.is_symlink(), "the attacker's swap did not happen"
+        _untouched(victim)
+        assert (tmp_path / "moved" / "f.lock").read_text() == f"{os.getpid()}\n"
+    finally:
+        lock.release()
+
+
+def test_the_socket_is_made_in_the_directory_checked(swapped: tuple[Path, Path],
+                                                      tmp_path: Path) -> None:
+    runtime_dir, victim = swapped
+    control = ControlServer(socket_path(runtime_dir, "f"),
+                            command_table(status=dict, scale=dict))
+    control.open()
+    try:
+        assert runtime_dir.is_symlink(), "the attacker's swap did not happen"
+        _untouched(victim)
+        assert os.listdir(tmp_path / "moved") == ["f.sock"]
+    finally:
+        control.close()
+    _untouched(victim)  # close() removes only the file it bound
 
 
