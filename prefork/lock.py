@@ -7,6 +7,7 @@ While held, the file holds the master's pid; a released lock leaves it empty.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 from pathlib import Path
@@ -48,14 +49,22 @@ class FleetLock:
                 f"fleet {self.path.stem!r} is already running (master pid {holder}, "
                 f"lock {self.path})"
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a file system without flock (ENOLCK)
+            os.close(fd)
+            raise RuntimeDirError(f"lock {self.path}: {exc.strerror}") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:  # a full disk
+            os.close(fd)
+            raise RuntimeDirError(f"lock {self.path}: {exc.strerror}") from None
         self.fd = fd
 
     def release(self) -> None:
         if self.fd is not None:
             # Empty the file but never unlink it: a newcomer that opened the old path and
             # one that created a new file could otherwise both hold "the" lock.
-            os.ftruncate(self.fd, 0)
+            with contextlib.suppress(OSError):
+                os.ftruncate(self.fd, 0)
             os.close(self.fd)
             self.fd = None

@@ -4,6 +4,7 @@ paths that cannot work are one line and exit 2."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -190,5 +191,72 @@ def test_the_socket_is_made_in_the_directory_checked(swapped: tuple[Path, Path],
     finally:
         control.close()
     _untouched(victim)  # close() removes only the file it bound
+
+
+
+# -- a directory where the lock cannot be made --------------------------------------------
+
+as_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to take another uid")
+NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+
+
+@pytest.fixture
+def read_only_dir() -> Iterator[Path]:
+    """A 0500 directory of uid nobody under /tmp (which nobody can reach, unlike tmp_path)."""
+    path = Path(os.environ.get("TMPDIR", "/tmp")) / f"prefork-test-0500-{os.getpid()}"
+    path.mkdir(mode=0o500)
+    os.chown(path, 65534, 65534)
+    yield path
+    path.rmdir()
+
+
+def _as(user: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    prefix = NOBODY if user == "nobody" else []
+    return subprocess.run([*prefix, sys.executable, "-m", "prefork", *args],
+                          capture_output=True, text=True, env=env, timeout=30)
+
+
+@as_root
+@pytest.mark.parametrize("user", ["root", "nobody"])
+@pytest.mark.parametrize(("directory", "as_root_says", "as_nobody_says"), [
+    ("/proc/1", "lock /proc/1/sleepers.lock: No such file or directory",
+     "runtime directory /proc/1 belongs to uid 0, not to uid 65534"),
+    ("/sys/kernel", "lock /sys/kernel/sleepers.lock: Permission denied",
+     "runtime directory /sys/kernel belongs to uid 0, not to uid 65534"),
+    ("/proc/1/new", "runtime directory /proc/1/new: No such file or directory",
+     "runtime directory /proc/1/new: No such file or directory"),
+    ("0500", None, "lock {}/sleepers.lock: Permission denied"),
+])
+def test_a_runtime_dir_without_room_for_the_lock_is_one_line(
+        user: str, directory: str, as_root_says: str | None, as_nobody_says: str,
+        read_only_dir: Path, events: Events, runtime_dir: Path) -> None:
+    if directory == "0500":
+        if user == "root":
+            pytest.skip("root may write in a 0500 directory")
+        directory = str(read_only_dir)
+    expected = (as_root_says if user == "root" else as_nobody_says).format(read_only_dir)
+    env = master_env(events, runtime_dir)
+    result = _as(user, [*RUN, "--runtime-dir", directory], env)
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.startswith(f"prefork: error: {expected}"), result.stderr
+    assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+@as_root
+@pytest.mark.skipif(shutil.which("unshare") is None, reason="needs unshare(1)")
+def test_a_full_runtime_dir_is_one_line(events: Events, runtime_dir: Path,
+                                        tmp_path: Path) -> None:
+    full = tmp_path / "full"
+    full.mkdir()
+    # A 4 KiB tmpfs, filled, in a mount namespace of the master's own: the lock file can
+    # be created (an inode) but not given the master's pid (a page).
+    script = (f"mount -t tmpfs -o size=4k,mode=0700 tmpfs {full} && "
+              f"{{ head -c 4096 /dev/zero > {full}/filler; exec \"$@\"; }}")
+    result = subprocess.run(
+        ["unshare", "--mount", "sh", "-c", script, "sh", sys.executable, "-m", "prefork", *RUN,
+         "--runtime-dir", str(full)],
+        capture_output=True, text=True, env=master_env(events, runtime_dir), timeout=30)
+    assert (result.returncode, result.stderr) == (
+        2, f"prefork: error: lock {full}/sleepers.lock: No space left on device\n")
 
 
