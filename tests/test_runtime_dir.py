@@ -16,7 +16,7 @@ import pytest
 from conftest import Events, master_env
 from prefork import paths
 from prefork.control import ControlServer, command_table
-from prefork.lock import FleetLock
+from prefork.lock import AlreadyRunning, FleetLock
 from prefork.paths import default_runtime_dir, name_problem, socket_path
 
 # -- names and paths that cannot work ---------------------------------------------------------
@@ -260,3 +260,25 @@ def test_a_full_runtime_dir_is_one_line(events: Events, runtime_dir: Path,
         2, f"prefork: error: lock {full}/sleepers.lock: No space left on device\n")
 
 
+
+# -- the lock's guard name ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("length", [10, 200], ids=["readable", "hashed"])
+def test_the_guard_name_holds_when_the_lock_file_is_gone(length: int,
+                                                          tmp_path: Path) -> None:
+    runtime_dir = tmp_path / ("d" * length)
+    first = FleetLock(runtime_dir, "f")
+    first.acquire()
+    try:
+        shutil.rmtree(runtime_dir)
+        second = FleetLock(runtime_dir, "f")
+        with pytest.raises(AlreadyRunning, match=rf"\(master pid {os.getpid()}; its lock "):
+            second.acquire()
+        assert second.fds() == [] and second.fd is None
+        assert (runtime_dir / "f.lock").read_text() == ""  # the refused one wrote nothing
+    finally:
+        first.release()
+    assert first.fds() == []
+    second.acquire()  # the first let go of both
+    second.release()
