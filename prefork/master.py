@@ -461,8 +461,7 @@ class Master:
         fds = self._signals.fds()
         if self._selector is not None:
             fds.append(self._selector.fileno())  # type: ignore[attr-defined]
-        if self.lock.fd is not None:
-            fds.append(self.lock.fd)
+        fds.extend(self.lock.fds())
         if self._systemd is not None:
             fds.append(self._systemd.fileno())
         if self._control is not None:
