@@ -84,14 +84,15 @@ def status(fleet_spec: str | None, as_json: bool, watch: float | None,
     if watch is not None and as_json:
         raise CliError("--watch and --json cannot be used together")
     path = _control_socket(fleet_spec, runtime_dir)
-    document = _control_call(lambda: fetch_status(path))
+    any_uid = runtime_dir is not None  # a directory named on purpose (client.request)
+    document = _control_call(lambda: fetch_status(path, any_uid=any_uid))
     if watch is None:
         click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
         return 0
-    return _watch_status(path, watch, format_status(document))
+    return _watch_status(path, watch, format_status(document), any_uid=any_uid)
 
 
-def _watch_status(path: Path, interval: float, first: str) -> int:
+def _watch_status(path: Path, interval: float, first: str, *, any_uid: bool) -> int:
     """Redraw the status every ``interval`` seconds, as ``top`` does, until Ctrl-C (exit 0).
 
     Only the first request's failure ends the command; later ones (a master restarting,
@@ -110,7 +111,7 @@ def _watch_status(path: Path, interval: float, first: str) -> int:
             clear = ""
             time.sleep(interval)
             try:
-                body = format_status(fetch_status(path))
+                body = format_status(fetch_status(path, any_uid=any_uid))
             except (NoMaster, ControlError) as exc:
                 body = f"prefork: {exc}"
     except KeyboardInterrupt:
@@ -127,7 +128,8 @@ def reload(fleet_spec: str | None, runtime_dir: Path | None) -> int:
     """
 
     path = _control_socket(fleet_spec, runtime_dir)
-    reply, peer = _control_call(lambda: exchange(path, {"command": "status"}))
+    reply, peer = _control_call(lambda: exchange(path, {"command": "status"},
+                                                 any_uid=runtime_dir is not None))
     if "error" in reply:
         raise CliError(f"the master refused status: {reply['error']}", ExitCode.CONTROL_FAILED)
     pid, fleet = reply.get("master_pid"), reply.get("fleet") or path.stem
@@ -168,7 +170,8 @@ def scale(fleet_spec: str | None, runtime_dir: Path | None, worker: str, delta: 
 
     path = _control_socket(fleet_spec, runtime_dir)
     reply = _control_call(lambda: request(
-        path, {"command": "scale", "worker": worker, "delta": delta}))
+        path, {"command": "scale", "worker": worker, "delta": delta},
+        any_uid=runtime_dir is not None))
     if "error" in reply:
         raise CliError(str(reply["error"]))
     fleet = reply.get("fleet") or path.stem

@@ -27,18 +27,22 @@ class NoMaster(Exception):
     """No master listens on the socket (no file, or a stale one). ``str()`` is one line."""
 
 
-def request(path: Path, message: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+def request(path: Path, message: dict[str, Any], timeout: float = 5.0, *,
+            any_uid: bool = False) -> dict[str, Any]:
     """Send ``message`` to the master listening at ``path``; return its reply.
 
     Raises :class:`NoMaster` when nothing listens there (no file, or a stale socket of a
     dead master) and :class:`ControlError` for a timeout, a refusal or a broken reply.
-    An ``{"error": ...}`` reply is returned like any other.
+    An ``{"error": ...}`` reply is returned like any other. The process that listens must
+    run as our uid or root (a master answers nobody else either), unless ``any_uid``:
+    root asking the master of a unit that runs as its own user, in a directory named on
+    purpose. A default directory in /tmp is anyone's to plant first.
     """
-    return exchange(path, message, timeout)[0]
+    return exchange(path, message, timeout, any_uid=any_uid)[0]
 
 
-def exchange(path: Path, message: dict[str, Any],
-             timeout: float = 5.0) -> tuple[dict[str, Any], Peer]:
+def exchange(path: Path, message: dict[str, Any], timeout: float = 5.0, *,
+             any_uid: bool = False) -> tuple[dict[str, Any], Peer]:
     """:func:`request`, also returning who answered (the process that listens at ``path``)."""
     fleet = path.stem
     deadline = time.monotonic() + timeout
@@ -65,6 +69,10 @@ def exchange(path: Path, message: dict[str, Any],
         except OSError as exc:
             raise ControlError(f"cannot connect to {path}: {exc.strerror or exc}") from None
         peer = peer_of(sock)
+        if not any_uid and peer.uid not in (os.getuid(), 0):
+            raise ControlError(f"{path} is served by uid {peer.uid} (pid {peer.pid}), not by "
+                               f"uid {os.getuid()} or root: not a master of yours; name the "
+                               "directory with --runtime-dir to trust it")
         try:
             sock.sendall(json.dumps(message).encode() + b"\n", socket.MSG_NOSIGNAL)
             data = _read_line(sock, deadline)
@@ -109,16 +117,17 @@ def _read_line(sock: socket.socket, deadline: float) -> bytes:
 # -- status: the reply, the memory measured here, and the table ------------------------
 
 
-def fetch_status(path: Path, timeout: float = 5.0) -> dict[str, Any]:
+def fetch_status(path: Path, timeout: float = 5.0, *, any_uid: bool = False
+                 ) -> dict[str, Any]:
     """The master's status reply with each process's memory, measured here.
 
     Adds ``memory`` (``rss``, ``uss``, ``pss``, ``shared``, ``swap`` in bytes, or null for a
     process without a pid or one gone before it was read) to the top level (the master's
     record) and to every worker, and ``total_pss``: the master's and the workers' PSS that
     could be read. Raises NoMaster or ControlError (also for an ``{"error": ...}`` reply
-    or one without the documented shape).
+    or one without the documented shape). ``any_uid`` as for :func:`request`.
     """
-    reply = request(path, {"command": "status"}, timeout)
+    reply = request(path, {"command": "status"}, timeout, any_uid=any_uid)
     if "error" in reply:
         raise ControlError(f"the master refused status: {one_line(str(reply['error']))}")
     problem = _check_status(reply)

@@ -1025,3 +1025,42 @@ def test_out_of_descriptors_pauses_the_listener_instead_of_spinning(
     assert json.loads(client.recv(65536)) == {"ok": True}
     client.close()
     selector.close()
+
+
+@as_root
+def test_client_refuses_a_socket_served_by_another_uid(tmp_path: Path) -> None:
+    """A socket planted in a default runtime directory (one in /tmp is anyone's to make
+    first) must not pass for our master: its listener's uid is neither ours nor root.
+    Named on purpose (``--runtime-dir``: ``any_uid``), root may ask another user's master."""
+    path = tmp_path / "planted.sock"
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            listener = socket.socket(socket.AF_UNIX)
+            listener.bind(str(path))
+            path.chmod(0o666)
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            listener.listen()  # SO_PEERCRED gives the credentials at listen()
+            os.write(ready_w, b"x")
+            for _ in range(2):
+                connection, _ = listener.accept()
+                try:
+                    if connection.recv(4096):
+                        connection.sendall(b'{"fleet": "planted"}\n')
+                except OSError:
+                    pass
+                connection.close()
+        finally:
+            os._exit(0)
+    os.close(ready_w)
+    try:
+        assert os.read(ready_r, 1) == b"x"
+        with pytest.raises(ControlError, match=rf"served by uid {NOBODY} \(pid {pid}\), not by "
+                                               r"uid 0 or root: not a master of yours"):
+            request(path, {"command": "status"})
+        assert request(path, {"command": "status"}, any_uid=True) == {"fleet": "planted"}
+    finally:
+        os.close(ready_r)
+        os.waitpid(pid, 0)
