@@ -26,12 +26,11 @@ import fcntl
 import hashlib
 import os
 import socket
-import struct
 from pathlib import Path
 
+from prefork.control import peer_of
 from prefork.paths import RuntimeDirError, lock_path, open_runtime_dir
 
-_PEERCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 # Refused masters that learn the holder's pid; each one's connection stays queued, never
 # accepted, so later ones are told only that the name is held.
 _BACKLOG = 16
@@ -162,9 +161,8 @@ def _holder(name: bytes) -> tuple[int, int] | None:
     probe.setblocking(False)
     try:
         probe.connect(name)
-        pid, uid, _gid = _PEERCRED.unpack(probe.getsockopt(
-            socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
-        return pid, uid
+        peer = peer_of(probe)
+        return peer.pid, peer.uid
     except OSError:
         return None
     finally:
