@@ -180,8 +180,15 @@ class MasterProcess:
     def close(self) -> None:
         """Kill the master if the test left it running, reap it, close its stderr."""
         if self.proc.poll() is None:
+            try:
+                workers = [p.pid for p in self.workers()]
+            except psutil.Error:
+                workers = []
             self.proc.kill()
             self.proc.wait()
+            # PR_SET_PDEATHSIG kills them, but not before kill() returns: without this the
+            # leftover check could find one still dying and blame the test for it.
+            wait_gone(workers)
         assert self.proc.stderr is not None
         self.proc.stderr.close()
 
