@@ -86,6 +86,9 @@ def cli() -> None:
 @click.option("--max-private-memory", type=SIZE, default=None, metavar="SIZE",
               help="Recycle a worker whose private memory (USS) stays above SIZE "
                    "(512M, 1G) for workers that set none [no limit].")
+@click.option("--max-age", type=PositiveSeconds(), default=None, metavar="SECONDS",
+              help="Replace a worker gracefully once it has run this long (plus up to a "
+                   "tenth more, drawn at random), for workers that set none [never].")
 @click.option("--memory-check-interval", type=PositiveSeconds(),
               default=DEFAULT_MEMORY_CHECK_INTERVAL, show_default=True,
               help="Seconds between checks of the workers' private memory.")
@@ -108,6 +111,7 @@ def run(
     warm_up: bool,
     strict_fork: bool,
     max_private_memory: int | None,
+    max_age: float | None,
     memory_check_interval: float,
     runtime_dir: Path | None,
     log_level: str,
@@ -124,7 +128,7 @@ def run(
         fleet = load_fleet(fleet_spec)
         logs.reclaim()  # the floor's logging set-up may have disabled prefork's logger
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
-                                   start_limit_interval, restart, max_private_memory)
+                                   start_limit_interval, restart, max_private_memory, max_age)
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
                         strict_fork=strict_fork)
@@ -270,6 +274,7 @@ def _with_cli_defaults(
     interval: float | None,
     restart: str | None,
     max_private_memory: int | None,
+    max_age: float | None,
 ) -> Fleet:
     """``fleet`` with the defaults given on the command line (its workers' own settings
     still win over them)."""
@@ -284,7 +289,8 @@ def _with_cli_defaults(
     )
     return dataclasses.replace(
         fleet, backoff=backoff, start_limit=start_limit, restart=restart or fleet.restart,
-        max_private_memory=max_private_memory or fleet.max_private_memory).validate()
+        max_private_memory=max_private_memory or fleet.max_private_memory,
+        max_age=max_age or fleet.max_age).validate()
 
 
 def main(argv: list[str] | None = None) -> None:

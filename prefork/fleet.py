@@ -106,6 +106,10 @@ class Worker:
     fleet's): restart the worker gracefully when its USS stays above it.
     ``max_replicas``: SIGTTIN/SIGTTOU and ``prefork scale`` may run between 1 and this
     many replicas of it; ``None``: its replica count is fixed.
+    ``max_age`` (seconds, ``None``: the fleet's): replace the worker gracefully once it has
+    run this long plus a jitter drawn anew for each run, uniform up to ``max_age_jitter``
+    (``None``: a tenth of ``max_age``), so that workers started together are not all
+    replaced together (:class:`prefork.watches.AgeWatch`).
     """
 
     name: str
@@ -118,6 +122,9 @@ class Worker:
     timeout: float | None = None
     max_private_memory: int | None = None
     max_replicas: int | None = None
+    # Recycling by age.
+    max_age: float | None = None
+    max_age_jitter: float | None = None
 
     def __post_init__(self) -> None:
         if inspect.iscoroutinefunction(self.target):
@@ -142,9 +149,9 @@ class Fleet:
     """A named set of workers and the defaults they share.
 
     ``restart`` is ``"on-failure"`` (restart after a non-zero exit or a signal; a clean
-    exit 0 ends the worker), ``"always"`` or ``"never"``. ``max_private_memory`` is the
-    limit for workers that set none. The hooks are plain callables, ``None`` for none;
-    :data:`HOOKS` says what each is given.
+    exit 0 ends the worker), ``"always"`` or ``"never"``. ``max_private_memory`` and
+    ``max_age`` are the limits for workers that set none. The hooks are plain callables,
+    ``None`` for none; :data:`HOOKS` says what each is given.
     """
 
     name: str
@@ -153,6 +160,7 @@ class Fleet:
     backoff: Backoff = field(default_factory=Backoff)
     start_limit: StartLimit = field(default_factory=StartLimit)
     max_private_memory: int | None = None
+    max_age: float | None = None
     # Hooks (see HOOKS), gunicorn's names. A worker is a prefork.WorkerContext.
     on_starting: Callable[[Fleet], object] | None = None
     pre_fork: Callable[[Any], object] | None = None
@@ -175,6 +183,8 @@ class Fleet:
         self.backoff.check(f"fleet {self.name!r}")
         self.start_limit.check(f"fleet {self.name!r}")
         _check_size(f"fleet {self.name!r}: max_private_memory", self.max_private_memory)
+        if self.max_age is not None:
+            check_seconds(f"fleet {self.name!r}: max_age", self.max_age, positive=True)
         for hook, arguments in HOOKS.items():
             _check_hook(f"fleet {self.name!r}: {hook}", getattr(self, hook), arguments)
         seen: set[str] = set()
@@ -350,6 +360,10 @@ def _check_worker(worker: Worker) -> None:
         raise FleetError(f"{where}: max_replicas must be an integer >= replicas "
                          f"({worker.replicas}) and at most {MAX_WORKERS}, "
                          f"got {worker.max_replicas!r}")
+    if worker.max_age is not None:
+        check_seconds(f"{where}: max_age", worker.max_age, positive=True)
+    if worker.max_age_jitter is not None:
+        check_seconds(f"{where}: max_age_jitter", worker.max_age_jitter)
     if worker.restart is not None:
         _check_restart(where, worker.restart)
     if worker.backoff is not None:

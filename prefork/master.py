@@ -47,6 +47,7 @@ from prefork.trees import WorkerTrees, become_subreaper, signal_tree
 from prefork.watches import (
     Action,
     Add,
+    AgeWatch,
     HeartbeatWatch,
     Kill,
     MemoryWatch,
@@ -126,6 +127,7 @@ class Master:
         self._timers = SlotTimers(self.slots, grace)
         self._heartbeats = HeartbeatWatch(self.slots)
         self._memory = MemoryWatch(self.slots, fleet.max_private_memory, memory_check_interval)
+        self._ages = AgeWatch(self.slots, fleet.max_age, self._rng)
         self._rolling = RollingRestart(self.slots)
         self._trees = WorkerTrees(self._by_pid.__contains__)
         self._supervising: list[Watch] = []  # the loop's watches, made by _open()
@@ -441,8 +443,8 @@ class Master:
             self._systemd.due(time.monotonic())  # the first watchdog ping goes out at once
         outside: list[Watch] = [w for w in (self._control, self._systemd, logs.output_watch())
                                 if w is not None]
-        self._supervising = [self._timers, self._heartbeats, self._memory, self._rolling,
-                             self._trees, *outside]
+        self._supervising = [self._timers, self._heartbeats, self._memory, self._ages,
+                             self._rolling, self._trees, *outside]
         self._while_stopping = [self._timers, self._trees, *outside]
 
     def _close(self) -> None:

@@ -118,6 +118,15 @@ def memory_recycle_verdict(runs_over: int, seen_under: bool,
     return runs, limit.interval != 0 and runs >= limit.burst
 
 
+def age_deadline(started_at: float, max_age: float, jitter: float | None,
+                 draw: float) -> float:
+    """When a run started at ``started_at`` is due to be replaced for its age: after
+    ``max_age`` plus ``draw`` (uniform in [0, 1)) times the jitter, a tenth of ``max_age``
+    unless given (gunicorn's ``max_requests_jitter``, circus's ``max_age_variance``)."""
+    spread = max_age / 10 if jitter is None else jitter
+    return started_at + max_age + draw * spread
+
+
 def next_replica(taken: Iterable[int]) -> int:
     """The lowest replica number not in use: a fleet scaled down then up reuses names."""
     used = set(taken)

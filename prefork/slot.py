@@ -46,6 +46,7 @@ class StopReason(Enum):
 
     HUNG = ("hung", After.BACKOFF, logging.WARNING)  # no heartbeat within its timeout
     RECYCLED = ("recycled", After.REPLACE, logging.INFO)  # private memory over its limit
+    AGED = ("aged", After.REPLACE, logging.INFO)  # older than its max_age
     OVER_MEMORY = ("over memory", After.FAIL, logging.ERROR)  # ... from its start, every time
     ROLLING_RESTART = ("rolling restart", After.REPLACE, logging.INFO)  # SIGHUP
     SCALED_DOWN = ("scaled down", After.REMOVE, logging.INFO)  # SIGTTOU, `prefork scale -1`

@@ -10,6 +10,7 @@ the master's list of watches.
 - :class:`SlotTimers`: restarts due after a backoff, SIGKILL due after a grace period.
 - :class:`HeartbeatWatch`: workers with a timeout that stopped beating.
 - :class:`MemoryWatch`: workers whose private memory stays over their limit.
+- :class:`AgeWatch`: workers older than their ``max_age`` (plus jitter).
 - :class:`RollingRestart`: SIGHUP's one-worker-at-a-time replacement of the fleet.
 
 Scaling (:mod:`prefork.scaling`) speaks in the same actions.
@@ -18,6 +19,8 @@ Scaling (:mod:`prefork.scaling`) speaks in the same actions.
 from __future__ import annotations
 
 import logging
+import random
+import weakref
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -26,8 +29,8 @@ from typing import Protocol
 from prefork.fleet import check_seconds
 from prefork.heartbeats import HEARTBEAT_CAPACITY, HeartbeatTable
 from prefork.memory import MIB, MemoryUnavailable, measure
-from prefork.policy import memory_recycle_verdict, over_memory_limit
-from prefork.slot import Slot, StopReason
+from prefork.policy import age_deadline, memory_recycle_verdict, over_memory_limit
+from prefork.slot import After, Slot, StopReason
 from prefork.states import WorkerState
 
 log = logging.getLogger("prefork")
@@ -230,6 +233,61 @@ class MemoryWatch:
                 else:
                     actions.append(Stop(slot, StopReason.RECYCLED, f"recycled: {over}"))
         return actions
+
+
+class AgeWatch:
+    """Replace a worker gracefully once it is older than its ``max_age`` plus the jitter
+    drawn for that run (:func:`prefork.policy.age_deadline`): one at a time, the oldest
+    due first, and never while another worker is being replaced (aged, recycled for its
+    memory, or in a rolling restart), so the fleet loses at most one worker to it at once.
+    A fleet where no worker has a ``max_age`` costs the loop nothing."""
+
+    def __init__(self, slots: Sequence[Slot], default_max_age: float | None,
+                 rng: random.Random) -> None:
+        self.slots = slots
+        self.default_max_age = default_max_age
+        self._rng = rng
+        self._active = default_max_age is not None or any(s.worker.max_age for s in slots)
+        # Each slot's run (its started_at) and the deadline drawn for that run.
+        self._deadlines: weakref.WeakKeyDictionary[Slot, tuple[float, float]] = (
+            weakref.WeakKeyDictionary())
+
+    def max_age(self, slot: Slot) -> float | None:
+        return slot.worker.max_age or self.default_max_age
+
+    def next_deadline(self) -> float | None:
+        if not self._active or self._replacing():
+            return None  # a replacement's end is an event (reap, fork) that wakes the loop
+        return min((d for _, d in self._due_times()), default=None)
+
+    def due(self, now: float) -> list[Action]:
+        if not self._active or self._replacing():
+            return []
+        due = [(deadline, slot) for slot, deadline in self._due_times() if deadline <= now]
+        if not due:
+            return []
+        _, slot = min(due, key=lambda pair: pair[0])
+        return [Stop(slot, StopReason.AGED,
+                     f"recycled: older than {self.max_age(slot):g}s (max_age)")]
+
+    def _due_times(self) -> list[tuple[Slot, float]]:
+        times = []
+        for slot in self.slots:
+            max_age = self.max_age(slot)
+            if max_age is None or slot.state is not WorkerState.RUNNING:
+                continue
+            drawn = self._deadlines.get(slot)
+            if drawn is None or drawn[0] != slot.started_at:  # a new run: a new jitter
+                drawn = (slot.started_at, age_deadline(slot.started_at, max_age,
+                                                       slot.worker.max_age_jitter,
+                                                       self._rng.random()))
+                self._deadlines[slot] = drawn
+            times.append((slot, drawn[1]))
+        return times
+
+    def _replacing(self) -> bool:
+        return any(s.state is WorkerState.STOPPING and s.stopping_for is not None
+                   and s.stopping_for.after is After.REPLACE for s in self.slots)
 
 
 class RollingRestart:

@@ -159,6 +159,22 @@ def test_ttin_ttou_and_scale_change_replicas(start_master, events: Events,
     stop(master)
 
 
+def test_max_age_replaces_workers_one_at_a_time(start_master, events: Events) -> None:
+    master = start_master("fleets.operated:aging")
+    events.wait_kind("up", count=3)
+    aged = r"worker (\S+) \(pid (\d+)\) recycled: older than 0.3s \(max_age\): SIGTERM"
+    master.wait_log(aged, count=6)
+    stop(master)
+    replacing: str | None = None  # the label being replaced, until its successor is forked
+    for line in master.lines:
+        if match := re.search(aged, line):
+            assert replacing is None, f"{match[1]} aged while {replacing} was replaced"
+            replacing = match[1]
+        elif replacing and re.search(rf"worker {re.escape(replacing)} spawned", line):
+            replacing = None
+    events.wait_kind("term", count=6)  # each was stopped gracefully
+
+
 def test_scale_is_refused_while_the_fleet_stops(start_master, events: Events,
                                                 runtime_dir: Path) -> None:
     master = start_master("fleets.operated:stalling", "--grace", "30")

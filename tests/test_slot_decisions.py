@@ -8,6 +8,7 @@ values: a time passed in, a random source that always draws 0.
 from __future__ import annotations
 
 import random
+import re
 import signal
 from collections.abc import Callable
 from types import SimpleNamespace
@@ -22,6 +23,7 @@ from prefork.slot import Next, Slot, StopReason, new_slot, slots_for, summary
 from prefork.states import WorkerState
 from prefork.watches import (
     Add,
+    AgeWatch,
     HeartbeatWatch,
     Kill,
     MemoryWatch,
@@ -361,3 +363,78 @@ def test_scaling_refuses_in_one_line(name: str, delta: int, message: str) -> Non
     with pytest.raises(ValueError) as caught:
         plan_scale(fleet, slots_for(fleet), name, delta)
     assert str(caught.value) == message
+
+
+class Draws(random.Random):
+    """Draws ``value`` every time."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__()
+        self.value = value
+
+    def random(self) -> float:
+        return self.value
+
+
+def aging(replicas: int = 3, *, max_age: float | None = 10.0,
+          jitter: float | None = 0.0) -> list[Slot]:
+    fleet = Fleet("f", [Worker("w", work, replicas=replicas, max_age=max_age,
+                               max_age_jitter=jitter)])
+    slots = slots_for(fleet)
+    for number, slot in enumerate(slots):
+        slot.started(1000 + number, 100.0, count_start=True)
+    return slots
+
+
+def test_aged_workers_are_replaced_one_at_a_time() -> None:
+    slots = aging()
+    watch = AgeWatch(slots, None, RNG)
+    assert watch.next_deadline() == 110.0
+    assert watch.due(109.9) == []
+    [stop] = watch.due(110.0)
+    assert stop == Stop(slots[0], StopReason.AGED, "recycled: older than 10s (max_age)")
+    slots[0].stopping(stop.reason, stop.detail, kill_at=125.0)
+    assert watch.next_deadline() is None  # woken by the reap and the fork, not a clock
+    assert watch.due(111.0) == []  # two more are due, but one is being replaced
+    assert slots[0].exited(TERMINATED, 111.0, RNG) is Next.START
+    slots[0].started(2000, 111.0, count_start=False)
+    [stop] = watch.due(111.0)
+    assert stop.slot is slots[1]
+    assert watch.next_deadline() == 110.0  # slots[2]'s, overdue: it goes next
+
+
+def test_each_run_draws_its_own_jitter_up_to_a_tenth_by_default() -> None:
+    slots = aging(1, jitter=None)
+    watch = AgeWatch(slots, None, Draws(0.5))
+    assert watch.next_deadline() == 100.0 + 10.0 + 0.5
+    slots[0].stopping(StopReason.AGED, "aged", kill_at=130.0)
+    slots[0].exited(TERMINATED, 120.0, RNG)
+    slots[0].started(2000, 120.0, count_start=False)
+    watch._rng = Draws(0.25)
+    assert watch.next_deadline() == 120.0 + 10.0 + 0.25
+
+
+def test_ageing_waits_while_another_worker_is_recycled_for_its_memory() -> None:
+    slots = aging(2)
+    watch = AgeWatch(slots, None, RNG)
+    slots[1].stopping(StopReason.RECYCLED, "recycled: private memory", kill_at=130.0)
+    assert watch.due(200.0) == []
+    slots[1].stopping(StopReason.HUNG, "hung", kill_at=130.0)  # not a replacement
+    assert [a.slot for a in watch.due(200.0)] == [slots[0]]
+
+
+def test_the_fleets_max_age_is_the_default_and_none_costs_nothing() -> None:
+    slots = aging(1, max_age=None, jitter=None)
+    assert AgeWatch(slots, None, RNG).next_deadline() is None
+    assert AgeWatch(slots, 5.0, Draws(0.5)).next_deadline() == 105.0 + 0.5 * 0.5
+
+
+@pytest.mark.parametrize(("settings", "message"), [
+    ({"max_age": 0}, "worker 'w': max_age must be a number of seconds > 0"),
+    ({"max_age": float("inf")}, "worker 'w': max_age must be a number of seconds > 0"),
+    ({"max_age": 60, "max_age_jitter": -1},
+     "worker 'w': max_age_jitter must be a number of seconds >= 0"),
+])
+def test_bad_max_age_is_refused_at_load(settings: dict[str, float], message: str) -> None:
+    with pytest.raises(FleetError, match=re.escape(message)):
+        Fleet("f", [Worker("w", work, **settings)]).validate()  # type: ignore[arg-type]

@@ -98,6 +98,18 @@ def graceful() -> None:
     idle_forever()
 
 
+def slow_to_stop() -> None:
+    """Report SIGTERM, then take 0.2 s to finish (a batch to flush) and leave cleanly."""
+    def on_term(signum: int, frame: object) -> None:
+        emit("term")
+        time.sleep(0.2)
+        sys.exit(0)
+
+    signal.signal(signal.SIGTERM, on_term)
+    emit("up")
+    idle_forever()
+
+
 def crash_soon() -> None:
     emit("up")
     sys.exit(3)
@@ -116,6 +128,9 @@ leaking = Fleet("leaking", [Worker("leaker", grows_private, replicas=2,
 rolling = Fleet("rolling", [Worker("a", graceful), Worker("b", graceful, replicas=2),
                             Worker("c", graceful)])
 scalable = Fleet("scalable", [Worker("w", graceful, max_replicas=3), Worker("fixed", graceful)])
+# Each takes 0.2 s to stop, so the others come of age while one is being replaced.
+aging = Fleet("aging", [Worker("a", slow_to_stop, replicas=3, max_age=0.3,
+                               max_age_jitter=0.05)])
 # Its stop lasts the grace period: "deaf" ignores SIGTERM.
 stalling = Fleet("stalling", [Worker("deaf", deaf_to_sigterm), Worker("w", graceful,
                                                                       max_replicas=3)])
