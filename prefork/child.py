@@ -40,6 +40,7 @@ from setproctitle import setproctitle, setthreadtitle
 from prefork.exits import ExitCode
 from prefork.fleet import WorkerTarget, replica_label
 from prefork.heartbeats import HeartbeatTable
+from prefork.journal import JournalStreams
 from prefork.prctl import PR_SET_PDEATHSIG, prctl
 
 log = logging.getLogger("prefork")
@@ -81,10 +82,13 @@ def run_child(
     close_fds: Iterable[int],
     heartbeat: tuple[HeartbeatTable, int, float] | None = None,
     post_fork: Callable[[WorkerContext], object] | None = None,
+    journal: JournalStreams | None = None,
 ) -> NoReturn:
     """Become a worker, call the fleet's ``post_fork`` hook, and run ``target``; never
     returns, whatever happens. A ``post_fork`` that raises ends the process with
-    ``ExitCode.CHILD_SETUP_FAILED`` before the worker's code runs: a failed start."""
+    ``ExitCode.CHILD_SETUP_FAILED`` before the worker's code runs: a failed start.
+    ``journal``: the master's stdio is journald's, the worker gets a stream of its own
+    (:mod:`prefork.journal`)."""
     global _current
     code: int = ExitCode.CHILD_SETUP_FAILED
     try:
@@ -96,6 +100,8 @@ def run_child(
                 os.close(fd)
             except OSError:
                 pass
+        if journal is not None:  # before any line of the worker's, post_fork's included
+            journal.connect(context.name, context.label)
         setproctitle(title)
         # The kernel's 15-byte comm is what top shows by default: make it the worker's name.
         setthreadtitle(context.label)

@@ -28,7 +28,7 @@ from typing import Any
 
 from setproctitle import setproctitle
 
-from prefork import logs, titles
+from prefork import journal, logs, titles
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.control import ControlServer, command_table
 from prefork.exits import ExitCode
@@ -124,6 +124,7 @@ class Master:
         self._selector: selectors.BaseSelector | None = None
         self._systemd_notify = systemd_notify
         self._systemd: SystemdReporter | None = None
+        self._journal = journal.for_workers()  # each worker its own stream, under journald
         self._timers = SlotTimers(self.slots, grace)
         self._heartbeats = HeartbeatWatch(self.slots)
         self._memory = MemoryWatch(self.slots, fleet.max_private_memory, memory_check_interval)
@@ -311,7 +312,7 @@ class Master:
         if pid == 0:
             run_child(context, slot.worker.target, title=title,
                       signal_defaults=self._signals.defaults, close_fds=close_fds,
-                      heartbeat=heartbeat, post_fork=self.fleet.post_fork)
+                      heartbeat=heartbeat, post_fork=self.fleet.post_fork, journal=self._journal)
         _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
         try:
             os.setpgid(pid, pid)  # the child does it too: whichever runs first (prefork.child)
