@@ -91,6 +91,8 @@ class Slot:
     over_since: float | None = None  # its USS is above its limit since then
     seen_under: bool = False  # a memory check of this run found it under its limit
     runs_over: int = 0  # runs in a row recycled without ever being under their limit
+    # Others start after it (prefork.readiness): it has been ready once, for good.
+    ready: bool = False
 
     @property
     def label(self) -> str:
@@ -102,10 +104,17 @@ class Slot:
 
     # -- events ---------------------------------------------------------------------
 
+    def wait(self, reason: str) -> None:
+        """Its first start waits for the workers in its ``after``; ``reason`` says which."""
+        self.reason = reason
+        self.move(WorkerState.WAITING)
+
     def started(self, pid: int, now: float, *, count_start: bool) -> None:
         """Its child was forked. ``count_start=False``: a replacement the master chose,
         which does not count towards the start limit."""
         self.pid, self.started_at, self.due, self.seen_under = pid, now, None, False
+        if self.state is WorkerState.WAITING:
+            self.reason = None  # what it waited for is no news once it runs
         if count_start:
             self.start_times.append(now)
         self.move(WorkerState.RUNNING)
@@ -172,14 +181,14 @@ class Slot:
         log.info("worker %s restart %d in %.3fs", self.label, self.attempt, delay)
 
     def shut_down(self) -> None:
-        """The fleet stops: a slot waiting to restart never will."""
-        if self.state is WorkerState.BACKOFF:
+        """The fleet stops: a slot waiting to restart, or to start, never will."""
+        if self.state in (WorkerState.BACKOFF, WorkerState.WAITING):
             self.due = None
             self.move(WorkerState.STOPPED)
 
     def removed(self) -> None:
         """The slot leaves the fleet: a restart it waited for, or its stop, is over."""
-        if self.state in (WorkerState.BACKOFF, WorkerState.STOPPING):
+        if self.state in (WorkerState.BACKOFF, WorkerState.STOPPING, WorkerState.WAITING):
             self.due = None
             self.move(WorkerState.STOPPED)
 
@@ -217,12 +226,15 @@ def new_slot(fleet: Fleet, worker: Worker, replica: int) -> Slot:
 
 
 def summary(slots: Iterable[Slot], *, stopping: bool) -> str:
-    """One line for systemd's STATUS=: "4 running, 0 in backoff, 1 failed"."""
+    """One line for systemd's STATUS=: "4 running, 0 in backoff, 1 failed" (and ", 2
+    waiting" while workers wait for those in their ``after``)."""
     count = dict.fromkeys(WorkerState, 0)
     for slot in slots:
         count[slot.state] += 1
     text = (f"{count[WorkerState.RUNNING]} running, {count[WorkerState.BACKOFF]} in "
             f"backoff, {count[WorkerState.FAILED]} failed")
+    if count[WorkerState.WAITING]:
+        text += f", {count[WorkerState.WAITING]} waiting"
     if stopping:
         text = f"stopping: {count[WorkerState.STOPPING]} left; " + text
     return text

@@ -166,6 +166,22 @@ def test_the_fleet_stopping_ends_a_backoff_and_the_summary_says_so() -> None:
     assert summary(slots, stopping=True) == "stopping: 1 left; 0 running, 0 in backoff, 0 failed"
 
 
+def test_a_waiting_slot_shows_why_starts_without_it_and_a_stop_leaves_it_stopped() -> None:
+    fleet = Fleet("f", [Worker("db", work), Worker("web", work, replicas=2)])
+    db, web, web1 = slots_for(fleet)
+    web.wait("waiting for db")
+    web1.wait("waiting for db")
+    record = web.status(100.0)
+    assert (record["state"], record["pid"], record["reason"]) == ("waiting", None,
+                                                                  "waiting for db")
+    assert summary([db, web, web1], stopping=False) == ("0 running, 0 in backoff, 0 failed, "
+                                                        "2 waiting")
+    web.started(1001, 101.0, count_start=True)
+    assert web.state is S.RUNNING and web.reason is None and web.restarts == 0
+    web1.shut_down()
+    assert web1.state is S.STOPPED and web1.pid is None
+
+
 def test_status_shows_a_worker_that_has_not_beaten_yet_as_starting() -> None:
     slot = running(timeout=5.0)
     assert slot.status(101.0, beaten=False)["state"] == "starting"

@@ -15,6 +15,8 @@ S = WorkerState
     (S.RUNNING, S.EXITED), (S.BACKOFF, S.STOPPED), (S.BACKOFF, S.FAILED),
     # A worker the master stopped on its own: hung (backoff), replaced, removed, failed.
     (S.STOPPING, S.BACKOFF), (S.STOPPING, S.RUNNING), (S.STOPPING, S.FAILED),
+    # Start order: waiting for the workers in its `after`, then started or stopped.
+    (S.STOPPED, S.WAITING), (S.WAITING, S.RUNNING), (S.WAITING, S.STOPPED),
 ])
 def test_the_lifecycle_transitions_are_allowed(current: WorkerState, new: WorkerState) -> None:
     check_transition(current, new)
@@ -23,6 +25,9 @@ def test_the_lifecycle_transitions_are_allowed(current: WorkerState, new: Worker
 @pytest.mark.parametrize(("current", "new"), [
     (S.FAILED, S.RUNNING), (S.EXITED, S.RUNNING), (S.STOPPING, S.EXITED),
     (S.STOPPED, S.STOPPING), (S.RUNNING, S.RUNNING), (S.BACKOFF, S.STOPPING),
+    # Waiting is for a first start only: a worker that ran restarts without waiting.
+    (S.RUNNING, S.WAITING), (S.BACKOFF, S.WAITING), (S.STOPPING, S.WAITING),
+    (S.WAITING, S.STOPPING), (S.WAITING, S.EXITED), (S.FAILED, S.WAITING),
 ])
 def test_impossible_transitions_raise(current: WorkerState, new: WorkerState) -> None:
     with pytest.raises(IllegalTransition):
