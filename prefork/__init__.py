@@ -36,6 +36,7 @@ from prefork.fleet import (
 from prefork.heartbeats import heartbeat
 from prefork.lock import AlreadyRunning
 from prefork.paths import RuntimeDirError
+from prefork.readiness import ready
 from prefork.version import __version__
 
 if TYPE_CHECKING:
@@ -63,6 +64,7 @@ __all__ = [
     "current_worker",
     "heartbeat",
     "load_fleet",
+    "ready",
     "run_fleet",
 ]
 

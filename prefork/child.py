@@ -37,6 +37,7 @@ from typing import NoReturn
 
 from setproctitle import setproctitle, setthreadtitle
 
+from prefork import readiness
 from prefork.exits import ExitCode
 from prefork.fleet import WorkerTarget, replica_label
 from prefork.heartbeats import HeartbeatTable
@@ -83,6 +84,7 @@ def run_child(
     heartbeat: tuple[HeartbeatTable, int, float] | None = None,
     post_fork: Callable[[WorkerContext], object] | None = None,
     journal: JournalStreams | None = None,
+    ready_fd: int = -1,
 ) -> NoReturn:
     """Become a worker, call the fleet's ``post_fork`` hook, and run ``target``; never
     returns, whatever happens. A ``post_fork`` that raises ends the process with
@@ -108,6 +110,7 @@ def run_child(
         if heartbeat is not None:
             table, cell, interval = heartbeat
             table.attach(cell, interval)
+        readiness.attach(ready_fd)  # the pipe prefork.ready() writes to, for an awaited worker
         # Not dataclasses.replace(): 80 us more in a fresh child.
         _current = context = WorkerContext(context.fleet, context.name, context.replica,
                                            context.master_pid, os.getpid())

@@ -14,7 +14,7 @@ import inspect
 import math
 import re
 import traceback
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Any, Literal, get_args
@@ -22,6 +22,7 @@ from typing import Any, Literal, get_args
 from prefork.aio import run_until_stopped
 from prefork.heartbeats import HEARTBEAT_CAPACITY, beat_interval, beat_while_the_loop_runs
 from prefork.paths import name_for_spec, name_problem
+from prefork.readiness import find_cycle
 
 WorkerTarget = Callable[[], object]
 RestartPolicy = Literal["on-failure", "always", "never"]
@@ -110,6 +111,9 @@ class Worker:
     run this long plus a jitter drawn anew for each run, uniform up to ``max_age_jitter``
     (``None``: a tenth of ``max_age``), so that workers started together are not all
     replaced together (:class:`prefork.watches.AgeWatch`).
+    ``after``: names of workers of the fleet this one starts after, once each is ready
+    (:func:`prefork.ready`, its first :func:`prefork.heartbeat`, or a clean exit its
+    policy does not restart; every replica) - :mod:`prefork.readiness`.
     """
 
     name: str
@@ -125,8 +129,12 @@ class Worker:
     # Recycling by age.
     max_age: float | None = None
     max_age_jitter: float | None = None
+    # Start order.
+    after: Sequence[str] = ()
 
     def __post_init__(self) -> None:
+        if isinstance(self.after, list | tuple | set | frozenset):  # kept hashable, in order
+            object.__setattr__(self, "after", tuple(self.after))
         if inspect.iscoroutinefunction(self.target):
             object.__setattr__(self, "target", asyncio_worker(self.target))
         if inspect.iscoroutinefunction(self.warmup):
@@ -195,6 +203,7 @@ class Fleet:
             if worker.name in seen:
                 raise FleetError(f"fleet {self.name!r}: two workers are named {worker.name!r}")
             seen.add(worker.name)
+        _check_start_order(self.name, self.workers)
         most = sum(w.max_replicas or w.replicas for w in self.workers)
         if most > MAX_WORKERS:
             raise FleetError(f"fleet {self.name!r} may run {most} worker processes (its "
@@ -370,6 +379,28 @@ def _check_worker(worker: Worker) -> None:
         worker.backoff.check(where)
     if worker.start_limit is not None:
         worker.start_limit.check(where)
+
+
+def _check_start_order(fleet: str, workers: Sequence[Worker]) -> None:
+    """Every ``after`` names other workers of the fleet, and nobody waits for itself
+    through others: a cycle is reported as the path around it."""
+    names = {w.name for w in workers}
+    for worker in workers:
+        where = f"worker {worker.name!r}"
+        if not isinstance(worker.after, tuple) or not all(isinstance(n, str)
+                                                          for n in worker.after):
+            raise FleetError(f"{where}: after must be a list of worker names, "
+                             f"got {worker.after!r}")
+        for name in worker.after:
+            if name == worker.name:
+                raise FleetError(f"{where}: after names the worker itself")
+            if name not in names:
+                raise FleetError(f"{where}: after names {name!r}, which is not a worker of "
+                                 f"fleet {fleet!r}")
+    cycle = find_cycle({w.name: w.after for w in workers})
+    if cycle is not None:
+        raise FleetError(f"fleet {fleet!r}: workers wait for each other in a cycle: "
+                         f"{' -> '.join(cycle)} (each starts after the next)")
 
 
 def _check_hook(where: str, hook: object, arguments: tuple[str, ...]) -> None:

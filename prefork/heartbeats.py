@@ -5,6 +5,10 @@ The table is an anonymous ``MAP_SHARED`` mapping the master makes before its fir
 one 8-byte cell per worker slot. A beat is one ``struct.pack_into`` of
 ``time.monotonic()`` (a system-wide clock): no system call, no file, no wake-up of the
 master, which reads the cell only when the worker's timeout would be over.
+
+A worker's first beat is also its readiness for the workers that start after it
+(:func:`prefork.readiness.ready`; a no-op unless one does). The beats an async worker's
+loop makes on its own are not: they say its loop runs, not that it is ready.
 """
 
 from __future__ import annotations
@@ -13,6 +17,8 @@ import asyncio
 import mmap
 import struct
 import time
+
+from prefork import readiness
 
 _CELL = struct.Struct("d")
 # Cells in the master's table: one per worker process a fleet may run at once, which
@@ -58,8 +64,17 @@ class HeartbeatTable:
 
 
 def heartbeat() -> None:
-    """Tell the master this worker is alive. Costs well under a microsecond; a no-op in a
-    worker without a timeout, in the master and outside prefork."""
+    """Tell the master this worker is alive (and, the first time, ready: see
+    :mod:`prefork.readiness`). Costs well under a microsecond; a no-op in a worker without
+    a timeout that nobody waits for, in the master and outside prefork."""
+    if _table is not None:
+        _CELL.pack_into(_table, _offset, time.monotonic())
+    if readiness.channel >= 0:
+        readiness.ready()
+
+
+def _beat_only() -> None:
+    """A beat that says the event loop runs, not that the worker is ready."""
     if _table is not None:
         _CELL.pack_into(_table, _offset, time.monotonic())
 
@@ -73,5 +88,5 @@ async def beat_while_the_loop_runs(interval: float) -> None:
     """Beat every ``interval`` seconds for as long as the event loop gets to run this: a
     loop blocked by a synchronous call stops beating, which is what the timeout is for."""
     while True:
-        heartbeat()
+        _beat_only()
         await asyncio.sleep(interval)

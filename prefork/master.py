@@ -1,6 +1,7 @@
 """The master: fork one child per worker slot, reap on events, restart on backoff, stop.
 
-The loop sleeps in ``select()`` on one wake-up pipe and the control socket, with a
+The loop sleeps in ``select()`` on one wake-up pipe, the control socket and the
+readiness pipes of workers others start after (:mod:`prefork.readiness`), with a
 timeout that is the earliest deadline of its watches (:mod:`prefork.watches`: a
 scheduled restart, the end of a grace period, a heartbeat timeout, the next memory
 check; the control server's and systemd's watchdog's) or none at all, so an idle master
@@ -38,6 +39,7 @@ from prefork.lock import FleetLock
 from prefork.notify import SystemdReporter
 from prefork.paths import default_runtime_dir, socket_path
 from prefork.policy import ExitStatus
+from prefork.readiness import StartOrder
 from prefork.scaling import plan_scale, replicas
 from prefork.signals import IGNORED, STOP, SignalInbox, signal_name
 from prefork.slot import Next, Slot, StopReason, slots_for, summary
@@ -63,8 +65,9 @@ log = logging.getLogger("prefork")
 
 # observer(event, slot, time.monotonic()) for each lifecycle event: "forking", "spawned",
 # "exited" (slot.pid is the pid that exited, slot.last_exit how), "backoff", "failed",
-# "finished", "ready" (all forked), "stopping" (the fleet), "stopping-worker" (one worker,
-# slot.reason says why), "removed" (scaled down). It runs in the master's loop: keep it quick.
+# "finished", "ready" (all forked but those waiting), "waiting" (for the workers in its
+# `after`), "stopping" (the fleet), "stopping-worker" (one worker, slot.reason says why),
+# "removed" (scaled down). It runs in the master's loop: keep it quick.
 Observer = Callable[[str, "Slot | None", float], None]
 
 # What a slot's state after an exit is called in the observer's events.
@@ -130,6 +133,7 @@ class Master:
         self._memory = MemoryWatch(self.slots, fleet.max_private_memory, memory_check_interval)
         self._ages = AgeWatch(self.slots, fleet.max_age, self._rng)
         self._rolling = RollingRestart(self.slots)
+        self._start_order = StartOrder(fleet, self.slots)
         self._trees = WorkerTrees(self._by_pid.__contains__)
         self._supervising: list[Watch] = []  # the loop's watches, made by _open()
         self._while_stopping: list[Watch] = []
@@ -153,7 +157,7 @@ class Master:
                 self._handle_signals()  # a stop during start-up forks no more workers
                 if self.stopping:
                     break
-                self._spawn(slot)
+                self._start(slot)
             else:
                 self._observe("ready", None)
                 if self._systemd is not None:
@@ -167,6 +171,7 @@ class Master:
                 self._wait()
                 self._handle_signals()
                 self._reap()
+                self._start_released()  # before the loop's end is judged: they are work
                 now = time.monotonic()
                 for watch in self._watches():
                     for action in watch.due(now):
@@ -194,6 +199,8 @@ class Master:
         for key, _ in self._selector.select(timeout):
             if self._control is not None and key.data is self._control:
                 self._control.handle(key.fd)  # a status request: answered at once
+            elif key.data is self._start_order:
+                self._start_order.read(key.fd)  # a worker others wait for is ready
             else:
                 self._signals.drain()
 
@@ -263,6 +270,7 @@ class Master:
             self._run_hook("worker_exit", self._context(slot, pid), status)
             self._observe("exited", slot)  # slot.pid is still the pid that exited
             then = slot.exited(status, now, self._rng)
+            self._start_order.exited(slot)
             if then is Next.START:
                 slot.restarts += 1
                 self._spawn(slot, count_start=False)
@@ -282,9 +290,24 @@ class Master:
                 self._kill(slot, why)
             case Add(slot):
                 self.slots.append(slot)
-                self._spawn(slot)
+                self._start(slot)
             case Remove(slot):
                 self._remove(slot)
+
+    # -- start order ----------------------------------------------------------------
+
+    def _start(self, slot: Slot) -> None:
+        """Fork ``slot``'s first worker, or leave it WAITING for those in its ``after``."""
+        if self._start_order.holds(slot):
+            self._observe("waiting", slot)
+        else:
+            self._spawn(slot)
+
+    def _start_released(self) -> None:
+        """Fork the WAITING slots whose ``after`` workers have all become ready."""
+        for slot in self._start_order.released():
+            log.info("worker %s: %s ready, starting it", slot.label, ", ".join(slot.worker.after))
+            self._spawn(slot)
 
     # -- fork ----------------------------------------------------------------------
 
@@ -295,6 +318,7 @@ class Master:
         self._run_hook("pre_fork", context)
         flush_stdio()  # or the child's exit would never flush, and the master's twice
         heartbeat = self._heartbeats.arm(slot, time.monotonic())
+        ready_fd = self._start_order.arm(slot)
         # Made before the fork: after it, each page either process writes is copied
         # (20 more faults a fork in the master when the child built these itself).
         title, close_fds = titles.worker(slot.label, self.fleet.name), self._own_fds()
@@ -305,6 +329,7 @@ class Master:
             pid = os.fork()
         except OSError as exc:  # EAGAIN/ENOMEM: a failed start, retried on the backoff
             _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+            self._start_order.forked(slot)  # no child holds the write end: EOF, not ready
             log.error("worker %s: fork failed: %s", slot.label, exc)
             slot.fork_failed(time.monotonic(), self._rng)
             self._observe(_SETTLED_EVENTS[slot.state], slot)
@@ -312,8 +337,10 @@ class Master:
         if pid == 0:
             run_child(context, slot.worker.target, title=title,
                       signal_defaults=self._signals.defaults, close_fds=close_fds,
-                      heartbeat=heartbeat, post_fork=self.fleet.post_fork, journal=self._journal)
+                      heartbeat=heartbeat, post_fork=self.fleet.post_fork, journal=self._journal,
+                      ready_fd=ready_fd)
         _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
+        self._start_order.forked(slot)
         try:
             os.setpgid(pid, pid)  # the child does it too: whichever runs first (prefork.child)
         except OSError:  # it has exited already
@@ -365,8 +392,12 @@ class Master:
         failed = [s.label for s in self.slots if s.state is WorkerState.FAILED]
         elapsed = time.monotonic() - self._stop_started if self.stopping else 0.0
         how = f"stopped in {elapsed:.3f}s" if self.stopping else "no worker left to run"
-        log.info("master %d: %s; %d killed after the grace period; failed: %s", self._pid,
-                 how, self._killed_at_stop, ", ".join(failed) or "none")
+        # Left waiting behind a failed dependency: never started (systemd's "dependency
+        # failed"); the failed dependency makes the exit code WORKERS_FAILED.
+        never = [f"{s.label} ({s.reason})" for s in self._start_order.waiting()]
+        log.info("master %d: %s; %d killed after the grace period; failed: %s%s", self._pid,
+                 how, self._killed_at_stop, ", ".join(failed) or "none",
+                 f"; never started: {', '.join(never)}" if never else "")
         return ExitCode.WORKERS_FAILED if failed else ExitCode.OK
 
     # -- scaling ---------------------------------------------------------------------
@@ -434,6 +465,7 @@ class Master:
         if self._control is not None:
             self._control.attach(self._selector)
             self._control.open()
+        self._start_order.attach(self._selector)
         self._heartbeats.open()
         become_subreaper()
         self._memory.start(time.monotonic())
@@ -456,6 +488,7 @@ class Master:
             self._selector.close()
             self._selector = None
         self._heartbeats.close()
+        self._start_order.close()
         if self._systemd is not None:
             self._systemd.close()
 
@@ -469,6 +502,7 @@ class Master:
             fds.append(self._systemd.fileno())
         if self._control is not None:
             fds.extend(self._control.own_fds())
+        fds.extend(self._start_order.fds())  # other workers' readiness pipes
         return fds
 
     def _context(self, slot: Slot, pid: int | None = None) -> WorkerContext:
