@@ -35,7 +35,8 @@ class WorkerState(Enum):
 
 S = WorkerState
 ALLOWED: dict[WorkerState, frozenset[WorkerState]] = {
-    S.STOPPED: frozenset({S.RUNNING, S.BACKOFF, S.WAITING}),  # BACKOFF: fork() failed
+    # BACKOFF, FAILED: its first fork() failed (FAILED: over the start limit).
+    S.STOPPED: frozenset({S.RUNNING, S.BACKOFF, S.WAITING, S.FAILED}),
     S.RUNNING: frozenset({S.BACKOFF, S.EXITED, S.FAILED, S.STOPPING, S.STOPPED}),
     S.BACKOFF: frozenset({S.RUNNING, S.BACKOFF, S.STOPPED, S.FAILED}),  # BACKOFF: fork failed
     S.STOPPING: frozenset({S.STOPPED, S.BACKOFF, S.RUNNING, S.FAILED}),

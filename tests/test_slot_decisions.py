@@ -116,6 +116,14 @@ def test_a_fork_that_failed_counts_as_a_start_and_backs_off() -> None:
     assert slot.state is S.BACKOFF and slot.due == 51.0 and list(slot.start_times) == [50.0]
 
 
+def test_a_first_fork_that_fails_over_the_start_limit_fails_the_slot() -> None:
+    fleet = Fleet("f", [Worker("w", work)], backoff=NO_JITTER,
+                  start_limit=StartLimit(burst=1, interval=60.0))
+    slot = new_slot(fleet, fleet.workers[0], 0)
+    slot.fork_failed(50.0, RNG)  # its one start allowed is spent: FAILED, from STOPPED
+    assert slot.state is S.FAILED and slot.due is None
+
+
 @pytest.mark.parametrize(("reason", "then", "state"), [
     (StopReason.ROLLING_RESTART, Next.START, S.STOPPING),  # the master forks it again
     (StopReason.RECYCLED, Next.START, S.STOPPING),
