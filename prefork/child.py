@@ -43,6 +43,7 @@ from prefork.fleet import WorkerTarget, replica_label
 from prefork.heartbeats import HeartbeatTable
 from prefork.journal import JournalStreams
 from prefork.prctl import PR_SET_PDEATHSIG, prctl
+from prefork.process_settings import SettingsPlan, apply_in_child
 
 log = logging.getLogger("prefork")
 
@@ -85,9 +86,11 @@ def run_child(
     post_fork: Callable[[WorkerContext], object] | None = None,
     journal: JournalStreams | None = None,
     ready_fd: int = -1,
+    settings: SettingsPlan | None = None,
 ) -> NoReturn:
-    """Become a worker, call the fleet's ``post_fork`` hook, and run ``target``; never
-    returns, whatever happens. A ``post_fork`` that raises ends the process with
+    """Become a worker, apply its process ``settings``, call the fleet's ``post_fork``
+    hook, and run ``target``; never returns, whatever happens. Settings that cannot be
+    applied, or a ``post_fork`` that raises, end the process with
     ``ExitCode.CHILD_SETUP_FAILED`` before the worker's code runs: a failed start.
     ``journal``: the master's stdio is journald's, the worker gets a stream of its own
     (:mod:`prefork.journal`)."""
@@ -96,6 +99,8 @@ def run_child(
     try:
         os.setpgid(0, 0)
         _reset_signals(signal_defaults)
+        if settings is not None:  # before PR_SET_PDEATHSIG, which a change of uid clears
+            apply_in_child(settings, context.label)
         _die_with_master(context.master_pid)
         for fd in close_fds:
             try:

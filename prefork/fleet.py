@@ -22,6 +22,13 @@ from typing import Any, Literal, get_args
 from prefork.aio import run_until_stopped
 from prefork.heartbeats import HEARTBEAT_CAPACITY, beat_interval, beat_while_the_loop_runs
 from prefork.paths import name_for_spec, name_problem
+from prefork.process_settings import (
+    PathSetting,
+    RlimitSetting,
+    SettingsError,
+    SettingsPlan,
+    plan_settings,
+)
 from prefork.readiness import find_cycle
 
 WorkerTarget = Callable[[], object]
@@ -114,6 +121,9 @@ class Worker:
     ``after``: names of workers of the fleet this one starts after, once each is ready
     (:func:`prefork.ready`, its first :func:`prefork.heartbeat`, or a clean exit its
     policy does not restart; every replica) - :mod:`prefork.readiness`.
+    ``env``, ``cwd``, ``user``, ``group``, ``umask``, ``nice``, ``rlimits``: the worker's
+    process settings, applied in its child before ``post_fork`` and its code
+    (:mod:`prefork.process_settings`); ``None``: the master's.
     """
 
     name: str
@@ -131,6 +141,17 @@ class Worker:
     max_age_jitter: float | None = None
     # Start order.
     after: Sequence[str] = ()
+    # Process settings (prefork.process_settings). process_plan is what the child applies:
+    # resolved from the others by Fleet.validate() in the master; None: nothing to apply.
+    env: Mapping[str, str | None] | None = field(default=None, hash=False)
+    cwd: PathSetting | None = None
+    user: str | int | None = None
+    group: str | int | None = None
+    umask: int | None = None
+    nice: int | None = None
+    rlimits: Mapping[str, RlimitSetting] | None = field(default=None, hash=False)
+    process_plan: SettingsPlan | None = field(default=None, init=False, repr=False,
+                                              compare=False)
 
     def __post_init__(self) -> None:
         if isinstance(self.after, list | tuple | set | frozenset):  # kept hashable, in order
@@ -379,6 +400,19 @@ def _check_worker(worker: Worker) -> None:
         worker.backoff.check(where)
     if worker.start_limit is not None:
         worker.start_limit.check(where)
+    _check_process_settings(worker, where)
+
+
+def _check_process_settings(worker: Worker, where: str) -> None:
+    """Check the worker's process settings and resolve them, once, into the plan its
+    children apply (names looked up here, in the master, not after each fork)."""
+    try:
+        plan = plan_settings(env=worker.env, cwd=worker.cwd, user=worker.user,
+                             group=worker.group, umask=worker.umask, nice=worker.nice,
+                             rlimits=worker.rlimits)
+    except SettingsError as exc:
+        raise FleetError(f"{where}: {exc}") from None
+    object.__setattr__(worker, "process_plan", plan)
 
 
 def _check_start_order(fleet: str, workers: Sequence[Worker]) -> None:

@@ -338,7 +338,7 @@ class Master:
             run_child(context, slot.worker.target, title=title,
                       signal_defaults=self._signals.defaults, close_fds=close_fds,
                       heartbeat=heartbeat, post_fork=self.fleet.post_fork, journal=self._journal,
-                      ready_fd=ready_fd)
+                      ready_fd=ready_fd, settings=slot.worker.process_plan)
         _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
         self._start_order.forked(slot)
         try:
