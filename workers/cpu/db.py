@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -90,11 +91,31 @@ def prepare_database(path: Path, busy_timeout: float = BUSY_TIMEOUT) -> None:
         elif version != SCHEMA_VERSION:
             raise DatabaseError(f"{path} has schema version {version}; this cpu fleet "
                                 f"uses version {SCHEMA_VERSION}")
-        connection.execute("PRAGMA journal_mode=WAL")
+        _use_wal(connection, busy_timeout)
     except sqlite3.Error as exc:
         raise _describe(path, exc, busy_timeout) from None
     finally:
         connection.close()
+
+
+def _use_wal(connection: sqlite3.Connection, busy_timeout: float) -> None:
+    """``PRAGMA journal_mode=WAL``, retried while another process holds the write lock.
+
+    The switch takes a shared lock, then needs an exclusive one. If another connection
+    holds the reserved lock meanwhile (the next process in its creation transaction),
+    SQLite answers "database is locked" at once, without waiting in the busy handler,
+    since waiting could deadlock; the way out is to let go and try again. Four processes
+    preparing a new file at once hit this about once in a hundred starts.
+    """
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            connection.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() >= deadline:
+                raise
+        time.sleep(0.01)  # the holder commits within milliseconds
 
 
 def _create_schema(connection: sqlite3.Connection, path: Path) -> None:
