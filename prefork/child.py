@@ -87,13 +87,15 @@ def run_child(
     journal: JournalStreams | None = None,
     ready_fd: int = -1,
     settings: SettingsPlan | None = None,
+    output: int | None = None,
 ) -> NoReturn:
     """Become a worker, apply its process ``settings``, call the fleet's ``post_fork``
     hook, and run ``target``; never returns, whatever happens. Settings that cannot be
     applied, or a ``post_fork`` that raises, end the process with
     ``ExitCode.CHILD_SETUP_FAILED`` before the worker's code runs: a failed start.
-    ``journal``: the master's stdio is journald's, the worker gets a stream of its own
-    (:mod:`prefork.journal`)."""
+    ``output``: a descriptor to make the worker's stdout and stderr (its log pipe,
+    :mod:`prefork.worker_logs`); else ``journal``: the master's stdio is journald's, the
+    worker gets a stream of its own (:mod:`prefork.journal`)."""
     global _current
     code: int = ExitCode.CHILD_SETUP_FAILED
     try:
@@ -107,7 +109,9 @@ def run_child(
                 os.close(fd)
             except OSError:
                 pass
-        if journal is not None:  # before any line of the worker's, post_fork's included
+        if output is not None:  # after the closes: one of them may have been fd 1 or 2
+            _redirect_output(output)
+        elif journal is not None:  # before any line of the worker's, post_fork's included
             journal.connect(context.name, context.label)
         setproctitle(title)
         # The kernel's 15-byte comm is what top shows by default: make it the worker's name.
@@ -130,6 +134,18 @@ def run_child(
     finally:
         flush_stdio()
         os._exit(code)
+
+
+def _redirect_output(fd: int) -> None:
+    """``fd`` as stdout and stderr: one description, so the two keep their order, and
+    ``sys.stdout`` line-buffered as on a terminal, or its lines would come late."""
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    if fd > 2:
+        os.close(fd)
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        reconfigure(line_buffering=True)
 
 
 def _reset_signals(defaults: Mapping[int, Handler]) -> None:

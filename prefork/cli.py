@@ -46,6 +46,7 @@ from prefork.paths import RuntimeDirError
 from prefork.threads import ThreadsAtFork
 from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
 from prefork.version import __version__
+from prefork.worker_logs import WorkerLogError, check_directory
 
 __all__ = ["cli", "main", "run_cli"]
 
@@ -98,6 +99,12 @@ def cli() -> None:
                    "$XDG_RUNTIME_DIR/prefork, /tmp/prefork-UID].")
 @click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
               default="info", show_default=True)
+@click.option("--log-file", default=None, metavar="PATH",
+              help="Append the master's log to PATH; SIGUSR1 reopens it [stderr].")
+@click.option("--worker-log-dir", type=click.Path(path_type=Path), default=None,
+              metavar="DIR", help="Append each worker's stdout and stderr to DIR/LABEL.log, "
+                                  "one file per replica; SIGUSR1 reopens them [the "
+                                  "master's stdout and stderr].")
 def run(
     fleet_spec: str,
     preload: tuple[str, ...],
@@ -115,11 +122,21 @@ def run(
     memory_check_interval: float,
     runtime_dir: Path | None,
     log_level: str,
+    log_file: str | None,
+    worker_log_dir: Path | None,
 ) -> int:
     """Run a fleet until SIGTERM or SIGINT (Ctrl-C)."""
     from prefork.master import Master  # here: the other commands never need it
 
-    logs.configure(log_level)
+    try:
+        logs.configure(log_level, log_file)
+    except OSError as exc:
+        raise CliError(f"--log-file {log_file}: {exc.strerror}") from None
+    if worker_log_dir is not None:  # the directory now, its files once the fleet is known
+        try:
+            check_directory(worker_log_dir)
+        except WorkerLogError as exc:
+            raise CliError(str(exc)) from None
     import_from_working_directory()
     started = time.perf_counter()
     try:
@@ -131,9 +148,9 @@ def run(
                                    start_limit_interval, restart, max_private_memory, max_age)
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
-                        strict_fork=strict_fork)
+                        strict_fork=strict_fork, worker_log_dir=worker_log_dir)
         master.lock.acquire()
-    except FleetError as exc:
+    except (FleetError, WorkerLogError) as exc:
         raise CliError(str(exc)) from None
     except AlreadyRunning as exc:
         raise CliError(str(exc), ExitCode.ALREADY_RUNNING) from None

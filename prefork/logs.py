@@ -27,6 +27,12 @@ anything else of the master's. Measured (2-core VM, Python 3.11, best of 5 x 20,
 master's "worker spawned" line; formatting is most of it): to a pipe being read 15.8 us a
 line, against 16.5 us through the ``StreamHandler`` before; to ``/dev/null`` 12.0 against
 12.8 us; into a full pipe, kept or dropped, 15.3 us (before: blocked until read).
+
+With ``--log-file PATH`` the master's lines go to PATH instead (:func:`open_log_file`:
+appended to, created 0640 less the umask), through the same :class:`LogOutput`; workers
+keep the master's stderr. :func:`reopen` (SIGUSR1) opens PATH anew and swaps it in, so
+a line written before logrotate's rename is in the renamed file and one after in the new
+file: nothing between is lost. Forked children close the master's file.
 """
 
 from __future__ import annotations
@@ -59,8 +65,11 @@ class LogOutput:
     order. Also a watch of the master's loop (:class:`prefork.watches.Watch`): while a line
     is pending, its deadline is the next retry."""
 
-    def __init__(self, fd: int, dropped_line: Callable[[int], bytes]) -> None:
+    def __init__(self, fd: int, dropped_line: Callable[[int], bytes], *,
+                 owned: bool = False) -> None:
+        """``owned``: ``fd`` is the master's own (a log file it opened), closed with it."""
         self._dropped_line = dropped_line
+        self._owned = fd if owned else None
         self._fd, self._write, self._close = _writer(fd)
         self._pending: deque[bytes] = deque()
         self._pending_bytes = 0
@@ -135,9 +144,23 @@ class LogOutput:
         self._pending.clear()
         self._pending_bytes = self.dropped = 0
         self._retry_at = None
+        self._release()
+
+    def replace(self, fd: int) -> None:
+        """Write to ``fd`` (owned) from now on, closing the descriptor written so far; a
+        line still pending goes to ``fd``."""
+        self.flush()
+        self._release()
+        self._owned = fd
+        self._fd, self._write, self._close = _writer(fd)
+
+    def _release(self) -> None:
         if self._close is not None:
             self._close()
             self._close = None
+        if self._owned is not None:
+            os.close(self._owned)
+            self._owned = None
 
     def _keep(self, line: bytes) -> None:
         # Once dropping, go on until half the buffer is out: one gap, not one per short line.
@@ -196,10 +219,14 @@ class _PreforkHandler(logging.StreamHandler):  # type: ignore[type-arg]
     the process that configured it, lines go through a :class:`LogOutput`; in a forked
     child, through ``sys.stderr`` as a ``StreamHandler``'s do, blocking."""
 
-    def __init__(self) -> None:
+    def __init__(self, path: str | None = None) -> None:
         super().__init__(sys.stderr)
         self._encoding = getattr(sys.stderr, "encoding", None) or "utf-8"
-        self.output: LogOutput | None = LogOutput(2, self._dropped_line)
+        # Absolute: a floor or hook that changes directory must not move SIGUSR1's file.
+        self.path = None if path is None else os.path.abspath(path)
+        self.output: LogOutput | None = (
+            LogOutput(2, self._dropped_line) if path is None
+            else LogOutput(open_log_file(self.path), self._dropped_line, owned=True))
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.output is None:
@@ -231,16 +258,25 @@ class _PreforkHandler(logging.StreamHandler):  # type: ignore[type-arg]
         return (self.format(record) + "\n").encode(self._encoding, "backslashreplace")
 
 
-def configure(level: str) -> None:
-    """Send the ``prefork`` logger's records at ``level`` and above to stderr, through
-    prefork's own handler only. Idempotent."""
+def open_log_file(path: str) -> int:
+    """A descriptor appending to ``path``, created (0640 less the umask) when missing.
+    Raises OSError. Non-blocking: a FIFO without a reader is refused (ENXIO), not waited
+    for, and a FIFO with one never stalls the master (:class:`LogOutput`)."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK
+                   | os.O_NOCTTY | os.O_CLOEXEC, 0o640)
+
+
+def configure(level: str, log_file: str | None = None) -> None:
+    """Send the ``prefork`` logger's records at ``level`` and above to stderr, or to
+    ``log_file`` (raises OSError when it cannot be opened), through prefork's own handler
+    only. Idempotent: a second call changes the level only."""
     global _output
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level.upper())
     logger.propagate = False
     if any(isinstance(h, _PreforkHandler) for h in logger.handlers):
         return
-    handler = _PreforkHandler()
+    handler = _PreforkHandler(log_file)
     handler.setFormatter(line_formatter())
     logger.addHandler(handler)
     _output = handler.output
@@ -254,6 +290,18 @@ def _after_fork_in_child() -> None:
         if isinstance(handler, _PreforkHandler):
             handler.after_fork_in_child()
     _output = None
+
+
+def reopen() -> str | None:
+    """Open the master's log file anew and write to it from now on (SIGUSR1, after
+    logrotate renamed it); return its path, or None when the master logs to stderr.
+    Raises OSError when it cannot be opened: the old file is kept."""
+    for handler in logging.getLogger(LOGGER).handlers:
+        if isinstance(handler, _PreforkHandler) and handler.path is not None:
+            if handler.output is not None:
+                handler.output.replace(open_log_file(handler.path))
+            return handler.path
+    return None
 
 
 def output_watch() -> LogOutput | None:

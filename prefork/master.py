@@ -60,6 +60,7 @@ from prefork.watches import (
     Stop,
     Watch,
 )
+from prefork.worker_logs import WorkerLogs, reopen_logs
 
 log = logging.getLogger("prefork")
 
@@ -102,6 +103,7 @@ class Master:
         control: bool = True,
         warm_up: bool = False,
         strict_fork: bool = False,
+        worker_log_dir: Path | None = None,
     ) -> None:
         self.fleet = fleet.validate()
         self.grace = grace
@@ -140,6 +142,10 @@ class Master:
         self._control = (ControlServer(socket_path(directory, fleet.name), command_table(
             status=lambda _request: self.status(), scale=self._scale_request))
             if control else None)
+        # Each worker's stdout/stderr through a pipe into its own file (prefork.worker_logs);
+        # raises WorkerLogError for an unusable directory, before anything forks.
+        self._worker_logs = (None if worker_log_dir is None else
+                             WorkerLogs(worker_log_dir, [s.label for s in self.slots]))
 
     # -- the loop ------------------------------------------------------------------
 
@@ -201,6 +207,8 @@ class Master:
                 self._control.handle(key.fd)  # a status request: answered at once
             elif key.data is self._start_order:
                 self._start_order.read(key.fd)  # a worker others wait for is ready
+            elif isinstance(key.data, WorkerLogs):
+                key.data.read(key.fd)  # one bounded read: every pipe gets a turn
             else:
                 self._signals.drain()
 
@@ -230,7 +238,7 @@ class Master:
             elif signum == signal.SIGCHLD:
                 continue  # nothing but the wake-up: every wake-up reaps
             elif signum == signal.SIGUSR1:
-                log.info("SIGUSR1: no log file to reopen (the master logs to stderr)")
+                reopen_logs(self._worker_logs)
             elif signum in IGNORED:
                 ignored[signum] = ignored.get(signum, 0) + 1
             elif self.stopping:  # nothing but stopping while the fleet stops
@@ -324,6 +332,10 @@ class Master:
         title, close_fds = titles.worker(slot.label, self.fleet.name), self._own_fds()
         self._observe("forking", slot)
         self._threads.check()  # a thread started since the last fork: warned about once
+        output = None  # the pipe's write end the child makes its stdout and stderr
+        if self._worker_logs is not None:
+            output = self._worker_logs.output_for(slot.label)
+            close_fds.extend(self._worker_logs.fds())
         saved_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, self._blocked)  # prefork.child
         try:
             pid = os.fork()
@@ -331,6 +343,8 @@ class Master:
             _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
             self._start_order.forked(slot)  # no child holds the write end: EOF, not ready
             log.error("worker %s: fork failed: %s", slot.label, exc)
+            if output is not None:
+                os.close(output)  # the pipe's read end sees EOF and is closed by the loop
             slot.fork_failed(time.monotonic(), self._rng)
             self._observe(_SETTLED_EVENTS[slot.state], slot)
             return
@@ -338,9 +352,11 @@ class Master:
             run_child(context, slot.worker.target, title=title,
                       signal_defaults=self._signals.defaults, close_fds=close_fds,
                       heartbeat=heartbeat, post_fork=self.fleet.post_fork, journal=self._journal,
-                      ready_fd=ready_fd, settings=slot.worker.process_plan)
+                      ready_fd=ready_fd, settings=slot.worker.process_plan, output=output)
         _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
         self._start_order.forked(slot)
+        if output is not None:
+            os.close(output)  # the child's now: EOF comes when its whole tree has exited
         try:
             os.setpgid(pid, pid)  # the child does it too: whichever runs first (prefork.child)
         except OSError:  # it has exited already
@@ -466,6 +482,8 @@ class Master:
             self._control.attach(self._selector)
             self._control.open()
         self._start_order.attach(self._selector)
+        if self._worker_logs is not None:
+            self._worker_logs.attach(self._selector)
         self._heartbeats.open()
         become_subreaper()
         self._memory.start(time.monotonic())
@@ -481,6 +499,8 @@ class Master:
         self._while_stopping = [self._timers, self._trees, *outside]
 
     def _close(self) -> None:
+        if self._worker_logs is not None:
+            self._worker_logs.close()  # what is left in the pipes, before they close
         self._signals.close()
         if self._control is not None:
             self._control.close()
