@@ -112,6 +112,7 @@ def run_child(
         if output is not None:  # after the closes: one of them may have been fd 1 or 2
             _redirect_output(output)
         elif journal is not None:  # before any line of the worker's, post_fork's included
+            flush_stdio()  # what Python buffered for the old descriptors goes there
             journal.connect(context.name, context.label)
         setproctitle(title)
         # The kernel's 15-byte comm is what top shows by default: make it the worker's name.

@@ -50,7 +50,6 @@ from __future__ import annotations
 import logging
 import os
 import socket
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -91,9 +90,10 @@ class JournalStreams:
 
     def connect(self, identifier: str, label: str) -> bool:
         """In the child, before the worker's code: connect a stream named ``identifier``
-        and make it the child's ``fds``. True if done; on failure one warning line (naming
-        ``label``) goes to the inherited stderr, the descriptors stay as they were, and
-        False is returned."""
+        and make it the child's ``fds``; the caller has flushed Python's stdio, whose
+        buffers belong to the old descriptors. True if done; on failure one warning line
+        (naming ``label``) goes to the inherited stderr, the descriptors stay as they were,
+        and False is returned."""
         try:
             stream = _open_stream(self.socket_path, header(identifier))
         except OSError as exc:
@@ -102,7 +102,6 @@ class JournalStreams:
                         exc.strerror or type(exc).__name__)
             return False
         with stream:
-            _flush_stdio()  # what Python buffered for the old descriptors goes there
             for fd in self.fds:
                 os.dup2(stream.fileno(), fd)  # inheritable: the worker's children share it
             st = os.fstat(stream.fileno())
@@ -148,11 +147,3 @@ def _open_stream(path: str, opening: bytes) -> socket.socket:
         raise
     return stream
 
-
-def _flush_stdio() -> None:
-    for out in (sys.stdout, sys.stderr):
-        try:
-            if out is not None:
-                out.flush()
-        except (OSError, ValueError):
-            pass
