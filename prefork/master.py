@@ -45,7 +45,7 @@ from prefork.signals import IGNORED, STOP, SignalInbox, signal_name
 from prefork.slot import Next, Slot, StopReason, slots_for, summary
 from prefork.states import ACTIVE, ALIVE, WorkerState
 from prefork.threads import ThreadCheck
-from prefork.trees import WorkerTrees, become_subreaper, signal_tree
+from prefork.trees import WorkerTrees, become_subreaper, send, signal_tree
 from prefork.watches import (
     Action,
     Add,
@@ -375,7 +375,7 @@ class Master:
         if slot.state is WorkerState.RUNNING and slot.pid is not None:
             log.log(reason.level, "worker %s (pid %d) %s: SIGTERM", slot.label, slot.pid,
                     detail)
-            _send(slot.pid, signal.SIGTERM)
+            send(slot.pid, signal.SIGTERM)
         slot.stopping(reason, detail, now + self.grace)
         self._observe("stopping-worker", slot)
 
@@ -556,9 +556,3 @@ class Master:
         if self._observer is not None:
             self._observer(event, slot, time.monotonic())
 
-
-def _send(pid: int, signum: int) -> None:
-    try:
-        os.kill(pid, signum)
-    except ProcessLookupError:  # already dead, not yet reaped: the reaper will see it
-        pass

@@ -101,7 +101,7 @@ class WorkerTrees:
         """SIGKILL every descendant of the master now (a second stop signal)."""
         self._groups.clear()
         for process in _descendants():
-            _kill(process.pid, signal.SIGKILL)
+            send(process.pid, signal.SIGKILL)
 
     def next_deadline(self) -> float | None:
         deadlines = [kill_at for kill_at, _ in self._groups.values()]
@@ -131,7 +131,7 @@ class WorkerTrees:
                                 "period: SIGKILL (%s)", len(left),
                                 ", ".join(str(p.pid) for p in left[:10]))
                 for process in left:
-                    _kill(process.pid, signal.SIGKILL)
+                    send(process.pid, signal.SIGKILL)
                 self._final = now + RETRY  # in case one forked before its SIGKILL came
         return ()
 
@@ -149,7 +149,7 @@ class WorkerTrees:
             if leads:
                 signal_tree(pid, signal.SIGTERM)
             else:
-                _kill(pid, signal.SIGTERM)
+                send(pid, signal.SIGTERM)
 
 
 def _children() -> list[psutil.Process]:
@@ -173,7 +173,8 @@ def _name(process: psutil.Process) -> str:
         return "gone"
 
 
-def _kill(pid: int, signum: int) -> None:
+def send(pid: int, signum: int) -> None:
+    """``kill(pid, signum)``; a process already gone (dead, maybe not yet reaped) is fine."""
     try:
         os.kill(pid, signum)
     except ProcessLookupError:
