@@ -137,9 +137,7 @@ class WorkerLogs:
         except OSError:  # cannot happen to a pipe's read end; never let it spin the loop
             data = b""
         if not data:
-            if pipe.partial:
-                self._append(pipe.label, pipe.partial + b"\n")
-            self._forget(fd)
+            self._finish(fd)
             return False
         if pipe.partial:
             data = pipe.partial + data
@@ -176,10 +174,7 @@ class WorkerLogs:
             while self.read(fd):
                 pass
             if fd in self._pipes:  # a writer outside the fleet still holds it
-                pipe = self._pipes[fd]
-                if pipe.partial:
-                    self._append(pipe.label, pipe.partial + b"\n")
-                self._forget(fd)
+                self._finish(fd)
         for fd in self._files.values():
             os.close(fd)
         self._files.clear()
@@ -192,6 +187,13 @@ class WorkerLogs:
 
     def _path(self, label: str) -> Path:
         return self.directory / f"{label}.log"
+
+    def _finish(self, fd: int) -> None:
+        """The pipe is done: write its partial last line, with a newline, and forget it."""
+        pipe = self._pipes[fd]
+        if pipe.partial:
+            self._append(pipe.label, pipe.partial + b"\n")
+        self._forget(fd)
 
     def _forget(self, fd: int) -> None:
         del self._pipes[fd]
