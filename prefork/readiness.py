@@ -113,18 +113,26 @@ def not_ready(after: Iterable[str], ready: Collection[str]) -> list[str]:
 def failed_roots(name: str, slots: Sequence[Slot], ready: Collection[str]) -> set[str]:
     """The FAILED workers that keep worker ``name`` from ever being ready: ``{name}`` if a
     replica of it failed before it was ready, those its waiting replicas wait behind, or
-    an empty set while it may still become ready."""
-    if name in ready:
-        return set()
-    unready = [s for s in slots if s.worker.name == name and not s.ready]
-    if any(s.state is WorkerState.FAILED for s in unready):
-        return {name}
-    waiting = next((s for s in unready if s.state is WorkerState.WAITING), None)
-    if waiting is None:
-        return set()
+    an empty set while it may still become ready. Walks the waiting chain without
+    recursion (a fleet may chain 1024 workers) and visits each worker once."""
+    unready_of: dict[str, list[Slot]] = {}  # one pass over the slots, not one per step
+    for slot in slots:
+        if not slot.ready:
+            unready_of.setdefault(slot.worker.name, []).append(slot)
     roots: set[str] = set()
-    for dependency in not_ready(waiting.worker.after, ready):  # no cycle: validated at load
-        roots |= failed_roots(dependency, slots, ready)
+    todo, seen = [name], set()
+    while todo:
+        current = todo.pop()
+        if current in ready or current in seen:
+            continue
+        seen.add(current)
+        unready = unready_of.get(current, [])
+        if any(s.state is WorkerState.FAILED for s in unready):
+            roots.add(current)
+            continue
+        waiting = next((s for s in unready if s.state is WorkerState.WAITING), None)
+        if waiting is not None:
+            todo.extend(not_ready(waiting.worker.after, ready))
     return roots
 
 

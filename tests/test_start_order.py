@@ -209,6 +209,21 @@ def test_a_failed_dependency_blocks_its_dependents_and_theirs() -> None:
     assert order.released() == []
 
 
+def test_a_failure_at_the_root_of_the_longest_chain_is_found() -> None:
+    """1,024 workers, each after the one before, the first failed: the walk back to it
+    must neither recurse past Python's limit nor visit a worker twice."""
+    workers = [Worker("w0", work, restart="never")]
+    workers += [Worker(f"w{i}", work, after=[f"w{i - 1}"]) for i in range(1, 1024)]
+    order, by = order_of(*workers)
+    for worker in workers[1:]:
+        assert order.holds(by[worker.name])
+    by["w0"].started(100, 1.0, count_start=True)
+    by["w0"].exited(ExitStatus(code=1), 2.0, RNG)
+    order.exited(by["w0"])
+    assert failed_roots("w1023", list(by.values()), order.ready) == {"w0"}
+    assert by["w1023"].reason == "dependency failed: w0"
+
+
 def test_the_pipe_carries_readiness_and_eof_does_not() -> None:
     order, by = order_of(Worker("db", work, replicas=2), Worker("web", work, after=["db"]))
     assert order.arm(by["web"]) == -1  # nobody waits for web
