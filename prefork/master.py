@@ -327,15 +327,13 @@ class Master:
         flush_stdio()  # or the child's exit would never flush, and the master's twice
         heartbeat = self._heartbeats.arm(slot, time.monotonic())
         ready_fd = self._start_order.arm(slot)
+        # The pipe's write end the child makes its stdout and stderr (prefork.worker_logs).
+        output = None if self._worker_logs is None else self._worker_logs.output_for(slot.label)
         # Made before the fork: after it, each page either process writes is copied
         # (20 more faults a fork in the master when the child built these itself).
         title, close_fds = titles.worker(slot.label, self.fleet.name), self._own_fds()
         self._observe("forking", slot)
         self._threads.check()  # a thread started since the last fork: warned about once
-        output = None  # the pipe's write end the child makes its stdout and stderr
-        if self._worker_logs is not None:
-            output = self._worker_logs.output_for(slot.label)
-            close_fds.extend(self._worker_logs.fds())
         saved_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, self._blocked)  # prefork.child
         try:
             pid = os.fork()
@@ -523,6 +521,8 @@ class Master:
         if self._control is not None:
             fds.extend(self._control.own_fds())
         fds.extend(self._start_order.fds())  # other workers' readiness pipes
+        if self._worker_logs is not None:
+            fds.extend(self._worker_logs.fds())  # every worker's log pipe and file
         return fds
 
     def _context(self, slot: Slot, pid: int | None = None) -> WorkerContext:
