@@ -13,8 +13,10 @@ from pathlib import Path
 
 import pytest
 
+import fleets.basic  # noqa: F401  (imported here, for _as_nobody's child)
 from conftest import Events, master_env
 from prefork import paths
+from prefork.cli import main
 from prefork.control import ControlServer, command_table
 from prefork.lock import AlreadyRunning, FleetLock
 from prefork.paths import default_runtime_dir, name_problem, socket_path
@@ -197,7 +199,7 @@ def test_the_socket_is_made_in_the_directory_checked(swapped: tuple[Path, Path],
 # -- a directory where the lock cannot be made --------------------------------------------
 
 as_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to take another uid")
-NOBODY = ["setpriv", "--reuid=nobody", "--regid=nogroup", "--clear-groups"]
+NOBODY = 65534
 
 
 @pytest.fixture
@@ -210,10 +212,36 @@ def read_only_dir() -> Iterator[Path]:
     path.rmdir()
 
 
-def _as(user: str, args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    prefix = NOBODY if user == "nobody" else []
-    return subprocess.run([*prefix, sys.executable, "-m", "prefork", *args],
-                          capture_output=True, text=True, env=env, timeout=30)
+def _as(user: str, args: list[str], env: dict[str, str]) -> tuple[int, str]:
+    """`prefork ARGS`: its exit code and stderr. As nobody it runs in a forked child of
+    this process that drops to uid nobody, not in a fresh interpreter: nobody may be
+    unable to import prefork from this checkout (a clone in a 0700 directory)."""
+    if user != "nobody":
+        result = subprocess.run([sys.executable, "-m", "prefork", *args], capture_output=True,
+                                text=True, env=env, timeout=30)
+        return result.returncode, result.stderr
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 70
+        try:
+            os.dup2(write_end, 2)
+            sys.stderr = open(2, "w", closefd=False)  # noqa: SIM115  (pytest replaced it)
+            os.environ.clear()
+            os.environ.update(env)
+            os.setgroups([])
+            os.setgid(NOBODY)
+            os.setuid(NOBODY)
+            main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.stderr.flush()
+            os._exit(code)
+    os.close(write_end)
+    with open(read_end, "rb") as child_stderr:
+        stderr = child_stderr.read().decode()
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), stderr
 
 
 @as_root
@@ -236,10 +264,10 @@ def test_a_runtime_dir_without_room_for_the_lock_is_one_line(
         directory = str(read_only_dir)
     expected = (as_root_says if user == "root" else as_nobody_says).format(read_only_dir)
     env = master_env(events, runtime_dir)
-    result = _as(user, [*RUN, "--runtime-dir", directory], env)
-    assert result.returncode == 2, result.stderr
-    assert result.stderr.startswith(f"prefork: error: {expected}"), result.stderr
-    assert len(result.stderr.splitlines()) == 1, result.stderr
+    code, stderr = _as(user, [*RUN, "--runtime-dir", directory], env)
+    assert code == 2, stderr
+    assert stderr.startswith(f"prefork: error: {expected}"), stderr
+    assert len(stderr.splitlines()) == 1, stderr
 
 
 @as_root
