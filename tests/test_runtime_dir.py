@@ -8,12 +8,14 @@ import shutil
 import socket
 import subprocess
 import sys
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-import fleets.basic  # noqa: F401  (imported here, for _as_nobody's child)
+import fleets.basic  # noqa: F401  (imported here, for the child of _as that runs as nobody)
+import prefork.master  # noqa: F401  (the same: `prefork run` imports it late)
 from conftest import Events, master_env
 from prefork import paths
 from prefork.cli import main
@@ -235,6 +237,8 @@ def _as(user: str, args: list[str], env: dict[str, str]) -> tuple[int, str]:
             main(args)
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
+        except BaseException:
+            traceback.print_exc()  # the test shows it: exit 70, and why
         finally:
             sys.stderr.flush()
             os._exit(code)
