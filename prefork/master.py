@@ -121,6 +121,8 @@ class Master:
         self._started = time.monotonic()
         self._stop_started = 0.0
         self._killed_at_stop = 0
+        self._reloads = 0  # SIGHUPs that began (or extended) a rolling restart
+        self._last_reload: float | None = None  # when the last began, as a Unix time
         self._signals = SignalInbox()
         # The inbox's signals, blocked across each fork. Through _signal, the C function
         # signal.pthread_sigmask wraps: its conversion of the returned mask to enums cost
@@ -244,6 +246,7 @@ class Master:
             elif self.stopping:  # nothing but stopping while the fleet stops
                 log.info("%s: ignored while the fleet stops", name)
             elif signum == signal.SIGHUP:
+                self._reloads, self._last_reload = self._reloads + 1, time.time()
                 log.info("SIGHUP: rolling restart of %d workers, one at a time",
                          self._rolling.begin())
             elif signum in (signal.SIGTTIN, signal.SIGTTOU):
@@ -455,15 +458,20 @@ class Master:
                 "replicas": len(replicas(self.slots, name))}
 
     def status(self) -> dict[str, Any]:
-        """The master and every worker slot, as `prefork status` shows them."""
-        now = time.monotonic()
+        """The master and every worker slot, as `prefork status` and the metrics show them
+        (the README's "status --json" lists every field)."""
+        now, wall_now = time.monotonic(), time.time()
         return {
             "fleet": self.fleet.name,
             "master_pid": self._pid,
             "uptime": round(now - self._started, 3),
             "python": sys.version.split()[0],
-            "workers": [s.status(now, beaten=self._heartbeats.has_beaten(s))
-                        for s in self.slots],
+            "modules": len(sys.modules),  # the floor's size in modules
+            "stopping": self.stopping,
+            "reloads": {"total": self._reloads, "last": self._last_reload,
+                        "in_progress": self._rolling.in_progress},
+            "workers": [s.status(now, last_beat=self._heartbeats.last_beat(s),
+                                 wall_now=wall_now) for s in self.slots],
         }
 
     # -- plumbing ------------------------------------------------------------------

@@ -58,6 +58,13 @@ class StopReason(Enum):
         self.level = level
 
 
+# The stops that replace a worker for a cause, counted per slot by kind (`status`'s
+# "recycles", the metrics' prefork_worker_recycles_total{reason}).
+RECYCLE_KINDS = {StopReason.RECYCLED: "memory", StopReason.OVER_MEMORY: "memory",
+                 StopReason.AGED: "age", StopReason.HUNG: "heartbeat",
+                 StopReason.ROLLING_RESTART: "reload"}
+
+
 class Next(Enum):
     """What the master must do after a slot's child exited."""
 
@@ -93,6 +100,9 @@ class Slot:
     runs_over: int = 0  # runs in a row recycled without ever being under their limit
     # Others start after it (prefork.readiness): it has been ready once, for good.
     ready: bool = False
+    # Its workers the master stopped to replace them, by RECYCLE_KINDS' kind.
+    recycles: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(sorted(set(RECYCLE_KINDS.values())), 0))
 
     @property
     def label(self) -> str:
@@ -127,6 +137,8 @@ class Slot:
         self.kill_at = kill_at if self.kill_at is None else min(self.kill_at, kill_at)
         self.over_since = None
         if self.state is WorkerState.RUNNING:
+            if reason in RECYCLE_KINDS:
+                self.recycles[RECYCLE_KINDS[reason]] += 1
             self.move(WorkerState.STOPPING)
 
     def exited(self, status: ExitStatus, now: float, rng: random.Random) -> Next:
@@ -194,11 +206,16 @@ class Slot:
 
     # -- what status shows ------------------------------------------------------------
 
-    def status(self, now: float, *, beaten: bool = True) -> dict[str, object]:
-        """This slot as one worker of `prefork status`; ``beaten=False``: it has a
-        heartbeat timeout and has not beaten since it was forked (shown as "starting")."""
+    def status(self, now: float, *, last_beat: float | None = None,
+               wall_now: float | None = None) -> dict[str, object]:
+        """This slot as one worker of `prefork status`. ``last_beat``: the monotonic time
+        of its last heartbeat, for a worker with a heartbeat timeout (one that has not
+        beaten since it was forked shows as "starting"); ``wall_now``: ``time.time()`` at
+        ``now``, to give its start as a Unix time."""
         alive = self.state in ALIVE
+        beaten = last_beat is None or last_beat > self.started_at
         starting = self.state is WorkerState.RUNNING and not beaten
+        last = self.last_exit
         return {
             "name": self.worker.name,
             "replica": self.replica,
@@ -210,6 +227,13 @@ class Slot:
             "last_exit": self.last_exit.describe() if self.last_exit else None,
             "reason": self.reason,
             "next_start_in": round(max(self.due - now, 0.0), 3) if self.due else None,
+            "exit_code": None if last is None else last.code,
+            "exit_signal": None if last is None else last.signal,
+            "recycles": dict(self.recycles),
+            "started": (round(wall_now - (now - self.started_at), 3)
+                        if alive and wall_now is not None else None),
+            "heartbeat_age": (round(max(now - last_beat, 0.0), 3)
+                              if last_beat is not None and alive and beaten else None),
         }
 
 

@@ -150,11 +150,12 @@ class HeartbeatWatch:
             self.table.give_back(slot.cell)
             slot.cell = None
 
-    def has_beaten(self, slot: Slot) -> bool:
-        """False for a worker with a timeout that has not beaten since it was forked."""
+    def last_beat(self, slot: Slot) -> float | None:
+        """The monotonic time of ``slot``'s last beat (its fork counts as one), or None for
+        a worker without a heartbeat timeout."""
         if slot.cell is None or self.table is None:
-            return True
-        return self.table.last(slot.cell) > slot.started_at
+            return None
+        return self.table.last(slot.cell)
 
     def next_deadline(self) -> float | None:
         return min((d for s in self.slots if (d := self._deadline(s)) is not None), default=None)
@@ -311,13 +312,18 @@ class RollingRestart:
     def cancel(self) -> None:
         self._queue.clear()
 
+    @property
+    def in_progress(self) -> bool:
+        """Workers are queued, or one is being replaced."""
+        return self._replacing is not None or bool(self._queue)
+
     def next_deadline(self) -> float | None:
         return None  # it moves on events: the previous worker reaped and forked again
 
     def due(self, now: float) -> list[Action]:
         if self._replacing is not None and self._replacing.state is WorkerState.STOPPING:
             return []
-        in_progress = self._replacing is not None or bool(self._queue)
+        in_progress = self.in_progress
         self._replacing = None
         while self._queue:
             slot = self._queue.popleft()

@@ -207,7 +207,9 @@ def test_status_shows_true_pids_and_states(start_master, events: Events,
     assert workers["crasher"] | {"memory": None, "uptime": None, "next_start_in": None} == {
         "name": "crasher", "replica": 0, "label": "crasher", "pid": None,
         "state": "backoff", "restarts": 0, "uptime": None, "last_exit": "exit code 3",
-        "reason": None, "next_start_in": None, "memory": None}
+        "reason": None, "next_start_in": None, "memory": None, "exit_code": 3,
+        "exit_signal": None, "started": None, "heartbeat_age": None,
+        "recycles": {"age": 0, "heartbeat": 0, "memory": 0, "reload": 0}}
     assert 0 < workers["crasher"]["next_start_in"] <= 30
     assert workers["doomed"]["state"] == "failed"
     assert workers["doomed"]["last_exit"] == "exit code 3"

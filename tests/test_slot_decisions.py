@@ -192,9 +192,30 @@ def test_a_waiting_slot_shows_why_starts_without_it_and_a_stop_leaves_it_stopped
 
 def test_status_shows_a_worker_that_has_not_beaten_yet_as_starting() -> None:
     slot = running(timeout=5.0)
-    assert slot.status(101.0, beaten=False)["state"] == "starting"
-    record = slot.status(101.0)
+    assert slot.status(101.0, last_beat=100.0)["state"] == "starting"  # the fork's own
+    record = slot.status(101.0, last_beat=100.5, wall_now=5000.0)
     assert record["state"] == "running" and record["uptime"] == 1.0 and record["pid"] == 1000
+    assert record["heartbeat_age"] == 0.5 and record["started"] == 4999.0
+    assert slot.status(101.0)["heartbeat_age"] is None  # no timeout: no heartbeat to age
+
+
+def test_status_counts_recycles_by_kind_and_gives_the_last_exit_as_numbers() -> None:
+    slot = running()
+    slot.stopping(StopReason.AGED, "aged", kill_at=110.0)
+    slot.stopping(StopReason.RECYCLED, "over memory too", kill_at=110.0)  # the same stop
+    assert slot.exited(ExitStatus(signal=15), 101.0, RNG) is Next.START
+    slot.started(1001, 101.0, count_start=False)
+    slot.stopping(StopReason.ROLLING_RESTART, "rolling restart", kill_at=110.0)
+    slot.exited(ExitStatus(code=3), 102.0, RNG)
+    record = slot.status(102.0)
+    assert record["recycles"] == {"age": 1, "heartbeat": 0, "memory": 0, "reload": 1}
+    assert (record["exit_code"], record["exit_signal"], record["started"]) == (3, None, None)
+    slot.started(1002, 103.0, count_start=False)
+    slot.stopping(StopReason.SHUTDOWN, "fleet stopping", kill_at=110.0)
+    slot.exited(ExitStatus(signal=9), 104.0, RNG)
+    record = slot.status(104.0)
+    assert (record["exit_code"], record["exit_signal"]) == (None, 9)
+    assert record["recycles"] == {"age": 1, "heartbeat": 0, "memory": 0, "reload": 1}
 
 
 # -- the watches' deadlines and what they ask for --------------------------------------------
@@ -221,10 +242,10 @@ def test_the_heartbeat_watch_stops_a_silent_worker_only_after_its_timeout() -> N
         assert watch.arm(slot, 100.0) is not None  # the fork counts as a beat
         assert watch.next_deadline() == 104.0
         assert watch.due(103.9) == []
-        assert not watch.has_beaten(slot)
+        assert watch.last_beat(slot) == 100.0
         assert watch.table is not None and slot.cell is not None
         watch.table.reset(slot.cell, 102.0)  # a beat, as the child's heartbeat() writes
-        assert watch.has_beaten(slot) and watch.next_deadline() == 106.0
+        assert watch.last_beat(slot) == 102.0 and watch.next_deadline() == 106.0
         [stop] = watch.due(106.5)
         assert stop == Stop(slot, StopReason.HUNG, "no heartbeat for 4.5s (timeout 4s)")
         watch.release(slot)
