@@ -9,8 +9,10 @@ the user can cause is one line on stderr, ``prefork: error: ...``, and a non-zer
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -18,11 +20,12 @@ from pathlib import Path
 import click
 
 from prefork import logs
-from prefork.cli_operate import absolute_runtime_dir, reload, scale, status
+from prefork.cli_operate import absolute_runtime_dir, metrics, reload, scale, status
 from prefork.cli_params import (
     SECONDS,
     SIZE,
     CliError,
+    ListenAddress,
     PositiveSeconds,
     import_from_working_directory,
     run_cli,
@@ -42,6 +45,12 @@ from prefork.fleet import (
 )
 from prefork.floor import WarmUpError
 from prefork.lock import AlreadyRunning
+from prefork.metrics_process import (
+    DEFAULT_INTERVAL,
+    MetricsError,
+    MetricsOptions,
+    check_textfile,
+)
 from prefork.paths import RuntimeDirError
 from prefork.threads import ThreadsAtFork
 from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
@@ -105,6 +114,15 @@ def cli() -> None:
               metavar="DIR", help="Append each worker's stdout and stderr to DIR/LABEL.log, "
                                   "one file per replica; SIGUSR1 reopens them [the "
                                   "master's stdout and stderr].")
+@click.option("--metrics", "metrics_listen", type=ListenAddress(), default=None,
+              metavar="HOST:PORT", help="Serve the fleet's metrics at http://HOST:PORT/metrics "
+              "(host 127.0.0.1 unless given), from an exporter process of its own "
+              "[needs the metrics extra].")
+@click.option("--metrics-textfile", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, metavar="PATH", help="Write the metrics to PATH (a .prom file "
+              "for node_exporter's textfile collector), replaced whole each interval.")
+@click.option("--metrics-interval", type=PositiveSeconds(), default=DEFAULT_INTERVAL,
+              show_default=True, help="Seconds between two writes of --metrics-textfile.")
 def run(
     fleet_spec: str,
     preload: tuple[str, ...],
@@ -124,9 +142,14 @@ def run(
     log_level: str,
     log_file: str | None,
     worker_log_dir: Path | None,
+    metrics_listen: tuple[str, int] | None,
+    metrics_textfile: Path | None,
+    metrics_interval: float,
 ) -> int:
     """Run a fleet until SIGTERM or SIGINT (Ctrl-C)."""
     from prefork.master import Master  # here: the other commands never need it
+
+    metrics = _metrics_options(metrics_listen, metrics_textfile, metrics_interval)
 
     try:
         logs.configure(log_level, log_file)
@@ -148,7 +171,8 @@ def run(
                                    start_limit_interval, restart, max_private_memory, max_age)
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
-                        strict_fork=strict_fork, worker_log_dir=worker_log_dir)
+                        strict_fork=strict_fork, worker_log_dir=worker_log_dir,
+                        metrics=metrics)
         master.lock.acquire()
     except (FleetError, WorkerLogError) as exc:
         raise CliError(str(exc)) from None
@@ -160,7 +184,7 @@ def run(
              sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
     try:
         return master.run()
-    except (ControlError, RuntimeDirError, WarmUpError) as exc:  # before any fork
+    except (ControlError, RuntimeDirError, WarmUpError, MetricsError) as exc:  # before any fork
         raise CliError(str(exc)) from None
     except ThreadsAtFork as exc:  # before any fork
         raise CliError(f"--strict-fork: {exc}") from None
@@ -283,6 +307,22 @@ def systemd(
     click.echo(text, nl=False)
 
 
+def _metrics_options(listen: tuple[str, int] | None, textfile: Path | None,
+                     interval: float) -> MetricsOptions | None:
+    """``--metrics*`` checked before the floor is imported; None without them."""
+    if listen is None and textfile is None:
+        return None
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise CliError("--metrics needs prometheus-client: pip install 'prefork[metrics]'")
+    if textfile is not None:
+        textfile = Path(os.path.abspath(textfile))  # the exporter may start elsewhere
+        try:
+            check_textfile(textfile)
+        except MetricsError as exc:
+            raise CliError(str(exc)) from None
+    return MetricsOptions(listen=listen, textfile=textfile, interval=interval)
+
+
 def _with_cli_defaults(
     fleet: Fleet,
     max_backoff: float | None,
@@ -315,5 +355,5 @@ def main(argv: list[str] | None = None) -> None:
     run_cli(cli, "prefork", argv)
 
 
-for _command in (status, reload, scale):
+for _command in (status, reload, scale, metrics):
     cli.add_command(_command)

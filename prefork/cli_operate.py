@@ -1,4 +1,4 @@
-"""``prefork status``, ``reload`` and ``scale``: talk to a running master.
+"""``prefork status``, ``reload``, ``scale`` and ``metrics``: talk to a running master.
 
 These never import the fleet's floor for a fleet given by name (the socket's name is the
 fleet's), and never import the master. Exit codes: 0 done; 1 the master did not answer
@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable
@@ -18,9 +19,11 @@ from typing import TypeVar
 
 import click
 
+from prefork import logs
 from prefork.cli_params import (
     CliError,
     Delta,
+    ListenAddress,
     PositiveSeconds,
     import_from_working_directory,
 )
@@ -28,6 +31,13 @@ from prefork.client import NoMaster, exchange, fetch_status, format_status, requ
 from prefork.control import ControlError
 from prefork.exits import ExitCode
 from prefork.fleet import FleetError, load_fleet
+from prefork.metrics_process import (
+    DEFAULT_INTERVAL,
+    MetricsError,
+    bind_listener,
+    check_textfile,
+    listen_url,
+)
 from prefork.paths import (
     RuntimeDirError,
     default_runtime_dir,
@@ -35,6 +45,7 @@ from prefork.paths import (
     runtime_dir_problem,
     socket_path,
 )
+from prefork.prctl import PR_SET_PDEATHSIG, prctl
 
 _control_fleet_option = click.option(
     "--fleet", "-f", "fleet_spec", default=None, metavar="NAME|module:ATTR",
@@ -234,3 +245,60 @@ def _control_call(call: Callable[[], _T]) -> _T:
         raise CliError(str(exc), ExitCode.NO_MASTER) from None
     except ControlError as exc:
         raise CliError(str(exc), ExitCode.CONTROL_FAILED) from None
+
+
+@click.command()
+@_control_fleet_option
+@_control_runtime_dir_option
+@click.option("--listen", type=ListenAddress(), default=None, metavar="HOST:PORT",
+              help="Serve http://HOST:PORT/metrics (host 127.0.0.1 unless given).")
+@click.option("--textfile", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="PATH", help="Write the metrics to PATH (.prom) every --interval.")
+@click.option("--interval", type=PositiveSeconds(), default=DEFAULT_INTERVAL,
+              show_default=True, help="Seconds between two writes of --textfile.")
+@click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
+              default="info", show_default=True)
+@click.option("--log-file", default=None, metavar="PATH", help="Append the log to PATH.")
+# From a master's --metrics: the socket it listens on, and its pid (this dies with it).
+@click.option("--listen-fd", type=click.IntRange(min=3), default=None, hidden=True)
+@click.option("--parent", type=click.IntRange(min=1), default=None, hidden=True)
+def metrics(fleet_spec: str | None, runtime_dir: Path | None, listen: tuple[str, int] | None,
+            textfile: Path | None, interval: float, log_level: str, log_file: str | None,
+            listen_fd: int | None, parent: int | None) -> int:
+    """Serve a running fleet's metrics (Prometheus/OpenMetrics) until SIGTERM or Ctrl-C.
+
+    What `prefork run --metrics` starts on its own; run it yourself for a master started
+    without. Reads the master's status and each process's memory, never the fleet's code.
+    """
+
+    if parent is not None:
+        prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent:  # the master died before PDEATHSIG was armed
+            return 0
+    if listen is None and listen_fd is None and textfile is None:
+        raise CliError("nothing to do: give --listen HOST:PORT, --textfile PATH or both")
+    try:
+        import prefork.metrics as exporter
+    except ImportError as exc:
+        raise CliError(f"prefork metrics needs prometheus-client ({exc}): "
+                       "pip install 'prefork[metrics]'") from None
+    try:
+        logs.configure(log_level, log_file)
+    except OSError as exc:
+        raise CliError(f"--log-file {log_file}: {exc.strerror}") from None
+    path = _control_socket(fleet_spec, runtime_dir)
+    try:
+        if textfile is not None:
+            textfile = Path(os.path.abspath(textfile))
+            check_textfile(textfile)
+        listener = (socket.socket(fileno=listen_fd) if listen_fd is not None
+                    else None if listen is None else bind_listener(*listen))
+    except MetricsError as exc:
+        raise CliError(str(exc)) from None
+    except OSError as exc:
+        raise CliError(f"--listen-fd {listen_fd}: {exc.strerror}") from None
+    if listener is not None and listen_fd is None:
+        click.echo(f"metrics of fleet {path.stem} on {listen_url(listener)}", err=True)
+    collector = exporter.FleetCollector(path, path.stem, any_uid=runtime_dir is not None)
+    exporter.serve(collector, listener=listener, textfile=textfile, interval=interval)
+    return 0

@@ -16,6 +16,7 @@ import click
 
 from prefork.exits import ExitCode
 from prefork.fleet import MAX_SECONDS, parse_size
+from prefork.metrics_process import parse_listen
 from prefork.policy import is_scale_delta
 
 
@@ -76,6 +77,21 @@ class Size(click.ParamType):
 
 
 SIZE = Size()
+
+
+class ListenAddress(click.ParamType):
+    """``HOST:PORT``, ``[IPv6]:PORT``, ``:PORT`` or ``PORT`` (host 127.0.0.1)."""
+
+    name = "host:port"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, int]:
+        if isinstance(value, tuple):
+            return value  # type: ignore[return-value]
+        try:
+            return parse_listen(str(value))
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
 
 
 class Delta(click.ParamType):

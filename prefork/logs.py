@@ -284,6 +284,15 @@ def configure(level: str, log_file: str | None = None) -> None:
     os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
+def settings() -> tuple[str, str | None]:
+    """The level and log file :func:`configure` was given, for a process spawned to log
+    as this one does (the metrics exporter); ("info", None) before it was called."""
+    logger = logging.getLogger(LOGGER)
+    level = logging.getLevelName(logger.level).lower()
+    path = next((h.path for h in logger.handlers if isinstance(h, _PreforkHandler)), None)
+    return (level if level in LEVELS else "info"), path
+
+
 def _after_fork_in_child() -> None:
     global _output
     for handler in logging.getLogger(LOGGER).handlers:

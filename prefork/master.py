@@ -36,6 +36,7 @@ from prefork.exits import ExitCode
 from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, Fleet
 from prefork.floor import prepare_floor
 from prefork.lock import FleetLock
+from prefork.metrics_process import ExporterProcess, MetricsOptions
 from prefork.notify import SystemdReporter
 from prefork.paths import default_runtime_dir, socket_path
 from prefork.policy import ExitStatus
@@ -104,6 +105,7 @@ class Master:
         warm_up: bool = False,
         strict_fork: bool = False,
         worker_log_dir: Path | None = None,
+        metrics: MetricsOptions | None = None,
     ) -> None:
         self.fleet = fleet.validate()
         self.grace = grace
@@ -138,7 +140,13 @@ class Master:
         self._ages = AgeWatch(self.slots, fleet.max_age, self._rng)
         self._rolling = RollingRestart(self.slots)
         self._start_order = StartOrder(fleet, self.slots)
-        self._trees = WorkerTrees(self._by_pid.__contains__)
+        # The metrics exporter (prefork.metrics_process): a child of the master's own,
+        # which WorkerTrees must not take for one a worker left behind.
+        self._exporter = None if metrics is None else ExporterProcess(
+            metrics, fleet=fleet.name, runtime_dir=directory, backoff=fleet.backoff)
+        if self._exporter is not None and not control:
+            raise ValueError("metrics need the control socket: the exporter asks it")
+        self._trees = WorkerTrees(self._by_pid.__contains__, is_own=self._is_exporter)
         self._supervising: list[Watch] = []  # the loop's watches, made by _open()
         self._while_stopping: list[Watch] = []
         self._control = (ControlServer(socket_path(directory, fleet.name), command_table(
@@ -167,11 +175,15 @@ class Master:
                     break
                 self._start(slot)
             else:
+                if self._exporter is not None:
+                    self._exporter.start(time.monotonic())
                 self._observe("ready", None)
                 if self._systemd is not None:
                     self._systemd.ready()
             while True:
                 if not self._workers_busy():
+                    if self._exporter is not None:
+                        self._exporter.stop()  # it reported the fleet to its end
                     if not self._trees.children_left:
                         break
                     # No worker to wait for, only what they left behind (prefork.trees).
@@ -267,10 +279,14 @@ class Master:
                 self._trees.children_left = True
                 return
             slot = self._by_pid.pop(pid, None)
+            now = time.monotonic()
+            if slot is None and self._is_exporter(pid):
+                assert self._exporter is not None
+                self._exporter.exited(ExitStatus.from_wait_status(wait_status), now)
+                continue
             if slot is None:  # left behind by a worker, re-parented to us (prefork.trees)
                 log.debug("reaped pid %d, not a worker", pid)
                 continue
-            now = time.monotonic()
             # What it started gets the rest of the grace it was given, or one of its own.
             self._trees.worker_exited(pid, slot.label, slot.kill_at or now + self.grace)
             status = ExitStatus.from_wait_status(wait_status)
@@ -487,6 +503,8 @@ class Master:
         if self._control is not None:
             self._control.attach(self._selector)
             self._control.open()
+        if self._exporter is not None:
+            self._exporter.open()  # MetricsError for a port in use, before any fork
         self._start_order.attach(self._selector)
         if self._worker_logs is not None:
             self._worker_logs.attach(self._selector)
@@ -502,6 +520,8 @@ class Master:
                                 if w is not None]
         self._supervising = [self._timers, self._heartbeats, self._memory, self._ages,
                              self._rolling, self._trees, *outside]
+        if self._exporter is not None:
+            self._supervising.append(self._exporter)  # its restart; none while stopping
         self._while_stopping = [self._timers, self._trees, *outside]
 
     def _close(self) -> None:
@@ -517,6 +537,8 @@ class Master:
         self._start_order.close()
         if self._systemd is not None:
             self._systemd.close()
+        if self._exporter is not None:
+            self._exporter.close()
 
     def _own_fds(self) -> list[int]:
         """The master's descriptors, which a forked child closes."""
@@ -531,7 +553,12 @@ class Master:
         fds.extend(self._start_order.fds())  # other workers' readiness pipes
         if self._worker_logs is not None:
             fds.extend(self._worker_logs.fds())  # every worker's log pipe and file
+        if self._exporter is not None:
+            fds.extend(self._exporter.fds())  # the metrics' listening socket
         return fds
+
+    def _is_exporter(self, pid: int) -> bool:
+        return self._exporter is not None and self._exporter.owns(pid)
 
     def _context(self, slot: Slot, pid: int | None = None) -> WorkerContext:
         return WorkerContext(self.fleet.name, slot.worker.name, slot.replica, self._pid, pid)

@@ -65,11 +65,15 @@ class WorkerTrees:
     :attr:`children_left` after each reaping round, and calls :meth:`no_worker_left`
     once no worker runs. ``is_worker(pgid)`` says whether a process group is a live
     worker's: a group that emptied may have its number taken by a new worker, which
-    must not get the old one's SIGKILL.
+    must not get the old one's SIGKILL. ``is_own(pid)``: a child the master started
+    itself and stops itself (the metrics exporter), not one left behind; it still gets
+    the final SIGKILL if it outlives the grace period.
     """
 
-    def __init__(self, is_worker: Callable[[int], bool]) -> None:
+    def __init__(self, is_worker: Callable[[int], bool],
+                 is_own: Callable[[int], bool] = lambda pid: False) -> None:
         self._is_worker = is_worker
+        self._is_own = is_own
         self._groups: dict[int, tuple[float, str]] = {}  # pgid -> (SIGKILL at, worker)
         self._final: float | None = None  # no worker left: SIGKILL for everything at
         self._terminated: set[int] = set()
@@ -138,7 +142,7 @@ class WorkerTrees:
     def _terminate_children(self) -> None:
         for process in _children():
             pid = process.pid
-            if pid in self._terminated:
+            if pid in self._terminated or self._is_own(pid):
                 continue
             self._terminated.add(pid)
             try:
