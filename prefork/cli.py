@@ -50,6 +50,7 @@ from prefork.metrics_process import (
     MetricsError,
     MetricsOptions,
     check_textfile,
+    resolve,
 )
 from prefork.paths import RuntimeDirError
 from prefork.threads import ThreadsAtFork
@@ -316,10 +317,13 @@ def _metrics_options(listen: tuple[str, int] | None, textfile: Path | None,
         raise CliError("--metrics needs prometheus-client: pip install 'prefork[metrics]'")
     if textfile is not None:
         textfile = Path(os.path.abspath(textfile))  # the exporter may start elsewhere
-        try:
+    try:
+        if listen is not None:
+            resolve(*listen)  # the port is bound later, once the fleet's lock is held
+        if textfile is not None:
             check_textfile(textfile)
-        except MetricsError as exc:
-            raise CliError(str(exc)) from None
+    except MetricsError as exc:
+        raise CliError(str(exc)) from None
     return MetricsOptions(listen=listen, textfile=textfile, interval=interval)
 
 

@@ -49,6 +49,7 @@ MEMORY_TYPES = ("uss", "pss", "rss", "swap")
 # Every state a worker row can show: the states, and "starting" (running, not beaten yet).
 STATES = (*(str(s) for s in WorkerState), "starting")
 RECYCLE_REASONS = ("age", "heartbeat", "memory", "reload")
+UP = "1 if the fleet's master answered, else 0."
 
 
 class FleetCollector(Collector):
@@ -71,6 +72,11 @@ class FleetCollector(Collector):
         self._master_process = ProcessCollector(pid=lambda: str(self.master_pid),
                                                 registry=None)
 
+    def expire(self) -> None:
+        """Make the next collect read afresh."""
+        with self._lock:
+            self._read_at = None
+
     def collect(self) -> Iterator[Metric]:
         with self._lock:
             now = self._clock()
@@ -80,20 +86,17 @@ class FleetCollector(Collector):
             return iter(self._families)
 
     def _read(self) -> list[Metric]:
-        up = GaugeMetricFamily("prefork_up", "1 if the fleet's master answered, else 0.",
-                               labels=["fleet"])
+        read = _one(GaugeMetricFamily, "prefork_reading_timestamp_seconds", "When the "
+                    "exporter asked the master for its status and read the memory figures "
+                    "(scrapes within a second share one reading).", self.fleet, time.time())
         try:
             status = fetch_status(self.path, STATUS_TIMEOUT, any_uid=self.any_uid)
         except (NoMaster, ControlError) as exc:
             log.warning("metrics: no status from the master of fleet %s: %s", self.fleet, exc)
             self.master_pid = None
-            up.add_metric([self.fleet], 0)
-            return [up]
+            return [_one(GaugeMetricFamily, "prefork_up", UP, self.fleet, 0), read]
         self.master_pid = status["master_pid"]
-        up.add_metric([self.fleet], 1)
-        read = _one(GaugeMetricFamily, "prefork_reading_timestamp_seconds", "When the "
-                    "exporter read the master's status and the memory figures (scrapes "
-                    "within a second share one reading).", self.fleet, time.time())
+        up = _one(GaugeMetricFamily, "prefork_up", UP, self.fleet, 1)
         return [up, read, *fleet_families(status, self.fleet),
                 *worker_families(status, self.fleet),
                 *labelled(self._master_process.collect(), fleet=self.fleet)]
@@ -306,7 +309,8 @@ def serve(collector: FleetCollector, *, listener: socket.socket | None,
         if writer is not None:
             writer.join(STATUS_TIMEOUT + 1.0)
     if textfile is not None:
+        collector.expire()
         try:
             write_textfile(textfile, registry)  # what the fleet looks like as it ends
-        except OSError:
-            pass
+        except OSError as exc:
+            log.error("metrics: cannot write %s: %s", textfile, exc.strerror or exc)

@@ -20,6 +20,7 @@ import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from prefork import logs
 from prefork.fleet import Backoff
@@ -75,22 +76,35 @@ def check_textfile(path: Path) -> None:
         raise MetricsError(f"--metrics-textfile {path} is a directory")
 
 
-def bind_listener(host: str, port: int) -> socket.socket:
-    """A TCP socket listening on ``host:port``; MetricsError (one line) if it cannot be."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def resolve(host: str, port: int) -> tuple[int, int, int, tuple[Any, ...]]:
+    """(family, type, proto, address) to bind for ``host:port``; MetricsError (one line)
+    for a host that does not resolve."""
     try:
         family, kind, proto, _, address = socket.getaddrinfo(
             host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)[0]
     except (OSError, UnicodeError) as exc:
-        raise MetricsError(f"--metrics {where}: cannot resolve the host: "
+        raise MetricsError(f"--metrics {_where(host, port)}: cannot resolve the host: "
                            f"{getattr(exc, 'strerror', None) or exc}") from None
-    listener = socket.socket(family, kind, proto)
-    try:
+    return family, kind, proto, address
+
+
+def _where(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def bind_listener(host: str, port: int) -> socket.socket:
+    """A TCP socket listening on ``host:port``; MetricsError (one line) if it cannot be."""
+    where = _where(host, port)
+    family, kind, proto, address = resolve(host, port)
+    listener = None
+    try:  # socket() too: a sandbox may deny the address family (EAFNOSUPPORT, EPERM)
+        listener = socket.socket(family, kind, proto)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind(address)
         listener.listen(BACKLOG)
     except OSError as exc:
-        listener.close()
+        if listener is not None:
+            listener.close()
         raise MetricsError(f"--metrics {where}: cannot listen there: "
                            f"{exc.strerror or exc}") from None
     return listener
@@ -155,12 +169,18 @@ class ExporterProcess:
         """Its process was reaped: start another on the backoff, unless it was stopped."""
         self.pid = None
         if self._retired:
+            log.log(logging.WARNING if status.failed else logging.DEBUG,
+                    "metrics exporter stopped: %s", status.describe())
             return
         log.warning("metrics exporter exited: %s", status.describe())
         self._schedule(now, now - self._started_at)
 
     def stop(self) -> None:
-        """No restarts from now on; SIGTERM to a running exporter."""
+        """No restarts from now on; SIGTERM to a running exporter, once: the master calls
+        this at every turn of its loop once no worker is left, and a second SIGTERM would
+        cut the exporter's last textfile write short."""
+        if self._retired:
+            return
         self._retired, self._due = True, None
         if self.pid is not None:
             try:
