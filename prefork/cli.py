@@ -278,6 +278,18 @@ def fleets() -> None:
               help="WatchdogSec=; 0 leaves the watchdog off.")
 @click.option("--network/--no-network", default=False, show_default=True,
               help="Let the workers use IPv4/IPv6 [no: local sockets only].")
+@click.option("--metrics", "metrics_listen", type=ListenAddress(), default=None,
+              metavar="HOST:PORT", help="The master's --metrics (host 127.0.0.1 unless given, "
+              "an IP address or localhost); the unit lets the exporter listen there.")
+@click.option("--metrics-allow", multiple=True, metavar="ADDRESS",
+              help="IPAddressAllow= for --metrics on a host beyond loopback without "
+                   "--network: the Prometheus server (address or prefix; 'any' for every "
+                   "host; repeatable).")
+@click.option("--metrics-textfile", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, metavar="PATH", help="The master's --metrics-textfile: an "
+              "absolute .prom path, not under /tmp; its directory becomes ReadWritePaths=.")
+@click.option("--metrics-interval", type=PositiveSeconds(), default=DEFAULT_INTERVAL,
+              show_default=True, help="The master's --metrics-interval.")
 def systemd(
     fleet_spec: str,
     user: str | None,
@@ -289,21 +301,34 @@ def systemd(
     memory_max: str | None,
     watchdog: float,
     network: bool,
+    metrics_listen: tuple[str, int] | None,
+    metrics_allow: tuple[str, ...],
+    metrics_textfile: Path | None,
+    metrics_interval: float,
 ) -> None:
     """Print a hardened systemd unit that runs the fleet's master.
 
     Save it as /etc/systemd/system/prefork-NAME.service (its first line names it).
     """
     venv = default_venv() if venv is None else venv
+    metrics = None
+    if metrics_listen is not None or metrics_textfile is not None:
+        metrics = MetricsOptions(listen=metrics_listen, textfile=metrics_textfile,
+                                 interval=metrics_interval)
     try:
         text = render_unit(fleet_spec, venv=venv, user=user, group=group, workdir=workdir,
                            conflicts=conflicts, grace=grace, memory_max=memory_max,
-                           watchdog=watchdog, network=network)
+                           watchdog=watchdog, network=network, metrics=metrics,
+                           metrics_allow=metrics_allow)
+        # Only this interpreter's venv can be asked cheaply; another venv is the user's word.
+        if (metrics is not None and os.path.abspath(venv) == sys.prefix
+                and importlib.util.find_spec("prometheus_client") is None):
+            raise CliError("--metrics needs prometheus-client: pip install 'prefork[metrics]'")
         import_from_working_directory()
         load_fleet(fleet_spec)  # after the cheap checks: this imports the fleet's floor
     except (UnitError, FleetError) as exc:
         raise CliError(str(exc)) from None
-    for warning in reachability_warnings(venv, user, workdir):
+    for warning in reachability_warnings(venv, user, workdir, metrics_textfile):
         click.echo(f"prefork: warning: {warning}", err=True)
     click.echo(text, nl=False)
 

@@ -9,6 +9,7 @@ safe as is or quoted for systemd.
 
 from __future__ import annotations
 
+import ipaddress
 import math
 import os
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 from string import Template
 
 from prefork.fleet import DEFAULT_GRACE
+from prefork.metrics_process import DEFAULT_INTERVAL, MetricsOptions
 from prefork.paths import name_for_spec, spec_problem
 from prefork.version import __version__
 
@@ -42,6 +44,14 @@ _SIZE = re.compile(r"(?:[0-9]+(?:\.[0-9]+)?[KMGTPE]?|infinity|[0-9]+(?:\.[0-9]+)
 _PLAIN_PATH = re.compile(r"[A-Za-z0-9_@%+=:,./$-]+")
 # Where ProtectHome=yes hides things.
 _HOME_ROOTS = (Path("/home"), Path("/root"), Path("/run/user"))
+# Where the unit writes to a namespace of its own, which node_exporter never sees.
+_PRIVATE_ROOTS = ((Path("/tmp"), "PrivateTmp=yes"), (Path("/var/tmp"), "PrivateTmp=yes"),
+                  (Path("/dev/shm"), "PrivateDevices=yes"))
+# A textfile path that goes into ExecStart= and ReadWritePaths= as it is: no quoting,
+# no '%' specifiers, no '$' variables.
+_TEXTFILE_PATH = re.compile(r"/[A-Za-z0-9_@+=:,./-]*")
+# The words IPAddressAllow= takes besides addresses and prefixes.
+_IP_WORDS = ("any", "localhost", "link-local", "multicast")
 
 
 class UnitError(Exception):
@@ -65,13 +75,19 @@ def render_unit(
     memory_max: str | None = None,
     watchdog: float = 30.0,
     network: bool = False,
+    metrics: MetricsOptions | None = None,
+    metrics_allow: Sequence[str] = (),
 ) -> str:
     """The unit text for running ``fleet`` (a registered name or ``module:ATTR``).
 
     ``venv`` must hold an executable ``bin/prefork``; ``workdir``, if given, must be an
     existing directory. ``watchdog=0`` leaves out ``WatchdogSec=``. Without ``user`` the
-    unit runs as a ``DynamicUser=``; ``group`` needs ``user``. Does not import the fleet:
-    the caller checks it loads. Raises :class:`UnitError` for any invalid value.
+    unit runs as a ``DynamicUser=``; ``group`` needs ``user``. ``metrics`` adds the
+    master's ``--metrics*`` options and opens the sandbox just enough for the exporter:
+    see :func:`_metrics_network` and :func:`_check_textfile`; ``metrics_allow`` is the
+    scrapers' addresses (``IPAddressAllow=``) for a listener beyond loopback without
+    ``network``. Does not import the fleet: the caller checks it loads. Raises
+    :class:`UnitError` for any invalid value.
     """
     _check_fleet(fleet)
     venv = Path(os.path.abspath(venv))
@@ -102,6 +118,19 @@ def render_unit(
     for path in (venv, workdir):
         if path is not None and any(c in str(path) for c in "\n\r\t"):
             raise UnitError(f"path {str(path)!r} contains a control character")
+    metrics_allow = list(dict.fromkeys(metrics_allow))  # drop repeats, keep the order
+    _check_metrics(metrics, metrics_allow)
+    listen = None if metrics is None else metrics.listen
+    textfile = None if metrics is None else metrics.textfile
+    network_lines = _network(network) if listen is None else _metrics_network(
+        listen, metrics_allow, network)
+    if network:
+        network_summary = "IPv4 and IPv6 for the workers, and local sockets"
+    elif listen is not None:
+        network_summary = "the metrics listener, and local sockets"
+    else:
+        network_summary = ("none: local sockets only (the notify socket and the journal "
+                           "are AF_UNIX)")
 
     values = {
         "unit_name": unit_name(fleet),
@@ -109,7 +138,7 @@ def render_unit(
         "dir_name": name_for_spec(fleet),
         "version": __version__,
         "exec_start": " ".join([_exec_path(str(prefork)), "run", "--fleet", fleet,
-                                "--grace", _number(grace)]),
+                                "--grace", _number(grace), *_metrics_arguments(metrics)]),
         "grace": _number(grace),
         "timeout_stop": f"{math.ceil(grace) + STOP_MARGIN}s",
         "workdir": "" if workdir is None else f"WorkingDirectory={_escape_path(workdir)}",
@@ -125,11 +154,14 @@ def render_unit(
             "# together, not each worker. At the limit the kernel reclaims, then OOM-kills.\n"
             f"MemoryMax={memory_max}"),
         "identity": _identity(user, group),
-        "protect_home": _protect_home(venv, workdir),
-        "network_summary": ("IPv4 and IPv6 for the workers, and local sockets"
-                            if network else "none: local sockets only (the notify socket "
-                            "and the journal are AF_UNIX)"),
-        "network": _network(network),
+        "protect_home": _protect_home(venv, workdir,
+                                      None if textfile is None else textfile.parent),
+        "textfile_paths": "" if textfile is None else (
+            "# --metrics-textfile: the exporter writes a temporary file next to it and renames\n"
+            "# it over the old one, so the whole directory is writable.\n"
+            f"ReadWritePaths={textfile.parent}"),
+        "network_summary": network_summary,
+        "network": network_lines,
     }
     template = _load_template()
     for key, value in values.items():
@@ -138,24 +170,35 @@ def render_unit(
     return Template(template).substitute(values)
 
 
-def reachability_warnings(venv: Path, user: str | None,
-                          workdir: Path | None = None) -> list[str]:
+def reachability_warnings(venv: Path, user: str | None, workdir: Path | None = None,
+                          textfile: Path | None = None) -> list[str]:
     """Paths a ``DynamicUser=`` service could not reach, one line each; empty if fine.
 
     Only for the dynamic user (``user is None``), which owns nothing on the host: every
-    directory on the way to the venv, its Python and the working directory must be
-    searchable by others, as ``/root`` (mode 0700) is not. A named ``user`` may reach
-    them through ownership or groups, which this does not try to judge.
+    directory on the way to the venv, its Python, the working directory and the
+    textfile's directory must be searchable by others, as ``/root`` (mode 0700) is not,
+    and the textfile's directory writable by others. A named ``user`` may reach them
+    through ownership or groups, which this does not try to judge.
     """
     if user is not None:
         return []
     warnings = []
-    for path in _needed_paths(Path(os.path.abspath(venv)), workdir):
+    textfile_dir = None if textfile is None else textfile.parent
+    needed = [(path, "a venv and Python") for path in
+              _needed_paths(Path(os.path.abspath(venv)), workdir)]
+    if textfile_dir is not None:
+        needed.append((textfile_dir, "a textfile directory"))
+    for path, what in needed:
         blocked = _first_closed_directory(path)
         if blocked is not None:
             warnings.append(f"{path} is not reachable for the unit's dynamic user "
                             f"({blocked} is not searchable by others): pass --user, or "
-                            "use a venv and Python outside it")
+                            f"use {what} outside it")
+    if (textfile_dir is not None and textfile_dir.is_dir()
+            and not textfile_dir.stat().st_mode & stat.S_IWOTH):
+        warnings.append(f"{textfile_dir} is not writable for the unit's dynamic user (not "
+                        "writable by others), so the exporter cannot write the textfile: "
+                        "pass --user, one that may write there")
     return warnings
 
 
@@ -227,8 +270,9 @@ def _identity(user: str | None, group: str | None) -> str:
     return f"User={user}" + ("" if group is None else f"\nGroup={group}")
 
 
-def _protect_home(venv: Path, workdir: Path | None) -> str:
-    under_home = [p for p in _needed_paths(venv, workdir) if _is_under_home(p)]
+def _protect_home(venv: Path, workdir: Path | None, textfile_dir: Path | None) -> str:
+    needed = _needed_paths(venv, workdir) + ([] if textfile_dir is None else [textfile_dir])
+    under_home = [p for p in needed if _is_under_home(p)]
     if not under_home:
         return "ProtectHome=yes"
     return (f"# read-only, not yes: the unit needs {under_home[0]}, under a home directory.\n"
@@ -249,8 +293,13 @@ def _needed_paths(venv: Path, workdir: Path | None) -> list[Path]:
 
 
 def _is_under_home(path: Path) -> bool:
+    return any(_is_under(path, root) for root in _HOME_ROOTS)
+
+
+def _is_under(path: Path, root: Path) -> bool:
+    """``path`` is ``root`` or in it, as written or with its symbolic links resolved."""
     resolved = Path(os.path.realpath(path))
-    return any(p == root or root in p.parents for p in (path, resolved) for root in _HOME_ROOTS)
+    return any(p == root or root in p.parents for p in (path, resolved))
 
 
 def _first_closed_directory(path: Path) -> Path | None:
@@ -270,6 +319,128 @@ def _network(network: bool) -> str:
     return ("PrivateNetwork=yes\n"
             "RestrictAddressFamilies=AF_UNIX\n"
             "IPAddressDeny=any")
+
+
+def _check_metrics(metrics: MetricsOptions | None, allow: Sequence[str]) -> None:
+    if allow and (metrics is None or metrics.listen is None):
+        raise UnitError("--metrics-allow names who may scrape --metrics HOST:PORT: it needs "
+                        "--metrics")
+    if metrics is None:
+        return
+    if metrics.listen is None and metrics.textfile is None:
+        raise UnitError("metrics need a listen address (--metrics) or a textfile "
+                        "(--metrics-textfile)")
+    interval = metrics.interval
+    if (isinstance(interval, bool) or not isinstance(interval, int | float)
+            or not math.isfinite(interval) or interval <= 0):
+        raise UnitError(f"--metrics-interval must be a finite number of seconds > 0, "
+                        f"got {interval!r}")
+    if metrics.textfile is not None:
+        _check_textfile(metrics.textfile)
+
+
+def _check_textfile(path: Path) -> None:
+    """What ``prefork run`` checks of a textfile, less writability (the unit's user writes
+    it, not the caller), plus what the unit's sandbox needs."""
+    if not path.is_absolute():
+        raise UnitError(f"--metrics-textfile {path}: a unit needs an absolute path")
+    if not _TEXTFILE_PATH.fullmatch(str(path)):
+        raise UnitError(f"--metrics-textfile {str(path)!r}: a unit takes only letters, digits "
+                        "and _ @ + = : , . - / in it (no whitespace, quotes, '%' or '$')")
+    if path.suffix != ".prom":
+        raise UnitError(f"--metrics-textfile {path}: the name must end in .prom "
+                        "(node_exporter's textfile collector reads only those)")
+    for root, setting in _PRIVATE_ROOTS:
+        if _is_under(path.parent, root):
+            raise UnitError(f"--metrics-textfile {path}: the unit has {setting}, so a file "
+                            f"under {root} is private to it and node_exporter would never "
+                            "see it; use its textfile directory")
+    if not path.parent.is_dir():
+        raise UnitError(f"--metrics-textfile {path}: {path.parent} is not a directory")
+    if path.is_dir():
+        raise UnitError(f"--metrics-textfile {path} is a directory")
+
+
+def _metrics_arguments(metrics: MetricsOptions | None) -> list[str]:
+    """The master's ``--metrics*`` options for ExecStart= (checked already)."""
+    if metrics is None:
+        return []
+    arguments = []
+    if metrics.listen is not None:
+        host, port = metrics.listen
+        arguments += ["--metrics", f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    if metrics.textfile is not None:
+        arguments += ["--metrics-textfile", str(metrics.textfile)]
+    if metrics.interval != DEFAULT_INTERVAL:
+        arguments += ["--metrics-interval", _number(metrics.interval)]
+    return arguments
+
+
+def _metrics_network(listen: tuple[str, int], allow: list[str], network: bool) -> str:
+    """The network settings with the exporter's listener in the unit.
+
+    PrivateNetwork= goes whatever the host: a network namespace of the unit's own has a
+    loopback of its own, which no scraper on the host reaches. The address families are
+    those the host can be (a name is refused: which families, and whether it is loopback,
+    would depend on resolving it at boot). Without ``network`` every IP peer but the
+    scrapers stays denied: loopback for a loopback host, else those ``allow`` names.
+    """
+    host, port = listen
+    where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    if host == "localhost":
+        families, loopback = "AF_INET AF_INET6", True
+    else:
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise UnitError(f"--metrics {where}: a unit needs an IP address or localhost "
+                            "as the host (a name would be resolved only at boot)") from None
+        families = "AF_INET" if address.version == 4 else "AF_INET6"
+        loopback = address.is_loopback
+    for peer in allow:
+        _check_ip_peer(peer)
+    if network:
+        if allow:
+            raise UnitError("--metrics-allow is for a unit without --network: with --network "
+                            "no IP peer is denied, so there is nothing to allow")
+        reach = ("only this host reaches them" if loopback else
+                 "every host that routes here reaches them too")
+        return ("# AF_NETLINK stays out: getaddrinfo() does without it. Narrow the peers with\n"
+                "# IPAddressAllow=/IPAddressDeny= in a drop-in if you know them.\n"
+                f"# The metrics on {where}: {reach}.\n"
+                "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6")
+    if loopback:
+        if allow:
+            raise UnitError(f"--metrics-allow: --metrics {where} is on loopback, which no "
+                            "other host reaches; give the address to listen on instead")
+        return (f"# --metrics {where}: the host's own loopback, so no PrivateNetwork= (it would\n"
+                "# give the unit a loopback of its own). Every IP peer but this host stays\n"
+                "# denied; the workers, too, may now reach services on this host's loopback.\n"
+                f"RestrictAddressFamilies=AF_UNIX {families}\n"
+                "IPAddressDeny=any\n"
+                "IPAddressAllow=localhost")
+    if not allow:
+        raise UnitError(f"--metrics {where} listens beyond this host, and the unit denies every "
+                        "IP peer: name the Prometheus server with --metrics-allow ADDRESS "
+                        "(or --metrics-allow any), or pass --network")
+    return (f"# --metrics {where}: IPAddressAllow= must name the Prometheus server(s), the\n"
+            "# only peers that may connect (from --metrics-allow; edit it if they move).\n"
+            "# \"any\" would open the port, and the workers' IP, to every host. No\n"
+            "# PrivateNetwork=: a network namespace of the unit's own has no route from them.\n"
+            "# The workers may reach the same peers, and nothing else over IP.\n"
+            f"RestrictAddressFamilies=AF_UNIX {families}\n"
+            "IPAddressDeny=any\n"
+            f"IPAddressAllow={' '.join(allow)}")
+
+
+def _check_ip_peer(peer: str) -> None:
+    if peer in _IP_WORDS:
+        return
+    try:
+        ipaddress.ip_network(peer, strict=False)
+    except ValueError:
+        raise UnitError(f"--metrics-allow {peer!r} is not an IP address, a prefix "
+                        f"(192.0.2.0/24) or one of {', '.join(_IP_WORDS)}") from None
 
 
 def default_venv() -> Path:

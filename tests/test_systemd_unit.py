@@ -3,7 +3,9 @@
 No systemd runs here, so "runs under" is checked by hand: the unit's seccomp settings
 (SystemCallFilter=, SystemCallErrorNumber=, MemoryDenyWriteExecute=,
 RestrictAddressFamilies=, RestrictNamespaces=) are rebuilt with libseccomp, one filter per
-setting as systemd does, and applied to a real master and its workers.
+setting as systemd does, and applied to a real master and its workers. With metrics on,
+ProtectSystem=strict and ReadWritePaths= are rebuilt too, as a read-only mount namespace
+(root only), so the exporter proves it can listen and write its textfile.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import signal
 import socket
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
@@ -27,6 +30,7 @@ import pytest
 
 import prefork.unit
 from conftest import WAIT, Events, MasterProcess
+from prefork.metrics_process import MetricsOptions
 from prefork.unit import UnitError, reachability_warnings, render_unit, unit_name
 
 VENV = Path(sys.prefix)  # verify checks that ExecStart= exists: use the real venv
@@ -59,6 +63,13 @@ def fake_venv(parent: Path, name: str = "venv") -> Path:
 def seconds(value: str) -> float:
     assert value.endswith("s"), value
     return float(value[:-1])
+
+
+@pytest.fixture
+def textfiles_in_tmp(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Let a unit's textfile live under pytest's tmp_path, which is under /tmp: the unit
+    refuses that because of PrivateTmp=, which these tests do not depend on."""
+    monkeypatch.setattr(prefork.unit, "_PRIVATE_ROOTS", ())
 
 
 # -- the rendered text ------------------------------------------------------------------
@@ -137,6 +148,79 @@ def test_a_dynamic_user_is_warned_about_a_closed_directory(tmp_path: Path) -> No
     assert f"({closed} is not" not in "".join(reachability_warnings(venv, user=None))
 
 
+@pytest.mark.usefixtures("textfiles_in_tmp")
+def test_metrics_on_loopback_and_a_textfile(tmp_path: Path) -> None:
+    textfile = tmp_path / "fleet.prom"
+    text = render_unit("demo", venv=VENV, metrics=MetricsOptions(
+        listen=("127.0.0.1", 9100), textfile=textfile, interval=5))
+    unit = directives(text)
+    assert unit["ExecStart"] == [f"{VENV}/bin/prefork run --fleet demo --grace 15 --metrics "
+                                 f"127.0.0.1:9100 --metrics-textfile {textfile} "
+                                 "--metrics-interval 5"]
+    # The host's loopback: a private network namespace would have a loopback of its own.
+    assert "PrivateNetwork" not in unit
+    assert unit["RestrictAddressFamilies"] == ["AF_UNIX AF_INET"]
+    assert unit["IPAddressDeny"] == ["any"] and unit["IPAddressAllow"] == ["localhost"]
+    assert unit["ReadWritePaths"] == [str(tmp_path)]
+    assert unit["ProtectSystem"] == ["strict"]
+    assert "\n\n\n" not in text and "${" not in text
+
+
+@pytest.mark.parametrize(("listen", "allow", "network", "families", "allowed"), [
+    (("::1", 0), (), False, "AF_UNIX AF_INET6", ["localhost"]),
+    (("localhost", 9100), (), False, "AF_UNIX AF_INET AF_INET6", ["localhost"]),
+    (("0.0.0.0", 9100), ("192.0.2.10", "2001:db8::/32", "192.0.2.10"), False,
+     "AF_UNIX AF_INET", ["192.0.2.10 2001:db8::/32"]),
+    (("::", 9100), ("any",), False, "AF_UNIX AF_INET6", ["any"]),
+    (("0.0.0.0", 9100), (), True, "AF_UNIX AF_INET AF_INET6", None),
+])
+def test_metrics_open_the_network_for_the_listener_only(
+        listen: tuple[str, int], allow: tuple[str, ...], network: bool, families: str,
+        allowed: list[str] | None) -> None:
+    unit = directives(render_unit("demo", venv=VENV, network=network, metrics_allow=allow,
+                                  metrics=MetricsOptions(listen=listen)))
+    host, port = listen
+    shown = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    assert unit["ExecStart"][0].endswith(f" --metrics {shown}")
+    assert "PrivateNetwork" not in unit and "ReadWritePaths" not in unit
+    assert unit["RestrictAddressFamilies"] == [families]
+    assert unit.get("IPAddressAllow") == allowed
+    assert unit.get("IPAddressDeny") == (None if network else ["any"])
+
+
+def test_a_textfile_alone_keeps_the_network_private() -> None:
+    directory = Path(sys.prefix)  # any existing directory outside /tmp
+    if any(directory == r or r in directory.parents for r in (Path("/tmp"), Path("/var/tmp"))):
+        pytest.skip(f"{directory} is under /tmp")
+    unit = directives(render_unit("demo", venv=VENV, metrics=MetricsOptions(
+        textfile=directory / "fleet.prom")))
+    assert unit["PrivateNetwork"] == ["yes"] and unit["IPAddressDeny"] == ["any"]
+    assert unit["RestrictAddressFamilies"] == ["AF_UNIX"]
+    assert unit["ReadWritePaths"] == [str(directory)]
+    assert "--metrics " not in unit["ExecStart"][0]
+    assert "--metrics-interval" not in unit["ExecStart"][0]  # the default is not repeated
+
+
+def test_a_dynamic_user_is_warned_about_a_textfile_directory_it_cannot_write(
+        tmp_path: Path) -> None:
+    directory = tmp_path / "textfiles"
+    directory.mkdir()
+    directory.chmod(0o755)
+    textfile = directory / "f.prom"
+
+    def not_writable() -> list[str]:
+        return [w for w in reachability_warnings(VENV, None, textfile=textfile)
+                if "not writable" in w]
+
+    assert not_writable() == [f"{directory} is not writable for the unit's dynamic user "
+                              "(not writable by others), so the exporter cannot write the "
+                              "textfile: pass --user, one that may write there"]
+    directory.chmod(0o1777)
+    assert not_writable() == []
+    directory.chmod(0o755)
+    assert reachability_warnings(VENV, "prefork", textfile=textfile) == []
+
+
 @pytest.mark.parametrize(("fleet", "options", "message"), [
     ("demo", {"grace": float("nan")}, "--grace must be a finite number"),
     ("demo", {"watchdog": -1}, "--watchdog must be a finite number"),
@@ -145,6 +229,11 @@ def test_a_dynamic_user_is_warned_about_a_closed_directory(tmp_path: Path) -> No
     ("demo", {"memory_max": "0"}, "no memory at all"),
     ("demo", {"memory_max": "150%"}, "at most 100"),
     ("demo", {"user": "-rf"}, "not a valid user or group name"),
+    ("demo", {"metrics": MetricsOptions()}, "metrics need a listen address"),
+    ("demo", {"metrics": MetricsOptions(listen=("127.0.0.1", 1), interval=0)},
+     "--metrics-interval must be a finite number of seconds > 0"),
+    ("demo", {"metrics": MetricsOptions(textfile=Path("/dev/shm/f.prom"))},
+     "PrivateDevices=yes"),
 ])
 def test_render_unit_refuses(fleet: str, options: dict[str, object], message: str) -> None:
     with pytest.raises(UnitError, match=re.escape(message)):
@@ -177,10 +266,20 @@ UNITS: dict[str, Callable[[Path], str]] = {
         "cpu", venv=VENV, user="prefork", group="prefork", workdir=tmp,
         conflicts=["cpu-clusterer.service", "legacy.target"], grace=2.5, memory_max="1.5G",
         watchdog=10, network=True),
+    "metrics on loopback, a textfile": lambda tmp: render_unit(
+        "demo", venv=VENV, metrics=MetricsOptions(listen=("127.0.0.1", 9100),
+                                                  textfile=tmp / "demo.prom", interval=2.5)),
+    "metrics for a Prometheus server": lambda tmp: render_unit(
+        "demo", venv=VENV, metrics=MetricsOptions(listen=("::", 9100)),
+        metrics_allow=["192.0.2.10", "2001:db8::/32"]),
+    "metrics with --network": lambda tmp: render_unit(
+        "cpu", venv=VENV, user="prefork", network=True,
+        metrics=MetricsOptions(listen=("0.0.0.0", 0), textfile=tmp / "cpu.prom")),
 }
 
 
 @needs_systemd_analyze
+@pytest.mark.usefixtures("textfiles_in_tmp")
 @pytest.mark.parametrize("case", UNITS)
 def test_systemd_accepts_the_unit_and_rates_it_safe(case: str, tmp_path: Path) -> None:
     text = UNITS[case](tmp_path)
@@ -210,6 +309,20 @@ def test_the_command_prints_the_rendered_unit() -> None:
     assert all(line.startswith("prefork: warning: ") for line in result.stderr.splitlines())
 
 
+def test_the_command_renders_the_metrics_options() -> None:
+    textfile = Path("/var/lib/prefork-demo.prom")  # rendering only: nothing is written
+    if not textfile.parent.is_dir():
+        pytest.skip("no /var/lib here")
+    result = prefork_systemd("--fleet", "demo", "--metrics", "0.0.0.0:9100",
+                             "--metrics-allow", "192.0.2.10", "--metrics-textfile",
+                             str(textfile), "--metrics-interval", "5")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render_unit(
+        "demo", venv=VENV, metrics_allow=["192.0.2.10"], metrics=MetricsOptions(
+            listen=("0.0.0.0", 9100), textfile=textfile, interval=5))
+    assert all(line.startswith("prefork: warning: ") for line in result.stderr.splitlines())
+
+
 BAD_OPTIONS = [
     (["--fleet", "nosuchfleet"], "unknown fleet 'nosuchfleet' (known: "),
     (["--fleet", "demo", "--venv", "/"], "venv / has no executable bin/prefork"),
@@ -224,6 +337,30 @@ BAD_OPTIONS = [
     (["--fleet", "demo", "--group", "staff"], "--group needs --user"),
     (["--fleet", "demo", "--network", "--bogus"], "No such option"),
     ([], "Missing option '--fleet'"),
+    (["--fleet", "demo", "--metrics", "70000"], "'70000' is not HOST:PORT"),
+    (["--fleet", "demo", "--metrics", "prometheus.example:9100"],
+     "needs an IP address or localhost"),
+    (["--fleet", "demo", "--metrics", "0.0.0.0:9100"], "name the Prometheus server with "
+     "--metrics-allow ADDRESS (or --metrics-allow any), or pass --network"),
+    (["--fleet", "demo", "--metrics", "9100", "--metrics-allow", "192.0.2.10"],
+     "--metrics 127.0.0.1:9100 is on loopback, which no other host reaches"),
+    (["--fleet", "demo", "--metrics", "[::]:9100", "--metrics-allow", "prometheus"],
+     "--metrics-allow 'prometheus' is not an IP address"),
+    (["--fleet", "demo", "--metrics", "0.0.0.0:9100", "--network", "--metrics-allow", "any"],
+     "--metrics-allow is for a unit without --network"),
+    (["--fleet", "demo", "--metrics-allow", "any"], "it needs --metrics"),
+    (["--fleet", "demo", "--metrics-textfile", "/tmp/demo.prom"],
+     "the unit has PrivateTmp=yes, so a file under /tmp is private to it"),
+    (["--fleet", "demo", "--metrics-textfile", "/var/tmp/demo.prom"],
+     "a file under /var/tmp is private to it"),
+    (["--fleet", "demo", "--metrics-textfile", "demo.prom"], "a unit needs an absolute path"),
+    (["--fleet", "demo", "--metrics-textfile", "/var/lib/demo.txt"], "must end in .prom"),
+    (["--fleet", "demo", "--metrics-textfile", "/var/lib/my demo.prom"],
+     "a unit takes only letters, digits"),
+    (["--fleet", "demo", "--metrics-textfile", "/no/such/dir/demo.prom"],
+     "/no/such/dir is not a directory"),
+    (["--fleet", "demo", "--metrics-textfile", "/var/lib/x.prom", "--metrics-interval", "0"],
+     "'0' must be more than 0 seconds"),
 ]
 
 
@@ -351,14 +488,58 @@ def seccomp_loader(unit: dict[str, list[str]]) -> Callable[[], None]:
     return load
 
 
-@needs_systemd_analyze
-@pytest.mark.parametrize(("fleet", "ready"), [("demo", r"worker \S+ spawned"),
-                                              ("cpu", r": polling \S+ every")])
-def test_the_fleet_runs_under_the_units_seccomp_filters(
-        fleet: str, ready: str, tmp_path: Path, events: Events) -> None:
-    unit = directives(render_unit(fleet, venv=VENV))
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC = 0x1, 0x2, 0x4, 0x8
+MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 0x20, 0x1000, 0x4000, 0x40000
+CLONE_NEWNS = 0x00020000
+MOUNT_OPTIONS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC}
+KERNEL_MOUNTS = (Path("/proc"), Path("/sys"), Path("/dev"))  # ProtectSystem=strict spares them
+
+
+def read_only_but(writable: list[Path], check: Path) -> Callable[[], None]:
+    """ProtectSystem=strict with ReadWritePaths=, for the child that calls the returned
+    function: a mount namespace of its own in which every mount is read-only but
+    ``writable`` (bound onto themselves first, so they stay mounts of their own) and /proc,
+    /sys and /dev. Raises OSError unless ``check`` ends up read-only. Needs root."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong,
+                           ctypes.c_void_p]
+
+    def call(result: int, what: str) -> None:
+        if result != 0:
+            raise OSError(ctypes.get_errno(), what)
+
+    def spared(point: Path) -> bool:
+        return any(point == p or p in point.parents for p in (*KERNEL_MOUNTS, *writable))
+
+    def enter() -> None:
+        call(libc.unshare(CLONE_NEWNS), "unshare")  # from here on, no mount is the host's
+        call(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "make / private")
+        for path in writable:
+            call(libc.mount(bytes(path), bytes(path), None, MS_BIND, None), f"bind {path}")
+        with open("/proc/self/mountinfo", encoding="utf-8") as table:
+            mounts = [line.split() for line in table]
+        for fields in mounts:
+            point = Path(fields[4].encode().decode("unicode_escape"))  # \040 for a space
+            if spared(point):
+                continue
+            flags = sum(MOUNT_OPTIONS.get(option, 0) for option in fields[5].split(","))
+            # Only the mount's own flag (MS_BIND): the file system stays writable elsewhere.
+            libc.mount(None, bytes(point), None, MS_REMOUNT | MS_BIND | MS_RDONLY | flags, None)
+        if not os.statvfs(check).f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, f"{check} is still writable")
+
+    return enter
+
+
+def start_under_unit(unit: dict[str, list[str]], tmp_path: Path, events: Events,
+                     sandbox: Callable[[], None] | None = None
+                     ) -> tuple[MasterProcess, socket.socket]:
+    """Start the unit's ExecStart= under its seccomp filters (after ``sandbox``, if given),
+    with what systemd would give it: $RUNTIME_DIRECTORY, $NOTIFY_SOCKET (the socket is
+    returned), $WATCHDOG_USEC and Environment=."""
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
+    (tmp_path / "state").mkdir(mode=0o700)
     notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     notify.bind(str(tmp_path / "notify"))
     env = {k: v for k, v in os.environ.items()
@@ -368,13 +549,36 @@ def test_the_fleet_runs_under_the_units_seccomp_filters(
     for assignment in unit["Environment"]:
         key, _, value = assignment.partition("=")
         env[key] = value.replace("%S", str(tmp_path / "state"))
+    load_filters = seccomp_loader(unit)
+
+    def preexec() -> None:
+        if sandbox is not None:
+            sandbox()  # before the filters, which deny mount(2) and unshare(2)
+        load_filters()
+
     try:
         proc = subprocess.Popen(shlex.split(unit["ExecStart"][0]), env=env,
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                stderr=subprocess.PIPE, preexec_fn=seccomp_loader(unit))
+                                stderr=subprocess.PIPE, preexec_fn=preexec)
     except subprocess.SubprocessError as exc:
-        pytest.skip(f"seccomp filters cannot be loaded here: {exc}")
-    master = MasterProcess(proc, events)
+        notify.close()
+        pytest.skip(f"the unit's sandbox cannot be set up here: {exc}")
+    return MasterProcess(proc, events), notify
+
+
+def assert_no_trouble(log: str) -> None:
+    for trouble in ("Traceback", "Errno", "not permitted", "not supported", " WARNING ",
+                    " ERROR ", "cannot "):
+        assert trouble not in log, log
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(("fleet", "ready"), [("demo", r"worker \S+ spawned"),
+                                              ("cpu", r": polling \S+ every")])
+def test_the_fleet_runs_under_the_units_seccomp_filters(
+        fleet: str, ready: str, tmp_path: Path, events: Events) -> None:
+    unit = directives(render_unit(fleet, venv=VENV))
+    master, notify = start_under_unit(unit, tmp_path, events)
     try:
         master.wait_log(ready, count=4)
         # Type=notify: without READY=1 through the AF_UNIX-only filter, the start times out.
@@ -387,6 +591,36 @@ def test_the_fleet_runs_under_the_units_seccomp_filters(
     finally:
         master.close()
         notify.close()
-    for trouble in ("Traceback", "Errno", "not permitted", "not supported", " WARNING ",
-                    " ERROR "):
-        assert trouble not in master.log, master.log
+    assert_no_trouble(master.log)
+
+
+@needs_systemd_analyze
+@pytest.mark.usefixtures("textfiles_in_tmp")
+def test_the_exporter_listens_and_writes_under_the_units_sandbox(
+        tmp_path: Path, events: Events) -> None:
+    """The exporter, spawned from the venv's python, binds its loopback port through
+    RestrictAddressFamilies= and writes its textfile under ProtectSystem=strict."""
+    if os.geteuid() != 0:
+        pytest.skip("rebuilding ProtectSystem=strict takes a mount namespace: root only")
+    textfile = tmp_path / "textfiles" / "demo.prom"
+    textfile.parent.mkdir()
+    unit = directives(render_unit("demo", venv=VENV, metrics=MetricsOptions(
+        listen=("127.0.0.1", 0), textfile=textfile)))
+    writable = [tmp_path / "run", tmp_path / "state", *map(Path, unit["ReadWritePaths"])]
+    master, notify = start_under_unit(unit, tmp_path, events,
+                                      read_only_but(writable, check=tmp_path))
+    try:
+        url = master.wait_log(r"metrics on (http://127\.0\.0\.1:\d+/metrics)").group(1)
+        master.wait_log(r"metrics exporter started")
+        # The master listens already: the scrape waits in the backlog for the exporter.
+        with urllib.request.urlopen(url, timeout=WAIT) as response:
+            scraped = response.read().decode()
+        master.signal(signal.SIGTERM)
+        assert master.wait_exit() == 0, master.log  # the exporter has exited too
+    finally:
+        master.close()
+        notify.close()
+    assert 'prefork_up{fleet="demo"} 1.0' in scraped, scraped
+    # Its last write, as the fleet stopped: the exporter had the directory to write in.
+    assert 'prefork_up{fleet="demo"}' in textfile.read_text(), master.log
+    assert_no_trouble(master.log)
