@@ -8,12 +8,12 @@ FLEET  ?= cpu
 .PHONY: install run demo-data feed test lint bench measure clean
 
 # `make install`: .venv with prefork installed (editable), with the cpu extra that the
-# bundled cpu fleet needs, and .venv/bin/prefork on hand.
+# bundled cpu fleet needs and the metrics extra (`--metrics`), and .venv/bin/prefork on hand.
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(PIP) -e '.[cpu]'
+	$(PIP) -e '.[cpu,metrics]'
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
