@@ -38,7 +38,12 @@ lint: $(VENV)/.installed-test
 test: lint
 	$(BIN)/python -m pytest
 
-bench: install
+# The metrics cases (measurements/metrics-bench.md) run the exporter: prometheus-client.
+$(VENV)/.installed-metrics: $(VENV)/.installed
+	$(PIP) -e '.[cpu,metrics]'
+	touch $@
+
+bench: $(VENV)/.installed-metrics
 	$(BIN)/python measurements/bench_master.py
 	$(BIN)/python measurements/bench_kernels.py
 

@@ -3,9 +3,11 @@
 With no arguments this is the driver: it runs every benchmark, each in a fresh
 interpreter (``bench_master.py --case NAME``, which prints one line of JSON), and writes
 ``master-bench.json`` (raw numbers) and ``master-bench.md`` (a dated table) next to
-itself. A master installs signal handlers and forks, so no two masters ever share an
-interpreter: a case either is the master itself, or is a probe that starts masters as
-``bench_master.py --master`` subprocesses and measures them from outside.
+itself, and ``metrics-bench.json``/``.md`` for what the metrics exporter costs the master
+(each file only when one of its cases ran: ``--only`` leaves the other alone). A master
+installs signal handlers and forks, so no two masters ever share an interpreter: a case
+either is the master itself, or is a probe that starts masters as ``bench_master.py
+--master`` subprocesses and measures them from outside.
 
 Times are ``time.monotonic()`` (CLOCK_MONOTONIC, one clock for every process on the
 machine), so a worker's timestamp and its master's can be subtracted. Workers report
@@ -18,7 +20,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import http.client
 import importlib
+import importlib.util
 import itertools
 import json
 import logging
@@ -27,11 +31,13 @@ import random
 import select
 import shutil
 import signal
+import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -42,15 +48,19 @@ from typing import TYPE_CHECKING, Any
 from machine import describe_machine
 
 import prefork
-from prefork.master import Observer
+from prefork.master import Master, Observer
+from prefork.metrics_process import MetricsOptions
+from prefork.paths import socket_path
 
 if TYPE_CHECKING:  # annotations only: the bench also runs against older layouts
     from prefork.slot import Slot
 
 HERE = Path(__file__).resolve().parent
 SCRIPT = Path(__file__).resolve()
-RESULTS_JSON = HERE / "master-bench.json"
-RESULTS_MD = HERE / "master-bench.md"
+# Each plan's report: the master's cases, and those of the metrics exporter's cost to the
+# master (measured at another time, so they get a file of their own; see REPORTS' titles).
+REPORTS = {"master": (HERE / "master-bench.json", HERE / "master-bench.md"),
+           "metrics": (HERE / "metrics-bench.json", HERE / "metrics-bench.md")}
 
 # The floor: what `prefork run --fleet cpu` imports before it forks (the cpu fleet's models,
 # loops and db modules, with SQLModel, SQLAlchemy, pydantic and aiosqlite), so that this
@@ -59,7 +69,7 @@ FLOOR = "prefork_workers.cpu.fleet"
 
 # Probe records: what happened, in which process, when (CLOCK_MONOTONIC seconds).
 RECORD = struct.Struct("=iid")
-ENTRY, DIED, RUN_START, FIRST_FORK, READY = range(5)
+ENTRY, DIED, RUN_START, FIRST_FORK, READY, HELD = range(6)
 
 Json = dict[str, Any]
 
@@ -178,11 +188,19 @@ def private_runtime_dir() -> Iterator[Path]:
 
 
 def run_master(fleet: prefork.Fleet, observer: Observer, *, grace: float = 5.0,
-               before_run: Callable[[], None] | None = None) -> int:
-    """Run a master for ``fleet`` in this process until it stops."""
-    with private_runtime_dir() as runtime_dir:
+               before_run: Callable[[], None] | None = None,
+               metrics_port: int | None = None, runtime_dir: Path | None = None,
+               setup: Callable[[Master], None] | None = None) -> int:
+    """Run a master for ``fleet`` in this process until it stops; with ``metrics_port``,
+    with its metrics exporter on 127.0.0.1:PORT. ``setup`` sees the master before run()."""
+    metrics = None if metrics_port is None else MetricsOptions(listen=(LOOPBACK, metrics_port))
+    with contextlib.ExitStack() as stack:
+        if runtime_dir is None:
+            runtime_dir = stack.enter_context(private_runtime_dir())
         master = prefork.Master(fleet, grace=grace, runtime_dir=runtime_dir,
-                                observer=observer)
+                                observer=observer, metrics=metrics)
+        if setup is not None:
+            setup(master)
         if before_run is not None:
             before_run()
         return master.run()
@@ -215,13 +233,14 @@ def read_records(fd: int, timeout: float = 0.0) -> list[tuple[int, int, float]]:
 
 
 def summarize(values: list[float]) -> Json:
-    """n, median, p99 (linear interpolation), min, max, mean of ``values``."""
+    """n, median, p95, p99 (linear interpolation), min, max, mean of ``values``."""
     ordered = sorted(values)
     if not ordered:
         return {"n": 0}
     return {
         "n": len(ordered),
         "median": statistics.median(ordered),
+        "p95": percentile(ordered, 95),
         "p99": percentile(ordered, 99),
         "min": ordered[0],
         "max": ordered[-1],
@@ -236,14 +255,146 @@ def percentile(ordered: list[float], q: float) -> float:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
+# -- metrics: the exporter's port, a scraper, the master's share of a status request ---
+
+LOOPBACK = "127.0.0.1"
+
+
+def need_metrics_extra() -> None:
+    """The exporter a master spawns imports prometheus_client: without it every case with
+    metrics would time out, so say so at once."""
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise SystemExit("bench: the metrics cases need prometheus-client: "
+                         "pip install -e '.[metrics]' (make bench does)")
+
+
+def free_port() -> int:
+    """A TCP port on the loopback that nothing listens on now, for a master's --metrics
+    (the probe must know it before the master binds it; the master sets SO_REUSEADDR)."""
+    with socket.socket() as probe:
+        probe.bind((LOOPBACK, 0))
+        return int(probe.getsockname()[1])
+
+
+class Scraper:
+    """A thread of the probe that GETs ``/metrics`` in a loop, one request after another,
+    from start() to stop(). Refused connections (the master not listening yet, or gone)
+    are retried after 5 ms and counted apart. Keeps the distinct readings it saw (the
+    values of ``prefork_reading_timestamp_seconds``): each is one status request to the
+    master."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.ok = 0
+        self.up = 0  # scrapes that said prefork_up 1
+        self.refused = 0
+        self.failed = 0
+        self.first_ok: float | None = None
+        self.last_ok: float | None = None
+        self.scrape_ms: list[float] = []
+        self.readings: set[float] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="scraper", daemon=True)
+
+    def start(self) -> Scraper:
+        self._thread.start()
+        return self
+
+    def stop(self) -> Json:
+        self._stop.set()
+        self._thread.join(15)
+        window = ((self.last_ok or 0.0) - (self.first_ok or 0.0)) if self.ok > 1 else 0.0
+        at = sorted(self.readings)
+        return {"scrapes": self.ok, "up": self.up, "refused": self.refused,
+                "failed": self.failed, "window_s": window,
+                "scrapes_per_s": (self.ok - 1) / window if window else 0.0,
+                "readings": len(at), "reading_gaps_s": [b - a for a, b in itertools.pairwise(at)],
+                "scrape_ms": summarize(self.scrape_ms)}
+
+    def scrape(self) -> bytes:
+        """One GET /metrics; the body. Raises OSError or http.client's errors."""
+        conn = http.client.HTTPConnection(LOOPBACK, self.port, timeout=10)
+        try:
+            conn.request("GET", "/metrics")
+            response = conn.getresponse()
+            body = response.read()
+            if response.status != 200:
+                raise http.client.HTTPException(f"HTTP {response.status}")
+            return body
+        finally:
+            conn.close()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            began = time.monotonic()
+            try:
+                body = self.scrape()
+            except ConnectionRefusedError:
+                self.refused += 1
+                self._stop.wait(0.005)
+                continue
+            except (OSError, http.client.HTTPException):
+                self.failed += 1
+                self._stop.wait(0.005)
+                continue
+            now = time.monotonic()
+            self.ok += 1
+            self.first_ok = self.first_ok or now
+            self.last_ok = now
+            self.scrape_ms.append((now - began) * 1000)
+            for line in body.splitlines():
+                if line.startswith(b"prefork_up{") and line.endswith(b" 1.0"):
+                    self.up += 1
+                elif line.startswith(b"prefork_reading_timestamp_seconds{"):
+                    self.readings.add(float(line.rsplit(b" ", 1)[1]))
+
+
+def time_control(master: Master) -> None:
+    """Make the master report how long each call of its control server's ``handle()``
+    (accept, read, status, JSON, send: what a status request holds the loop for) took,
+    as a HELD record whose time is the duration. The bench reaches into the master here:
+    nothing public times the control socket, and this wraps it without changing it."""
+    control = master._control
+    assert control is not None
+    handle = control.handle
+
+    def timed(fd: int) -> None:
+        began = time.perf_counter()
+        handle(fd)
+        _report(HELD, time.perf_counter() - began)
+
+    control.handle = timed  # type: ignore[method-assign]
+
+
+def cpu_ns(pid: int) -> int:
+    """Nanoseconds ``pid``'s threads have run on a CPU (/proc/PID/task/*/schedstat): read
+    from outside, so it does not wake the process."""
+    return sum(int((task / "schedstat").read_text().split()[0])
+               for task in Path(f"/proc/{pid}/task").iterdir())
+
+
+def exporter_of(master_pid: int) -> int | None:
+    """The pid of ``master_pid``'s metrics exporter (its child ``-m prefork metrics``)."""
+    for task in Path(f"/proc/{master_pid}/task").iterdir():
+        for child in (task / "children").read_text().split():
+            with contextlib.suppress(OSError):
+                argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+                if b"prefork" in argv and b"metrics" in argv:
+                    return int(child)
+    return None
+
+
 # -- probed masters: `--master` runs one, a probe measures it from outside ---------------
 
 
-def master_main(workers: int, probe_fd: int, floor: bool) -> Json:
+def master_main(workers: int, probe_fd: int, floor: bool, *, metrics_port: int | None = None,
+                runtime_dir: Path | None = None, timed_control: bool = False) -> Json:
     """The process a probe starts: ``workers`` pausing workers under one master.
 
     Reports RUN_START just before ``Master.run()``, FIRST_FORK and READY from the observer
     to the probe pipe; prints its own timestamps as JSON once ``run()`` has returned.
+    ``metrics_port``: with the metrics exporter there; ``runtime_dir``: its control socket's
+    directory (the probe's); ``timed_control``: HELD records (:func:`time_control`).
     """
     global _probe_fd
     _probe_fd = probe_fd
@@ -264,7 +415,9 @@ def master_main(workers: int, probe_fd: int, floor: bool) -> Json:
         marks["run_start"] = time.monotonic()
         _report(RUN_START, marks["run_start"])
 
-    rc = run_master(fleet_of(entry_then_pause, workers), observer, before_run=before_run)
+    rc = run_master(fleet_of(entry_then_pause, workers), observer, before_run=before_run,
+                    metrics_port=metrics_port, runtime_dir=runtime_dir,
+                    setup=time_control if timed_control else None)
     marks["run_returned"] = time.monotonic()
     return {"rc": rc, **marks, **info}
 
@@ -278,11 +431,17 @@ class ProbedMaster:
     pidfd: int
 
     @classmethod
-    def start(cls, workers: int, floor: bool) -> ProbedMaster:
+    def start(cls, workers: int, floor: bool, *, metrics_port: int | None = None,
+              runtime_dir: Path | None = None, timed_control: bool = False) -> ProbedMaster:
         read_end, write_end = os.pipe()
+        extra = [] if metrics_port is None else ["--metrics-port", str(metrics_port)]
+        if runtime_dir is not None:
+            extra += ["--runtime-dir", str(runtime_dir)]
+        if timed_control:
+            extra.append("--timed-control")
         proc = subprocess.Popen(
             [sys.executable, str(SCRIPT), "--master", "--workers", str(workers),
-             "--probe-fd", str(write_end), "--floor" if floor else "--no-floor"],
+             "--probe-fd", str(write_end), "--floor" if floor else "--no-floor", *extra],
             pass_fds=(write_end,), stdout=subprocess.PIPE, text=True,
         )
         os.close(write_end)
@@ -332,10 +491,13 @@ class ProbedMaster:
 # -- the cases ------------------------------------------------------------------------
 
 
-def case_crash(samples: int, floor: bool) -> Json:
+def case_crash(samples: int, floor: bool, *, metrics_port: int | None = None,
+               warmup: float = 0.0) -> Json:
     """(a) Crash to noticed: a worker stamps the time just before it dies (SIGKILL or
     ``os._exit(1)``, alternately); the observer's ``now`` at "exited" is when the master
-    noticed. One worker, restarted at once, so samples never overlap."""
+    noticed. One worker, restarted at once, so samples never overlap. ``metrics_port``:
+    with the metrics exporter on it (:func:`case_crash_scraped` scrapes it); deaths in the
+    first ``warmup`` seconds of run() are not counted (the exporter is still starting)."""
     global _probe_fd
     info = load_floor(floor)
     read_end, _probe_fd = os.pipe()
@@ -354,16 +516,21 @@ def case_crash(samples: int, floor: bool) -> Json:
             except BlockingIOError:
                 return  # died before reporting (not ours to time)
             assert kind == DIED
+            if died < counting_from:
+                return
             # The child that just died was fork number _forks; even ones were SIGKILLed.
             latencies["SIGKILL" if _forks % 2 == 0 else "_exit"].append((now - died) * 1000)
             if sum(map(len, latencies.values())) >= samples:
                 stopping = True
                 stop_self()
 
-    rc = run_master(fleet_of(crash_after_a_moment, 1, immediate=True), observer)
+    counting_from = time.monotonic() + warmup
+    rc = run_master(fleet_of(crash_after_a_moment, 1, immediate=True), observer,
+                    metrics_port=metrics_port)
     every = latencies["SIGKILL"] + latencies["_exit"]
     baseline = kernel_exit_baseline(read_end, max(20, samples // 4))
-    return {"rc": rc, **info, "latency_ms": summarize(every),
+    return {"rc": rc, **info, "latency_ms": summarize(every), "counting_from": counting_from,
+            "metrics": metrics_port is not None,
             "by_death": {k: summarize(v) for k, v in latencies.items()},
             "kernel_baseline_ms": summarize(baseline),
             "samples_ms": every, "kernel_baseline_samples_ms": baseline}
@@ -472,13 +639,28 @@ def case_fresh(samples: int, warmup: int = 1) -> Json:
             "python": sys.executable}
 
 
-def case_idle(seconds: float, workers: int = 8, settle: float = 3.0) -> Json:
+def case_idle(seconds: float, workers: int = 8, settle: float = 3.0,
+              metrics: bool = False) -> Json:
     """(c) Idle wake-ups: the kernel's count of the master's context switches
     (voluntary + involuntary, all threads, from /proc/PID/task/*/status) over ``seconds``
-    with ``workers`` healthy pausing workers, starting ``settle`` s after all reported in."""
-    master = ProbedMaster.start(workers, floor=True)
+    with ``workers`` healthy pausing workers, starting ``settle`` s after all reported in.
+    ``metrics``: with the metrics exporter running and never scraped; its own context
+    switches are counted too (apart: they are not the master's)."""
+    if metrics:
+        need_metrics_extra()
+    master = ProbedMaster.start(workers, floor=True,
+                                metrics_port=free_port() if metrics else None)
     master.collect({ENTRY: workers}, timeout=60)
+    exporter = None
+    deadline = time.monotonic() + 10
+    while metrics and exporter is None and time.monotonic() < deadline:
+        exporter = exporter_of(master.proc.pid)
+        time.sleep(0.05)
+    if metrics and exporter is None:
+        master.kill()
+        raise RuntimeError("the master started no metrics exporter within 10 s")
     time.sleep(settle)
+    exporter_first = None if exporter is None else context_switches(exporter)
     threads = len(list(Path(f"/proc/{master.proc.pid}/task").iterdir()))
     start = time.monotonic()
     first = context_switches(master.proc.pid)
@@ -491,14 +673,141 @@ def case_idle(seconds: float, workers: int = 8, settle: float = 3.0) -> Json:
         previous = now
     last = context_switches(master.proc.pid)
     elapsed = time.monotonic() - start
+    exporter_switches = None
+    if exporter is not None and exporter_first is not None:
+        exporter_switches = sum(context_switches(exporter)) - sum(exporter_first)
     master.stop()
     wakeups = sum(last) - sum(first)
     return {
-        "seconds": elapsed, "workers": workers, "master_threads": threads,
+        "seconds": elapsed, "workers": workers, "master_threads": threads, "metrics": metrics,
+        "exporter_switches": exporter_switches,
         "voluntary": last[0] - first[0], "involuntary": last[1] - first[1],
         "wakeups": wakeups, "wakeups_per_s": wakeups / elapsed,
         "per_second": per_second,
     }
+
+
+def case_crash_scraped(rounds: int, samples: int, floor: bool, warmup: float = 1.5) -> Json:
+    """(g) Crash to noticed with the metrics exporter on and scraped in a tight loop,
+    against the same case without metrics, alternately: ``rounds`` pairs of ``--case
+    crash`` runs (fresh interpreters; the order flips every round, so drift on a busy
+    machine falls on both), ``samples`` deaths each. In the scraped runs a thread of this
+    probe (never the master) GETs /metrics one request after another for the whole run.
+    Both variants skip the deaths of the first ``warmup`` s, while the exporter starts."""
+    need_metrics_extra()
+    runs: dict[str, list[Json]] = {"off": [], "on": []}
+    scraped: list[Json] = []
+    for index in range(rounds):
+        for variant in ("off", "on") if index % 2 == 0 else ("on", "off"):
+            argv = [sys.executable, str(SCRIPT), "--case", "crash",
+                    "--floor" if floor else "--no-floor", "--samples", str(samples),
+                    "--warmup", str(warmup)]
+            scraper = None
+            if variant == "on":
+                port = free_port()
+                argv += ["--metrics-port", str(port)]
+                scraper = Scraper(port).start()
+            proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                                  check=False)
+            counts = None if scraper is None else scraper.stop()
+            if proc.returncode != 0:
+                raise RuntimeError(f"crash run ({variant}) exited {proc.returncode}: "
+                                   f"{proc.stderr[-2000:]}")
+            case = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[variant].append(case)
+            if scraper is not None and counts is not None:
+                # Negative: the scraper was served before the first counted death.
+                counts["first_scrape_after_counting_s"] = (
+                    None if scraper.first_ok is None else scraper.first_ok - case["counting_from"])
+                scraped.append(counts)
+    out: Json = {"rounds": rounds, "samples_per_run": samples, "warmup_s": warmup,
+                 "floor": floor}
+    for variant, cases in runs.items():
+        every = [x for c in cases for x in c["samples_ms"]]
+        kernel = [x for c in cases for x in c["kernel_baseline_samples_ms"]]
+        out[variant] = {"latency_ms": summarize(every), "kernel_baseline_ms": summarize(kernel),
+                        "run_medians_ms": [c["latency_ms"]["median"] for c in cases],
+                        "samples_ms": every}
+    off, on = out["off"]["latency_ms"], out["on"]["latency_ms"]
+    out["ratio_median"] = on["median"] / off["median"]
+    out["ratio_p95"] = on["p95"] / off["p95"]
+    out["scraper"] = {
+        "runs": scraped,
+        "scrapes": sum(c["scrapes"] for c in scraped),
+        "failed": sum(c["failed"] for c in scraped),
+        "scrapes_per_s": statistics.median(c["scrapes_per_s"] for c in scraped),
+        "readings": sum(c["readings"] for c in scraped),
+        "reading_gap_s": summarize([g for c in scraped for g in c["reading_gaps_s"]]),
+        "scrape_ms_median": statistics.median(c["scrape_ms"]["median"] for c in scraped),
+        "first_scrape_after_counting_s": max(c["first_scrape_after_counting_s"] or 0.0
+                                             for c in scraped),
+    }
+    return out
+
+
+def status_round_trip(path: Path) -> tuple[float, bytes]:
+    """One status request on the control socket at ``path``, by hand (not prefork.client,
+    which also parses the reply): the milliseconds from connect to the reply's newline,
+    and the reply line."""
+    began = time.monotonic()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(os.fspath(path))
+        sock.sendall(b'{"command": "status"}\n')
+        data = bytearray()
+        while not data.endswith(b"\n"):
+            chunk = sock.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+    return (time.monotonic() - began) * 1000, bytes(data)
+
+
+def case_status(workers: int, samples: int, scrapes: int = 3) -> Json:
+    """(h) What one status request costs the master of ``workers`` sleeping workers (no
+    floor, metrics on, nobody scraping): the round trip seen by a client; how long the
+    master's control server held its loop (``time_control``: every handle() call of the
+    request, summed); the CPU time the master ran for it (schedstat, read from outside,
+    including its wake-up and select()). Requests 20 ms apart, one at a time. Then
+    ``scrapes`` GET /metrics, each past MIN_INTERVAL so each makes a fresh reading: what a
+    scrape takes in the exporter (status plus reading every process's memory from /proc),
+    and the master's share of it."""
+    need_metrics_extra()
+    port = free_port()
+    with private_runtime_dir() as runtime_dir:
+        master = ProbedMaster.start(workers, floor=False, metrics_port=port,
+                                    runtime_dir=runtime_dir, timed_control=True)
+        master.collect({ENTRY: workers}, timeout=120)
+        time.sleep(1.0)
+        pid, path = master.proc.pid, socket_path(runtime_dir, "bench")
+        round_trip, held, cpu = [], [], []
+        reply = b""
+        for _ in range(samples):
+            before = cpu_ns(pid)
+            took, reply = status_round_trip(path)
+            time.sleep(0.020)  # the master closes the connection and sleeps again
+            cpu.append((cpu_ns(pid) - before) / 1e6)
+            round_trip.append(took)
+            held.append(sum(t for kind, _p, t in read_records(master.probe) if kind == HELD)
+                        * 1000)
+        listed = len(json.loads(reply)["workers"])
+        scraper = Scraper(port)
+        scraper.scrape()  # the first waits for the exporter to start: not counted
+        scrape_ms, scrape_held, body = [], [], b""
+        for _ in range(scrapes):
+            time.sleep(1.1)  # past MIN_INTERVAL: this scrape makes a reading of its own
+            began = time.monotonic()
+            body = scraper.scrape()
+            scrape_ms.append((time.monotonic() - began) * 1000)
+            time.sleep(0.020)
+            scrape_held.append(sum(t for kind, _p, t in read_records(master.probe)
+                                   if kind == HELD) * 1000)
+        master.stop()
+    return {"workers": workers, "listed": listed, "reply_bytes": len(reply),
+            "round_trip_ms": summarize(round_trip), "held_ms": summarize(held),
+            "cpu_ms": summarize(cpu), "scrape_ms": summarize(scrape_ms),
+            "scrape_held_ms": summarize(scrape_held), "scrape_bytes": len(body),
+            "samples_ms": round_trip, "held_samples_ms": held}
 
 
 def case_shutdown(runs: int, workers: int, floor: bool) -> Json:
@@ -583,13 +892,18 @@ def case_churn(cycles: int, workers: int, floor: bool, every: int = 1000) -> Jso
 def run_case(name: str, args: argparse.Namespace) -> Json:
     quiet_logging()
     if name == "crash":
-        return case_crash(args.samples or 200, args.floor)
+        return case_crash(args.samples or 200, args.floor, metrics_port=args.metrics_port,
+                          warmup=args.warmup or 0.0)
     if name == "fork":
         return case_fork(args.samples or 50, args.floor)
     if name == "fresh":
         return case_fresh(args.samples or 10)
     if name == "idle":
-        return case_idle(args.seconds or 30.0)
+        return case_idle(args.seconds or 30.0, metrics=args.metrics)
+    if name == "crash_scraped":
+        return case_crash_scraped(args.rounds or 4, args.samples or 300, args.floor)
+    if name == "status":
+        return case_status(args.workers or 1024, args.samples or 50)
     if name == "shutdown":
         return case_shutdown(args.runs or 7, args.workers or 64, args.floor)
     if name == "start":
@@ -604,11 +918,13 @@ def run_case(name: str, args: argparse.Namespace) -> Json:
 
 @dataclass(frozen=True)
 class Plan:
-    """One subprocess the driver runs: a key for the results and its arguments."""
+    """One subprocess the driver runs: a key for the results, its arguments, and the
+    report (a key of REPORTS) its results go to."""
 
     key: str
     argv: tuple[str, ...]
     quick_argv: tuple[str, ...]
+    report: str = "master"
 
 
 PLANS: tuple[Plan, ...] = (
@@ -632,6 +948,16 @@ PLANS: tuple[Plan, ...] = (
          ("--case", "start", "--no-floor", "--runs", "1")),
     Plan("churn", ("--case", "churn", "--floor", "--cycles", "10000"),
          ("--case", "churn", "--floor", "--cycles", "2000")),
+    # What the metrics exporter costs the master (metrics-bench.md).
+    Plan("crash_scraped", ("--case", "crash_scraped", "--floor", "--rounds", "4",
+                           "--samples", "300"),
+         ("--case", "crash_scraped", "--floor", "--rounds", "2", "--samples", "60"), "metrics"),
+    Plan("status_256", ("--case", "status", "--workers", "256", "--samples", "50"),
+         ("--case", "status", "--workers", "256", "--samples", "10"), "metrics"),
+    Plan("status_1024", ("--case", "status", "--workers", "1024", "--samples", "50"),
+         ("--case", "status", "--workers", "1024", "--samples", "10"), "metrics"),
+    Plan("idle_metrics", ("--case", "idle", "--metrics", "--seconds", "30"),
+         ("--case", "idle", "--metrics", "--seconds", "5"), "metrics"),
 )
 
 
@@ -646,13 +972,16 @@ def environment() -> Json:
 
 
 def drive(quick: bool, only: list[str] | None) -> int:
-    """Run every plan in a fresh interpreter; write the JSON and the Markdown report."""
-    results: Json = {"environment": environment(), "quick": quick, "cases": {}}
+    """Run every plan in a fresh interpreter; write the JSON and the Markdown of each
+    report that any of them belongs to (only those: ``--only`` leaves the others be)."""
+    env = environment()
+    reports: dict[str, Json] = {}
     failed = 0
-    began = time.monotonic()
     for plan in PLANS:
         if only and plan.key not in only:
             continue
+        results = reports.setdefault(plan.report, {"environment": env, "quick": quick,
+                                                   "cases": {}})
         argv = plan.quick_argv if quick else plan.argv
         print(f"bench: {plan.key} ({' '.join(argv)})", file=sys.stderr, flush=True)
         started = time.monotonic()
@@ -672,10 +1001,12 @@ def drive(quick: bool, only: list[str] | None) -> int:
         case["wall_s"] = took
         results["cases"][plan.key] = case
         print(f"bench: {plan.key} done in {took:.1f}s", file=sys.stderr, flush=True)
-    results["total_wall_s"] = time.monotonic() - began
-    RESULTS_JSON.write_text(json.dumps(results, indent=2) + "\n")
-    RESULTS_MD.write_text(render_markdown(results))
-    print(RESULTS_MD.read_text())
+    for report, results in reports.items():
+        results["total_wall_s"] = sum(c.get("wall_s", 0.0) for c in results["cases"].values())
+        json_path, md_path = REPORTS[report]
+        json_path.write_text(json.dumps(results, indent=2) + "\n")
+        md_path.write_text(render_markdown(results, report))
+        print(md_path.read_text())
     return 1 if failed else 0
 
 
@@ -747,6 +1078,46 @@ def table_rows(cases: Json) -> list[tuple[str, str, str, str, str]]:
         rows.append((f"f. master RSS growth, exit 1,000 to {c['cycles']:,}",
                      f"{growth:+d} KiB", f"{c['blocks_growth']:+d} pymalloc blocks",
                      "~0 (<= 256 KiB)", _met(growth <= 256)))
+    return rows + metrics_rows(cases)
+
+
+def metrics_rows(cases: Json) -> list[tuple[str, str, str, str, str]]:
+    """The rows of the metrics cases (metrics-bench.md): spreads are p95s."""
+    rows: list[tuple[str, str, str, str, str]] = []
+    if "crash_scraped" in cases and "error" not in cases["crash_scraped"]:
+        c = cases["crash_scraped"]
+        off, on = c["off"]["latency_ms"], c["on"]["latency_ms"]
+        rows += [
+            (f"g. crash to noticed, metrics off (floor), n={off['n']}", _ms(off["median"]),
+             f"p95 {_ms(off['p95'])}", "(baseline)", _met(None)),
+            (f"g. crash to noticed, metrics on, /metrics scraped in a loop "
+             f"({c['scraper']['scrapes_per_s']:.0f}/s), n={on['n']}", _ms(on["median"]),
+             f"p95 {_ms(on['p95'])}", "< 5 ms", _met(on["median"] < 5)),
+            ("g. scraped / off", f"{c['ratio_median']:.2f}x", f"p95 {c['ratio_p95']:.2f}x",
+             "within 2x", _met(c["ratio_median"] <= 2)),
+        ]
+    for key in ("status_256", "status_1024"):
+        if key not in cases or "error" in cases[key]:
+            continue
+        c = cases[key]
+        n = c["workers"]
+        rows += [
+            (f"h. status request, {n} workers: client's round trip, n={c['round_trip_ms']['n']}",
+             _ms(c["round_trip_ms"]["median"]), f"p95 {_ms(c['round_trip_ms']['p95'])}",
+             "(report)", _met(None)),
+            (f"h. status request, {n} workers: master's loop held",
+             _ms(c["held_ms"]["median"]), f"p95 {_ms(c['held_ms']['p95'])}",
+             "(report)", _met(None)),
+            (f"h. scrape, {n} workers (exporter reads status + /proc), "
+             f"n={c['scrape_ms']['n']}", _ms(c["scrape_ms"]["median"]),
+             f"max {_ms(c['scrape_ms']['max'])}", "(report)", _met(None)),
+        ]
+    if "idle_metrics" in cases and "error" not in cases["idle_metrics"]:
+        c = cases["idle_metrics"]
+        rows.append((f"i. idle master wake-ups, metrics on, never scraped, 8 workers, "
+                     f"{c['seconds']:.0f} s", f"{c['wakeups_per_s']:.2f} /s",
+                     f"max {max(c['per_second'])} in 1 s", "<= 1 /s",
+                     _met(c["wakeups_per_s"] <= 1)))
     return rows
 
 
@@ -803,14 +1174,58 @@ also run without it, to show what the floor's size costs.
 """
 
 
-def render_markdown(results: Json) -> str:
+METRICS_NOTE = """\
+What `Master(..., metrics=MetricsOptions(listen=...))` (`prefork run --metrics`) costs
+the master. These rows come from a run of their own, apart from master-bench.md (another
+time, another commit, another load on a noisy machine): the scraped crash case is
+compared with the metrics-off runs it alternated with in this run, never with
+master-bench.md's `crash` row.
+"""
+
+METRICS_METHOD = """\
+## Method
+
+As in master-bench.md (fresh interpreters, CLOCK_MONOTONIC, the `prefork` logger at
+ERROR; the exporter a master spawns logs at ERROR too). Every master here runs its
+metrics exporter (`python -m prefork metrics`, prometheus-client) on a free loopback port.
+
+- **g. Crash to noticed, scraped.** Case a (floor in the master) run as `--case crash`
+  subprocesses, alternately without and with metrics: 4 rounds of one run of each, the
+  order flipped every round, 300 deaths a run. In the runs with metrics, a thread of the
+  probe (not the master, not the exporter) GETs `/metrics` one request after another, a
+  new connection each, for the whole run; deaths in the first 1.5 s of `run()` are not
+  counted, in either variant (the exporter is still starting: the scraper's first answer
+  came before the first counted death in every run, see Details). Scrapes within
+  MIN_INTERVAL (1 s) share one reading, so the master gets about one status request a
+  second while the scraper keeps the exporter and a core busy. Target (the issue's): the
+  scraped median within 2x of the metrics-off median.
+- **h. A status request to a large fleet.** A master (no floor) of 256 or 1024 workers
+  that `signal.pause()`, metrics on, nobody scraping. The probe sends 50 status requests,
+  20 ms apart, each on a fresh connection to the control socket, and times connect to
+  the reply's newline (the client's round trip, parsing not included). The master wraps
+  its control server's `handle()` (the bench's own wrapper: accept, read, build the
+  status, encode the JSON, send) and reports each call's duration; their sum per request
+  is how long the request held the master's loop, during which a worker's death waits.
+  The master's CPU time per request (`/proc/PID/task/*/schedstat`, read from outside,
+  with its wake-up) is under Details. Then 3 scrapes, each 1.1 s after the last (so
+  each makes a reading of its own): the exporter's status request plus its read of every
+  process's memory from /proc, and the master's share of it (the same wrapper).
+- **i. Idle wake-ups, metrics on.** Case c with the exporter running and never scraped
+  (the probe waits for the exporter's process, then 3 s). Only the master's context
+  switches count; the exporter's are under Details.
+"""
+
+
+def render_markdown(results: Json, report: str = "master") -> str:
     env = results["environment"]
     cases = results["cases"]
+    title = "master benchmarks" if report == "master" else "metrics benchmarks"
     lines = [
-        f"# prefork master benchmarks, {env['date'][:10]}",
+        f"# prefork {title}, {env['date'][:10]}",
         "",
         f"Measured {env['date']} by `make bench` (`measurements/bench_master.py`)"
         + (", **quick mode** (fewer samples)" if results["quick"] else "") + ".",
+        *(["", METRICS_NOTE.rstrip()] if report == "metrics" else []),
         "",
         f"- Python: {env['python'].splitlines()[0]}",
         f"- Kernel: {env['kernel']}",
@@ -826,8 +1241,9 @@ def render_markdown(results: Json) -> str:
     lines += [f"| {' | '.join(row)} |" for row in table_rows(cases)]
     errors = [key for key, case in cases.items() if "error" in case]
     if errors:
-        lines += ["", "Failed to run: " + ", ".join(errors) + " (see master-bench.json)."]
-    lines += ["", details(cases), METHOD]
+        lines += ["", "Failed to run: " + ", ".join(errors)
+                  + f" (see {REPORTS[report][0].name})."]
+    lines += ["", details(cases), METHOD if report == "master" else METRICS_METHOD]
     return "\n".join(lines)
 
 
@@ -887,7 +1303,51 @@ def details(cases: Json) -> str:
         out.append(f"- churn: {c['cycles']:,} exits in {c['seconds']:.1f} s; "
                    f"restarts/s {first:.0f} in the first 1,000, {last:.0f} in the last; "
                    f"RSS MiB along the way: {rss}.")
-    return "\n".join(out) + "\n"
+    return "\n".join(out + metrics_details(cases)) + "\n"
+
+
+def metrics_details(cases: Json) -> list[str]:
+    out: list[str] = []
+    if "crash_scraped" in cases and "error" not in cases["crash_scraped"]:
+        c = cases["crash_scraped"]
+        sc = c["scraper"]
+        medians = {v: ", ".join(f"{m:.2f}" for m in c[v]["run_medians_ms"])
+                   for v in ("off", "on")}
+        lag = sc["first_scrape_after_counting_s"]
+        first = (f"In every run the scraper had its first answer {-lag:.2f} s or more before "
+                 "the first counted death." if lag <= 0 else
+                 f"**In a run the scraper's first answer came {lag:.2f} s after counting "
+                 "began**: its first samples were not scraped.")
+        out.append(
+            f"- crash_scraped: {sc['scrapes']:,} scrapes in all, median {sc['scrapes_per_s']:.0f}"
+            f"/s a run, {_ms(sc['scrape_ms_median'])} each (median), {sc['failed']} failed "
+            f"(as a master stopped); they made {sc['readings']} readings, one status request "
+            f"to the master each, {sc['reading_gap_s']['median']:.2f} s apart (median). "
+            f"{first} Medians of each run, off: {medians['off']} ms; "
+            f"on: {medians['on']} ms. "
+            f"The kernel alone (pidfd, see master-bench.md's method), off: "
+            f"{_ms(c['off']['kernel_baseline_ms']['median'])}, on: "
+            f"{_ms(c['on']['kernel_baseline_ms']['median'])} (medians; the scraper was "
+            "still running during the latter).")
+    for key in ("status_256", "status_1024"):
+        if key in cases and "error" not in cases[key]:
+            c = cases[key]
+            out.append(
+                f"- {key}: reply {c['reply_bytes'] / 1024:.0f} KiB for {c['listed']} "
+                f"workers; the master's CPU time per request (schedstat) median "
+                f"{_ms(c['cpu_ms']['median'])}, p95 {_ms(c['cpu_ms']['p95'])}; loop held "
+                f"max {_ms(c['held_ms']['max'])}. A scrape's /metrics is "
+                f"{c['scrape_bytes'] / 1024:.0f} KiB; the master's loop was held "
+                f"{_ms(c['scrape_held_ms']['median'])} (median) of it.")
+    if "idle_metrics" in cases and "error" not in cases["idle_metrics"]:
+        c = cases["idle_metrics"]
+        exporter = c["exporter_switches"]
+        out.append(f"- idle_metrics: the master {c['voluntary']} voluntary + "
+                   f"{c['involuntary']} involuntary switches in {c['seconds']:.1f} s. The "
+                   f"exporter (its own process) {exporter} in the same time, "
+                   f"{exporter / c['seconds']:.1f}/s: its HTTP server (socketserver's "
+                   "serve_forever) polls every 0.5 s; none of it reaches the master.")
+    return out
 
 
 # -- entry point ----------------------------------------------------------------------
@@ -906,13 +1366,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--cycles", type=int)
     parser.add_argument("--probe-fd", type=int)
+    parser.add_argument("--rounds", type=int)
+    parser.add_argument("--warmup", type=float)
+    parser.add_argument("--metrics", action="store_true",
+                        help="idle: with the metrics exporter on (never scraped)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="(internal) the master's metrics exporter on this port")
+    parser.add_argument("--runtime-dir", type=Path, help="(internal) the master's")
+    parser.add_argument("--timed-control", action="store_true",
+                        help="(internal) the master reports its control server's time")
     parser.add_argument("--quick", action="store_true", help="fewer samples, ~1 minute")
     parser.add_argument("--only", nargs="+", metavar="KEY",
                         help=f"driver: run only these ({', '.join(p.key for p in PLANS)})")
     args = parser.parse_args(argv)
     if args.master:
         quiet_logging()
-        print(json.dumps(master_main(args.workers, args.probe_fd, args.floor)))
+        print(json.dumps(master_main(args.workers, args.probe_fd, args.floor,
+                                     metrics_port=args.metrics_port,
+                                     runtime_dir=args.runtime_dir,
+                                     timed_control=args.timed_control)))
         return 0
     if args.case:
         print(json.dumps(run_case(args.case, args)))
