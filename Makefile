@@ -38,12 +38,9 @@ lint: $(VENV)/.installed-test
 test: lint
 	$(BIN)/python -m pytest
 
-# The metrics cases (measurements/metrics-bench.md) run the exporter: prometheus-client.
-$(VENV)/.installed-metrics: $(VENV)/.installed
-	$(PIP) -e '.[cpu,metrics]'
-	touch $@
-
-bench: $(VENV)/.installed-metrics
+# The metrics cases (measurements/metrics-bench.md) run the exporter: `install` has
+# prometheus-client (the metrics extra).
+bench: install
 	$(BIN)/python measurements/bench_master.py
 	$(BIN)/python measurements/bench_kernels.py
 
