@@ -1345,8 +1345,8 @@ def metrics_details(cases: Json) -> list[str]:
         out.append(f"- idle_metrics: the master {c['voluntary']} voluntary + "
                    f"{c['involuntary']} involuntary switches in {c['seconds']:.1f} s. The "
                    f"exporter (its own process) {exporter} in the same time, "
-                   f"{exporter / c['seconds']:.1f}/s: its HTTP server (socketserver's "
-                   "serve_forever) polls every 0.5 s; none of it reaches the master.")
+                   f"{exporter / c['seconds']:.1f}/s (its HTTP server sleeps until a "
+                   "client or a signal comes); none of its wake-ups would reach the master.")
     return out
 
 
