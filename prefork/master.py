@@ -253,6 +253,8 @@ class Master:
                 continue  # nothing but the wake-up: every wake-up reaps
             elif signum == signal.SIGUSR1:
                 reopen_logs(self._worker_logs)
+                if self._exporter is not None:
+                    self._exporter.send(signal.SIGUSR1)  # it appends to the same file
             elif signum in IGNORED:
                 ignored[signum] = ignored.get(signum, 0) + 1
             elif self.stopping:  # nothing but stopping while the fleet stops

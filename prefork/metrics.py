@@ -36,6 +36,7 @@ from prometheus_client.exposition import ThreadingWSGIServer
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
+from prefork import logs
 from prefork.client import NoMaster, fetch_status
 from prefork.control import ControlError
 from prefork.states import WorkerState
@@ -279,6 +280,14 @@ def keep_writing(path: Path, registry: CollectorRegistry, interval: float,
             return
 
 
+def _reopen_log(signum: int, frame: object) -> None:
+    try:
+        logs.reopen()
+    except OSError as exc:
+        log.error("metrics: SIGUSR1: cannot reopen the log file (%s): still writing to the "
+                  "old one", exc.strerror)
+
+
 def serve(collector: FleetCollector, *, listener: socket.socket | None,
           textfile: Path | None, interval: float) -> None:
     """Serve ``/metrics`` on ``listener`` and/or keep ``textfile`` up to date until
@@ -291,6 +300,11 @@ def serve(collector: FleetCollector, *, listener: socket.socket | None,
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, end)
+    # An operator's signal for the whole unit (`systemctl kill -s HUP`) must not end it;
+    # SIGUSR1 (the master passes its own on) reopens the log file after logrotate.
+    signal.signal(signal.SIGUSR1, _reopen_log)
+    for signum in (signal.SIGHUP, signal.SIGUSR2):
+        signal.signal(signum, signal.SIG_IGN)
     writer = None
     if textfile is not None:
         writer = threading.Thread(target=keep_writing, name="prefork-textfile", daemon=True,

@@ -175,6 +175,14 @@ class ExporterProcess:
         log.warning("metrics exporter exited: %s", status.describe())
         self._schedule(now, now - self._started_at)
 
+    def send(self, signum: int) -> None:
+        """Pass a signal on to a running exporter (SIGUSR1: reopen its log file)."""
+        if self.pid is not None:
+            try:
+                os.kill(self.pid, signum)
+            except ProcessLookupError:
+                pass
+
     def stop(self) -> None:
         """No restarts from now on; SIGTERM to a running exporter, once: the master calls
         this at every turn of its loop once no worker is left, and a second SIGTERM would
@@ -182,11 +190,7 @@ class ExporterProcess:
         if self._retired:
             return
         self._retired, self._due = True, None
-        if self.pid is not None:
-            try:
-                os.kill(self.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        self.send(signal.SIGTERM)
 
     def close(self) -> None:
         if self._listener is not None:

@@ -4,6 +4,7 @@ HTTP, parsed with prometheus_client's own parser, against real masters and worke
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -232,6 +233,29 @@ def test_a_killed_exporter_is_started_again_on_the_same_port(metered) -> None:
     assert pick(samples, "prefork_up", fleet="metered") == 1
     stop(master)
     assert not master.log_matches(r"left by a worker"), master.log
+
+
+def test_operator_signals_to_the_whole_unit_leave_the_exporter_running(
+        start_master, events: Events, tmp_path: Path) -> None:
+    log_file = tmp_path / "master.log"
+    master = start_master("fleets.metered:metered", "--metrics", "127.0.0.1:0",
+                          "--log-file", str(log_file))
+    events.wait_kind("up", count=2)
+    url = re.search(r"metrics on (http://\S+)", log_file.read_text()).group(1)
+    assert pick(scrape_after(url, time.time()), "prefork_up", fleet="metered") == 1
+    exporter = psutil.Process(int(re.search(r"metrics exporter started \(pid (\d+)\)",
+                                            log_file.read_text()).group(1)))
+    for signum in (signal.SIGHUP, signal.SIGUSR2, signal.SIGUSR1):  # systemctl kill -s ...
+        exporter.send_signal(signum)
+    log_file.rename(tmp_path / "master.log.1")  # logrotate, then its postrotate
+    master.signal(signal.SIGUSR1)
+    exporter.send_signal(signal.SIGUSR1)
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0
+    assert wait_gone([exporter.pid]) == []
+    rotated = (tmp_path / "master.log.1").read_text()
+    assert "metrics exporter exited" not in rotated and "metrics exporter started" in rotated
+    assert "stopped in" in log_file.read_text()
 
 
 def test_the_exporter_dies_with_a_killed_master(metered) -> None:
