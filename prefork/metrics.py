@@ -69,6 +69,7 @@ class FleetCollector(Collector):
         self._lock = threading.Lock()  # the HTTP server serves each scrape on a thread
         self._read_at: float | None = None
         self._families: list[Metric] = []
+        self._answered = True  # the last reading had the master's answer (log changes only)
         # The master's process_* series, read from /proc/MASTER_PID: outside the master.
         self._master_process = ProcessCollector(pid=lambda: str(self.master_pid),
                                                 registry=None)
@@ -93,9 +94,14 @@ class FleetCollector(Collector):
         try:
             status = fetch_status(self.path, STATUS_TIMEOUT, any_uid=self.any_uid)
         except (NoMaster, ControlError) as exc:
-            log.warning("metrics: no status from the master of fleet %s: %s", self.fleet, exc)
-            self.master_pid = None
+            if self._answered:
+                log.warning("metrics: no status from the master of fleet %s: %s",
+                            self.fleet, exc)
+            self.master_pid, self._answered = None, False
             return [_one(GaugeMetricFamily, "prefork_up", UP, self.fleet, 0), read]
+        if not self._answered:
+            log.info("metrics: the master of fleet %s answers again", self.fleet)
+        self._answered = True
         self.master_pid = status["master_pid"]
         up = _one(GaugeMetricFamily, "prefork_up", UP, self.fleet, 1)
         return [up, read, *fleet_families(status, self.fleet),
@@ -262,8 +268,9 @@ def write_textfile(path: Path, registry: CollectorRegistry) -> None:
 
 def keep_writing(path: Path, registry: CollectorRegistry, interval: float,
                  stop: threading.Event) -> None:
-    """Write the textfile every ``interval`` seconds until ``stop`` is set; a failed write
-    is one log line, and the next interval tries again."""
+    """Write the textfile every ``interval`` seconds until ``stop`` is set. A failed write
+    is logged once (with its traceback if it is not an OSError, a bug) and tried again each
+    interval: nothing ends this thread but ``stop``."""
     failing = False
     while True:
         try:
@@ -271,10 +278,11 @@ def keep_writing(path: Path, registry: CollectorRegistry, interval: float,
             if failing:
                 log.info("metrics: writing %s works again", path)
             failing = False
-        except OSError as exc:
+        except Exception as exc:
             if not failing:
                 log.error("metrics: cannot write %s: %s (retrying every %gs)", path,
-                          exc.strerror or exc, interval)
+                          getattr(exc, "strerror", None) or exc, interval,
+                          exc_info=not isinstance(exc, OSError))
             failing = True
         if stop.wait(interval):
             return

@@ -3,12 +3,14 @@ HTTP, parsed with prometheus_client's own parser, against real masters and worke
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -456,11 +458,37 @@ def test_scrapes_within_the_interval_share_one_reading(monkeypatch: pytest.Monke
     assert len(asked) == 3
 
 
-def test_no_master_is_prefork_up_0_alone(tmp_path: Path) -> None:
+def test_no_master_is_prefork_up_0_alone_and_one_log_line(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     collector = metrics.FleetCollector(tmp_path / "gone.sock", "gone")
-    up, read = list(collector.collect())
-    assert up.name == "prefork_up" and [s.value for s in up.samples] == [0]
-    assert read.name == "prefork_reading_timestamp_seconds"
+    for _ in range(3):
+        collector.expire()
+        up, read = list(collector.collect())
+        assert up.name == "prefork_up" and [s.value for s in up.samples] == [0]
+        assert read.name == "prefork_reading_timestamp_seconds"
+    assert [r.getMessage().split(":")[:2] for r in caplog.records] == [
+        ["metrics", " no status from the master of fleet gone"]]
+
+
+def test_the_textfile_writer_survives_any_failure(tmp_path: Path,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="prefork")
+    path, calls = tmp_path / "f.prom", []
+    stop = threading.Event()
+
+    class Flaky:  # a bug on the first two writes, then fine
+        def collect(self) -> list[Any]:
+            calls.append(1)
+            if len(calls) <= 2:
+                raise KeyError("bug")
+            stop.set()
+            return []
+
+    registry = CollectorRegistry()
+    registry.register(Flaky())  # type: ignore[arg-type]
+    metrics.keep_writing(path, registry, 0.001, stop)
+    assert len(calls) == 3 and path.exists()
+    assert [r.levelname for r in caplog.records] == ["ERROR", "INFO"]
 
 
 def test_a_failed_textfile_write_keeps_the_old_file_and_leaves_no_temporary(
