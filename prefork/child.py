@@ -37,7 +37,7 @@ from typing import NoReturn
 
 from setproctitle import setproctitle, setthreadtitle
 
-from prefork import readiness
+from prefork import after_fork, readiness
 from prefork.exits import ExitCode
 from prefork.fleet import WorkerTarget, replica_label
 from prefork.heartbeats import HeartbeatTable
@@ -88,6 +88,7 @@ def run_child(
     ready_fd: int = -1,
     settings: SettingsPlan | None = None,
     output: int | None = None,
+    imports: tuple[int, frozenset[str]] | None = None,
 ) -> NoReturn:
     """Become a worker, apply its process ``settings``, call the fleet's ``post_fork``
     hook, and run ``target``; never returns, whatever happens. Settings that cannot be
@@ -95,7 +96,9 @@ def run_child(
     ``ExitCode.CHILD_SETUP_FAILED`` before the worker's code runs: a failed start.
     ``output``: a descriptor to make the worker's stdout and stderr (its log pipe,
     :mod:`prefork.worker_logs`); else ``journal``: the master's stdio is journald's, the
-    worker gets a stream of its own (:mod:`prefork.journal`)."""
+    worker gets a stream of its own (:mod:`prefork.journal`). ``imports``: the write end
+    of its pipe for the report of what it imports after the fork, and the modules it was
+    forked with (:mod:`prefork.after_fork`)."""
     global _current
     code: int = ExitCode.CHILD_SETUP_FAILED
     try:
@@ -126,6 +129,8 @@ def run_child(
                                            context.master_pid, os.getpid())
         os.environ["PREFORK_WORKER"] = context.name
         os.environ["PREFORK_REPLICA"] = str(context.replica)
+        if imports is not None:  # last: its USS at the fork is that of a set-up child
+            after_fork.attach(*imports)
         code = _call_worker(context, target, post_fork)
     except BaseException:  # must never unwind into the master's code
         try:

@@ -20,6 +20,7 @@ from pathlib import Path
 import click
 
 from prefork import logs
+from prefork.after_fork import DEFAULT_REPORT_AFTER
 from prefork.cli_operate import absolute_runtime_dir, metrics, reload, scale, status
 from prefork.cli_params import (
     SECONDS,
@@ -94,6 +95,9 @@ def cli() -> None:
 @click.option("--strict-fork/--no-strict-fork", default=False, show_default=True,
               help="Refuse to fork when the master has other threads after importing "
                    "the floor, instead of warning.")
+@click.option("--report-imports-after", type=PositiveSeconds(), default=DEFAULT_REPORT_AFTER,
+              show_default=True, metavar="SECONDS",
+              help="Seconds after its fork a worker reports what it imported since.")
 @click.option("--max-private-memory", type=SIZE, default=None, metavar="SIZE",
               help="Recycle a worker whose private memory (USS) stays above SIZE "
                    "(512M, 1G) for workers that set none [no limit].")
@@ -136,6 +140,7 @@ def run(
     freeze: bool,
     warm_up: bool,
     strict_fork: bool,
+    report_imports_after: float,
     max_private_memory: int | None,
     max_age: float | None,
     memory_check_interval: float,
@@ -173,7 +178,7 @@ def run(
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
                         strict_fork=strict_fork, worker_log_dir=worker_log_dir,
-                        metrics=metrics)
+                        metrics=metrics, report_imports_after=report_imports_after)
         master.lock.acquire()
     except (FleetError, WorkerLogError) as exc:
         raise CliError(str(exc)) from None

@@ -182,7 +182,7 @@ def format_status(status: dict[str, Any]) -> str:
     parts.append(f"total PSS {status['total_pss'] / MIB:.1f} MiB ({who})")
     lines = [f"fleet {status.get('fleet', '?')}: {', '.join(parts)}"]
     header = ("WORKER", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME", "LAST EXIT",
-              "RSS", "USS", "PSS", "SHARED", "REASON")
+              "RSS", "USS", "PSS", "SHARED", "AFTER FORK", "REASON")
     rows: list[tuple[str, ...]] = [header]
     for w in workers:
         state = str(w.get("state", "?"))
@@ -194,10 +194,41 @@ def format_status(status: dict[str, Any]) -> str:
         rows.append((str(w.get("name", w.get("label", "?"))), str(w.get("replica", "-")),
                      _or_dash(w.get("pid")), state, str(w.get("restarts", "-")),
                      format_duration(w.get("uptime")), _or_dash(w.get("last_exit")),
-                     *sizes, _or_dash(w.get("reason"))))
-    lines += align(rows, right={1, 2, 4, 5, 7, 8, 9, 10})  # numbers line up on the right
-    lines.append("(memory in MiB)")
+                     *sizes, _imported(w.get("imported_after_fork")),
+                     _or_dash(w.get("reason"))))
+    lines += align(rows, right={1, 2, 4, 5, 7, 8, 9, 10, 11})  # numbers on the right
+    lines.append("(memory in MiB; AFTER FORK: modules the worker imported after the fork, "
+                 "and its private memory grown since)")
+    preload = preload_line(workers)
+    if preload:
+        lines += ["To import them into the floor instead, add to `prefork run`:",
+                  f"  {preload}"]
     return "\n".join(lines)
+
+
+def _imported(report: object) -> str:
+    """``"12 +3.4"``: modules imported after the fork and MiB grown; ``"-"``: no report."""
+    if not isinstance(report, dict) or not isinstance(report.get("count"), int):
+        return "-"
+    growth = report.get("private_growth")
+    return (f"{report['count']}" if not isinstance(growth, int)
+            else f"{report['count']} +{growth / MIB:.1f}")
+
+
+def preload_names(workers: list[dict[str, Any]]) -> list[str]:
+    """The names that import what every worker reported, in the order first reported:
+    the union of each report's ``preload`` (each of which imports its own worker's)."""
+    names: dict[str, None] = {}
+    for worker in workers:
+        report = worker.get("imported_after_fork")
+        if isinstance(report, dict) and isinstance(report.get("preload"), list):
+            names.update(dict.fromkeys(n for n in report["preload"] if isinstance(n, str)))
+    return list(names)
+
+
+def preload_line(workers: list[dict[str, Any]]) -> str:
+    """``--preload a --preload b``, or "" when no worker imported anything."""
+    return " ".join(f"--preload {name}" for name in preload_names(workers))
 
 
 def format_duration(seconds: float | None) -> str:

@@ -30,6 +30,7 @@ from typing import Any
 from setproctitle import setproctitle
 
 from prefork import journal, logs, titles
+from prefork.after_fork import DEFAULT_REPORT_AFTER, ImportReports
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.control import ControlServer, command_table
 from prefork.exits import ExitCode
@@ -106,6 +107,7 @@ class Master:
         strict_fork: bool = False,
         worker_log_dir: Path | None = None,
         metrics: MetricsOptions | None = None,
+        report_imports_after: float = DEFAULT_REPORT_AFTER,
     ) -> None:
         self.fleet = fleet.validate()
         self.grace = grace
@@ -140,6 +142,8 @@ class Master:
         self._ages = AgeWatch(self.slots, fleet.max_age, self._rng)
         self._rolling = RollingRestart(self.slots)
         self._start_order = StartOrder(fleet, self.slots)
+        # What each child imports after the fork (prefork.after_fork).
+        self._imports = ImportReports(report_imports_after)
         # The metrics exporter (prefork.metrics_process): a child of the master's own,
         # which WorkerTrees must not take for one a worker left behind.
         self._exporter = None if metrics is None else ExporterProcess(
@@ -221,6 +225,8 @@ class Master:
                 self._control.handle(key.fd)  # a status request: answered at once
             elif key.data is self._start_order:
                 self._start_order.read(key.fd)  # a worker others wait for is ready
+            elif key.data is self._imports:
+                self._imports.read(key.fd)  # what a worker imported after the fork
             elif isinstance(key.data, WorkerLogs):
                 key.data.read(key.fd)  # one bounded read: every pipe gets a turn
             else:
@@ -300,6 +306,7 @@ class Master:
             self._observe("exited", slot)  # slot.pid is still the pid that exited
             then = slot.exited(status, now, self._rng)
             self._start_order.exited(slot)
+            self._imports.exited(slot)
             if then is Next.START:
                 slot.restarts += 1
                 self._spawn(slot, count_start=False)
@@ -348,6 +355,7 @@ class Master:
         flush_stdio()  # or the child's exit would never flush, and the master's twice
         heartbeat = self._heartbeats.arm(slot, time.monotonic())
         ready_fd = self._start_order.arm(slot)
+        imports = self._imports.arm()
         # The pipe's write end the child makes its stdout and stderr (prefork.worker_logs).
         output = None if self._worker_logs is None else self._worker_logs.output_for(slot.label)
         # Made before the fork: after it, each page either process writes is copied
@@ -361,6 +369,7 @@ class Master:
         except OSError as exc:  # EAGAIN/ENOMEM: a failed start, retried on the backoff
             _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
             self._start_order.forked(slot)  # no child holds the write end: EOF, not ready
+            self._imports.forked(slot, None, 0.0)
             log.error("worker %s: fork failed: %s", slot.label, exc)
             if output is not None:
                 os.close(output)  # the pipe's read end sees EOF and is closed by the loop
@@ -371,9 +380,11 @@ class Master:
             run_child(context, slot.worker.target, title=title,
                       signal_defaults=self._signals.defaults, close_fds=close_fds,
                       heartbeat=heartbeat, post_fork=self.fleet.post_fork, journal=self._journal,
-                      ready_fd=ready_fd, settings=slot.worker.process_plan, output=output)
+                      ready_fd=ready_fd, settings=slot.worker.process_plan, output=output,
+                      imports=imports)
         _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
         self._start_order.forked(slot)
+        self._imports.forked(slot, pid, time.monotonic())
         if output is not None:
             os.close(output)  # the child's now: EOF comes when its whole tree has exited
         try:
@@ -508,6 +519,7 @@ class Master:
         if self._exporter is not None:
             self._exporter.open()  # MetricsError for a port in use, before any fork
         self._start_order.attach(self._selector)
+        self._imports.attach(self._selector)
         if self._worker_logs is not None:
             self._worker_logs.attach(self._selector)
         self._heartbeats.open()
@@ -521,7 +533,7 @@ class Master:
         outside: list[Watch] = [w for w in (self._control, self._systemd, logs.output_watch())
                                 if w is not None]
         self._supervising = [self._timers, self._heartbeats, self._memory, self._ages,
-                             self._rolling, self._trees, *outside]
+                             self._rolling, self._trees, self._imports, *outside]
         if self._exporter is not None:
             self._supervising.append(self._exporter)  # its restart; none while stopping
         self._while_stopping = [self._timers, self._trees, *outside]
@@ -537,6 +549,7 @@ class Master:
             self._selector = None
         self._heartbeats.close()
         self._start_order.close()
+        self._imports.close()
         if self._systemd is not None:
             self._systemd.close()
         if self._exporter is not None:
@@ -553,6 +566,7 @@ class Master:
         if self._control is not None:
             fds.extend(self._control.own_fds())
         fds.extend(self._start_order.fds())  # other workers' readiness pipes
+        fds.extend(self._imports.fds())  # other workers' import reports
         if self._worker_logs is not None:
             fds.extend(self._worker_logs.fds())  # every worker's log pipe and file
         if self._exporter is not None:

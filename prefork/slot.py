@@ -103,6 +103,8 @@ class Slot:
     # Its workers the master stopped to replace them, by RECYCLE_KINDS' kind.
     recycles: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(sorted(set(RECYCLE_KINDS.values())), 0))
+    # What its latest child that reported imported after the fork (prefork.after_fork).
+    imported_after_fork: dict[str, object] | None = None
 
     @property
     def label(self) -> str:
@@ -234,6 +236,7 @@ class Slot:
                         if alive and wall_now is not None else None),
             "heartbeat_age": (round(max(now - last_beat, 0.0), 3)
                               if last_beat is not None and alive and beaten else None),
+            "imported_after_fork": self.imported_after_fork,
         }
 
 

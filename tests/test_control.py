@@ -54,7 +54,7 @@ NOBODY = 65534
 MEMORY_KEYS = {"rss", "uss", "pss", "shared", "swap"}
 STATUS_KEYS = {"fleet", "master_pid", "uptime", "python", "workers"}
 WORKER_KEYS = {"name", "replica", "label", "pid", "state", "restarts", "uptime", "last_exit",
-               "reason", "next_start_in"}
+               "reason", "next_start_in", "imported_after_fork"}
 
 as_root = pytest.mark.skipif(os.getuid() != 0, reason="needs root to take another uid")
 
@@ -839,9 +839,13 @@ def canned_status(test_pid: int, gone_pid: int) -> Callable[[dict[str, Any]], di
             "fleet": "demo", "master_pid": os.getpid(), "uptime": 3725.2, "python": "3.11.7",
             "workers": [
                 {**worker, "name": "alpha", "replica": 0, "label": "alpha", "pid": test_pid,
-                 "state": "running", "restarts": 0, "uptime": 65.4},
+                 "state": "running", "restarts": 0, "uptime": 65.4,
+                 "imported_after_fork": {"count": 12, "modules": [], "dropped": 0,
+                                         "preload": ["a.b", "c"], "private_growth": 3 << 20}},
                 {**worker, "name": "beta", "replica": 1, "label": "beta.1", "pid": gone_pid,
-                 "state": "running", "restarts": 2, "uptime": 0.5, "last_exit": "exit code 1"},
+                 "state": "running", "restarts": 2, "uptime": 0.5, "last_exit": "exit code 1",
+                 "imported_after_fork": {"count": 3, "modules": [], "dropped": 0,
+                                         "preload": ["c", "d"], "private_growth": None}},
                 {**worker, "name": "beta", "replica": 2, "label": "beta.2", "state": "backoff",
                  "restarts": 5, "last_exit": "killed by SIGKILL", "next_start_in": 2.5,
                  "reason": "recycled: private memory 412 MiB > 256 MiB"},
@@ -855,19 +859,22 @@ def test_status_table(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
     with served(socket_path(runtime_dir, "demo"), canned_status(os.getpid(), gone)) as master:
         code, out, err = prefork(capsys, "status", "--runtime-dir", str(runtime_dir))
     assert (code, err) == (0, ""), err
-    header, columns, alpha, beta1, beta2, note = out.splitlines()
+    header, columns, alpha, beta1, beta2, note, advice, preload = out.splitlines()
     assert re.fullmatch(rf"fleet demo: master {master.pid}, up 1h02m, Python 3\.11\.7, "
                         r"total PSS \d+\.\d MiB \(master \+ 1 of 2 workers\)", header), header
     assert columns.split() == ["WORKER", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME",
-                               "LAST", "EXIT", "RSS", "USS", "PSS", "SHARED", "REASON"]
+                               "LAST", "EXIT", "RSS", "USS", "PSS", "SHARED", "AFTER", "FORK",
+                               "REASON"]
     assert re.fullmatch(rf"alpha +0 +{os.getpid()} +running +0 +1m05s +- +"
-                        r"(\d+\.\d +){4}-", alpha), alpha
+                        r"(\d+\.\d +){4}12 \+3\.0 +-", alpha), alpha
     assert beta1.split() == ["beta", "1", str(gone), "running", "2", "0s", "exit", "code", "1",
-                             "-", "-", "-", "-", "-"]
+                             "-", "-", "-", "-", "3", "-"]
     assert beta2.split() == ["beta", "2", "-", "backoff", "2.5s", "5", "-", "killed", "by",
-                             "SIGKILL", "-", "-", "-", "-", "recycled:", "private", "memory",
-                             "412", "MiB", ">", "256", "MiB"]
-    assert note == "(memory in MiB)"
+                             "SIGKILL", "-", "-", "-", "-", "-", "recycled:", "private",
+                             "memory", "412", "MiB", ">", "256", "MiB"]
+    assert note.startswith("(memory in MiB; AFTER FORK: modules the worker imported after")
+    assert "prefork run" in advice
+    assert preload == "  --preload a.b --preload c --preload d"  # each once, as first seen
     # The columns line up: every row is as wide as the header before its free-text reason.
     assert alpha.index(str(os.getpid())) + len(str(os.getpid())) == columns.index("PID") + 3
 

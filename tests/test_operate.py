@@ -209,7 +209,8 @@ def test_status_shows_true_pids_and_states(start_master, events: Events,
         "state": "backoff", "restarts": 0, "uptime": None, "last_exit": "exit code 3",
         "reason": None, "next_start_in": None, "memory": None, "exit_code": 3,
         "exit_signal": None, "started": None, "heartbeat_age": None,
-        "recycles": {"age": 0, "heartbeat": 0, "memory": 0, "reload": 0}}
+        "recycles": {"age": 0, "heartbeat": 0, "memory": 0, "reload": 0},
+        "imported_after_fork": None}
     assert 0 < workers["crasher"]["next_start_in"] <= 30
     assert workers["doomed"]["state"] == "failed"
     assert workers["doomed"]["last_exit"] == "exit code 3"

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from fleets.common import bump, emit, idle_forever
-from prefork import Backoff, Fleet, StartLimit, Worker, current_worker
+from prefork import Backoff, Fleet, StartLimit, Worker, after_fork, current_worker
 
 
 def sleeper() -> None:
@@ -69,7 +69,8 @@ def inspect_self() -> None:
         loop_running = True
     except RuntimeError:
         loop_running = False
-    emit("inspect", sigblk=status["SigBlk"].strip(), sigcgt=status["SigCgt"].strip(),
+    emit("inspect", report_fd=after_fork._channel,
+         sigblk=status["SigBlk"].strip(), sigcgt=status["SigCgt"].strip(),
          sigign=status["SigIgn"].strip(), fds=fds, cmdline=cmdline,
          freeze_count=gc.get_freeze_count(), env_worker=os.environ.get("PREFORK_WORKER"),
          env_replica=os.environ.get("PREFORK_REPLICA"), loop_running=loop_running,
