@@ -95,6 +95,9 @@ def cli() -> None:
 @click.option("--strict-fork/--no-strict-fork", default=False, show_default=True,
               help="Refuse to fork when the master has other threads after importing "
                    "the floor, instead of warning.")
+@click.option("--learn-floor/--no-learn-floor", default=False, show_default=True,
+              help="Keep what the workers import after the fork in the fleet's state "
+                   "directory, and import it into the floor at the next start.")
 @click.option("--report-imports-after", type=PositiveSeconds(), default=DEFAULT_REPORT_AFTER,
               show_default=True, metavar="SECONDS",
               help="Seconds after its fork a worker reports what it imported since.")
@@ -140,6 +143,7 @@ def run(
     freeze: bool,
     warm_up: bool,
     strict_fork: bool,
+    learn_floor: bool,
     report_imports_after: float,
     max_private_memory: int | None,
     max_age: float | None,
@@ -178,7 +182,8 @@ def run(
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
                         strict_fork=strict_fork, worker_log_dir=worker_log_dir,
-                        metrics=metrics, report_imports_after=report_imports_after)
+                        metrics=metrics, learn_floor=learn_floor,
+                        report_imports_after=report_imports_after)
         master.lock.acquire()
     except (FleetError, WorkerLogError) as exc:
         raise CliError(str(exc)) from None

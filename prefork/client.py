@@ -201,8 +201,8 @@ def format_status(status: dict[str, Any]) -> str:
                  "and its private memory grown since)")
     preload = preload_line(workers)
     if preload:
-        lines += ["To import them into the floor instead, add to `prefork run`:",
-                  f"  {preload}"]
+        lines += ["To import them into the floor instead, add to `prefork run` "
+                  "(or run it with --learn-floor):", f"  {preload}"]
     return "\n".join(lines)
 
 

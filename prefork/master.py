@@ -107,6 +107,7 @@ class Master:
         strict_fork: bool = False,
         worker_log_dir: Path | None = None,
         metrics: MetricsOptions | None = None,
+        learn_floor: bool = False,
         report_imports_after: float = DEFAULT_REPORT_AFTER,
     ) -> None:
         self.fleet = fleet.validate()
@@ -142,8 +143,10 @@ class Master:
         self._ages = AgeWatch(self.slots, fleet.max_age, self._rng)
         self._rolling = RollingRestart(self.slots)
         self._start_order = StartOrder(fleet, self.slots)
-        # What each child imports after the fork (prefork.after_fork).
+        # What each child imports after the fork (prefork.after_fork); with learn_floor,
+        # kept in the fleet's state directory and imported at the next start.
         self._imports = ImportReports(report_imports_after)
+        self._learn_floor = learn_floor
         # The metrics exporter (prefork.metrics_process): a child of the master's own,
         # which WorkerTrees must not take for one a worker left behind.
         self._exporter = None if metrics is None else ExporterProcess(
@@ -166,6 +169,10 @@ class Master:
     def run(self) -> int:
         self.lock.acquire()
         try:
+            if self._learn_floor:  # before the floor is frozen, and before our handlers
+                from prefork.learned_floor import learn  # only for a master that learns
+
+                self._imports.learn = learn(self.fleet.name)
             self._open()
             setproctitle(titles.master(self.fleet.name))
             self._run_hook("on_starting", self.fleet)

@@ -873,7 +873,7 @@ def test_status_table(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
                              "SIGKILL", "-", "-", "-", "-", "-", "recycled:", "private",
                              "memory", "412", "MiB", ">", "256", "MiB"]
     assert note.startswith("(memory in MiB; AFTER FORK: modules the worker imported after")
-    assert "prefork run" in advice
+    assert "--learn-floor" in advice
     assert preload == "  --preload a.b --preload c --preload d"  # each once, as first seen
     # The columns line up: every row is as wide as the header before its free-text reason.
     assert alpha.index(str(os.getpid())) + len(str(os.getpid())) == columns.index("PID") + 3

@@ -13,6 +13,8 @@ from prefork import Fleet, Worker, after_fork
 
 # Standard-library modules no test master imports itself.
 STDLIB = ("xml.dom.minidom", "email.mime.text", "http.cookiejar")
+# One that fails to import in the master, one that starts a thread when imported.
+UNFIT = ("fleets.lazy_worker_only", "fleets.lazy_threaded")
 
 
 def _importing(modules: tuple[str, ...]) -> None:
@@ -24,6 +26,10 @@ def _importing(modules: tuple[str, ...]) -> None:
 
 def stdlib_worker() -> None:
     _importing(STDLIB)
+
+
+def mixed_worker() -> None:
+    _importing(STDLIB + UNFIT)
 
 
 def many_modules_worker() -> None:
@@ -59,6 +65,7 @@ def garbled_worker() -> None:
 
 
 fleet = Fleet("lazy", [Worker("lazy", stdlib_worker)])
+mixed = Fleet("lazy-mixed", [Worker("lazy", mixed_worker), Worker("plain", idle_forever)])
 many = Fleet("lazy-many", [Worker("many", many_modules_worker)])
 hostile = Fleet("lazy-hostile", [Worker("flood", flooding_worker),
                                  Worker("garbled", garbled_worker),
