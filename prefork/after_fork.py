@@ -74,7 +74,8 @@ def _on_signal(signum: int, frame: object) -> None:
 
 
 def send_report() -> None:
-    """Write this child's report and close the pipe; only the first call does anything."""
+    """Write this child's report and close the pipe; only the first call does anything.
+    Raises nothing: it runs in a signal handler, anywhere in the worker's code."""
     global _channel
     fd, _channel = _channel, -1
     if fd < 0:
@@ -84,7 +85,7 @@ def send_report() -> None:
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
-    except OSError:  # the master closed its end (it stops, or took too much already)
+    except Exception:  # OSError: the master closed its end (it stops, or had too much)
         pass
     finally:
         os.close(fd)
@@ -143,12 +144,15 @@ def preload_names(modules: Sequence[tuple[str, Any]]) -> list[str]:
         except TypeError:
             continue
         for value in namespace:
-            if isinstance(value, ModuleType):
-                target = value.__name__
-            elif isinstance(value, (type, FunctionType)):
-                target = value.__module__
-            else:
-                target = type(value).__module__  # an object it took, or made, at import
+            try:  # a proxy's __class__ or __module__ may raise anything
+                if isinstance(value, ModuleType):
+                    target = value.__name__
+                elif isinstance(value, (type, FunctionType)):
+                    target = value.__module__
+                else:
+                    target = type(value).__module__  # an object it took, or made, at import
+            except Exception:
+                continue
             if isinstance(target, str) and order.get(target, i) < i:
                 imported.add(target)
     kept = [name for name, module in modules if name not in imported

@@ -118,6 +118,13 @@ def test_preload_names_keep_a_submodule_its_package_holds_and_drop_what_a_module
     names = [("dep", dep), ("pkg", pkg), ("pkg.sub", sub), ("late", late), ("user", user)]
     # dep: sub holds it; pkg: sub's package; late: user holds a class of it.
     assert preload_names(names) == ["pkg.sub", "user"]
+    class Proxy:  # a lazy proxy of a web framework, say, outside its request
+        @property
+        def __class__(self) -> type:
+            raise RuntimeError("working outside of a request")
+
+    assert preload_names([("a", _module("a")), ("b", _module("b", proxy=Proxy()))]) == [
+        "a", "b"]
     # A module holding one imported after it did not import it.
     assert preload_names([("a", _module("a", b=_module("b"))), ("b", _module("b"))]) == [
         "a", "b"]
