@@ -17,11 +17,12 @@ system call reports when it next runs Python code.
 
 What: the ``sys.modules`` keys added since the fork, in insertion order; the
 ``--preload`` names that import them all (:func:`preload_names`); the child's private
-memory (USS, ``/proc/self/smaps_rollup``, ~1 ms each read) right after its set-up and at
-the report. The transport is a pipe per fork (as :mod:`prefork.readiness`): one JSON
-document, at most :data:`MAX_REPORT` bytes (the child drops the modules that do not fit
-and says how many); the master reads it in its loop, a bounded read per wake-up, and
-drops whatever is larger or garbled with one warning.
+memory (USS, ``/proc/self/smaps_rollup``, ~1 ms) at the report. Not at the fork too: that
+read cost each child 1.6 ms before its worker ran, and the pages it dirtied. The transport
+is a pipe per fork (as :mod:`prefork.readiness`): one JSON document, at most
+:data:`MAX_REPORT` bytes (the child drops the modules that do not fit and says how many);
+the master reads it in its loop, a bounded read per wake-up, and drops whatever is larger
+or garbled with one warning.
 """
 
 from __future__ import annotations
@@ -53,15 +54,13 @@ _READ = 65536  # bytes the master reads of one pipe per wake-up
 
 _channel = -1  # the write end of this child's report pipe, or -1: none, or sent already
 _floor: frozenset[str] = frozenset()  # sys.modules' keys at the fork (the master's)
-_uss_at_fork: int | None = None
 
 
 def attach(fd: int, floor: frozenset[str]) -> None:
     """In a child, after its set-up: ``fd`` is its report pipe's write end, ``floor``
-    the modules it was forked with. Reads its USS and arms the handler."""
-    global _channel, _floor, _uss_at_fork
+    the modules it was forked with. Arms the handler."""
+    global _channel, _floor
     _channel, _floor = fd, floor
-    _uss_at_fork = private_bytes()
     # _signal: the C functions the signal module wraps (its enum conversions cost 60 us
     # a signal in a fresh child). siginterrupt(False): SA_RESTART.
     _signal.signal(REPORT_SIGNAL, _on_signal)
@@ -81,7 +80,7 @@ def send_report() -> None:
     if fd < 0:
         return
     try:
-        data = encode_report(_new_modules(), _uss_at_fork, private_bytes())
+        data = encode_report(_new_modules(), private_bytes())
         view = memoryview(data)
         while view:
             view = view[os.write(fd, view):]
@@ -97,8 +96,7 @@ def _new_modules() -> list[tuple[str, Any]]:
             if name not in _floor and module is not None]
 
 
-def encode_report(modules: Sequence[tuple[str, Any]], uss_at_fork: int | None,
-                  uss: int | None) -> bytes:
+def encode_report(modules: Sequence[tuple[str, Any]], uss: int | None) -> bytes:
     """The report as one JSON document of at most :data:`MAX_REPORT` bytes: the modules
     that do not fit are dropped (``dropped`` counts them), the latest first."""
     names = [name for name, _ in modules]
@@ -115,7 +113,6 @@ def encode_report(modules: Sequence[tuple[str, Any]], uss_at_fork: int | None,
         "preload": [name for name in preload if name in shown],
         "count": len(names),
         "dropped": len(names) - kept,
-        "uss_at_fork": uss_at_fork,
         "uss": uss,
     }).encode() + b"\n"  # the end: a grandchild forked with the pipe may keep it open
 
@@ -187,7 +184,7 @@ def parse_report(data: bytes) -> dict[str, Any] | None:
     """A child's report as ``status`` shows it (``imported_after_fork``), or None if it
     is not one: ``count`` modules imported after the fork, ``modules`` (in import order),
     ``preload`` (the names that import them all), ``dropped`` (not reported: over the
-    size limit), ``private_growth`` (bytes of USS since the fork, or null)."""
+    size limit), ``uss`` (the child's private bytes when it reported, or null)."""
     try:
         report = json.loads(data)
     except (ValueError, RecursionError):
@@ -198,10 +195,9 @@ def parse_report(data: bytes) -> dict[str, Any] | None:
     count, dropped = report.get("count"), report.get("dropped")
     if not (_strings(modules) and _strings(preload) and _count(count) and _count(dropped)):
         return None
-    before, after = report.get("uss_at_fork"), report.get("uss")
-    growth = after - before if _count(before) and _count(after) else None
+    uss = report.get("uss")
     return {"count": count, "modules": modules, "preload": preload, "dropped": dropped,
-            "private_growth": growth}
+            "uss": uss if _count(uss) else None}
 
 
 def _strings(value: object) -> bool:
@@ -310,8 +306,8 @@ class ImportReports:
         if self.learn is not None and report["modules"]:
             self.learn(report["modules"])  # before the line: a test waits for it
         log.log(logging.INFO if report["count"] else logging.DEBUG,
-                "worker %s imported %d modules after the fork (+%s private)",
-                slot.label, report["count"], _mib(report["private_growth"]))
+                "worker %s imported %d modules after the fork (%s private now)",
+                slot.label, report["count"], _mib(report["uss"]))
 
     def drop(self, slot: Slot) -> None:
         """Close ``slot``'s read end, if it has one."""

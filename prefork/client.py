@@ -198,7 +198,7 @@ def format_status(status: dict[str, Any]) -> str:
                      _or_dash(w.get("reason"))))
     lines += align(rows, right={1, 2, 4, 5, 7, 8, 9, 10, 11})  # numbers on the right
     lines.append("(memory in MiB; AFTER FORK: modules the worker imported after the fork, "
-                 "and its private memory grown since)")
+                 "and its USS when it reported them)")
     preload = preload_line(workers)
     if preload:
         lines += ["To import them into the floor instead, add to `prefork run` "
@@ -207,12 +207,13 @@ def format_status(status: dict[str, Any]) -> str:
 
 
 def _imported(report: object) -> str:
-    """``"12 +3.4"``: modules imported after the fork and MiB grown; ``"-"``: no report."""
+    """``"12 (3.4)"``: modules imported after the fork and the USS (MiB) the worker had
+    when it reported them; ``"-"``: no report."""
     if not isinstance(report, dict) or not isinstance(report.get("count"), int):
         return "-"
-    growth = report.get("private_growth")
-    return (f"{report['count']}" if not isinstance(growth, int)
-            else f"{report['count']} +{growth / MIB:.1f}")
+    uss = report.get("uss")
+    return (f"{report['count']}" if not isinstance(uss, int)
+            else f"{report['count']} ({uss / MIB:.1f})")
 
 
 def preload_names(workers: list[dict[str, Any]]) -> list[str]:

@@ -841,11 +841,11 @@ def canned_status(test_pid: int, gone_pid: int) -> Callable[[dict[str, Any]], di
                 {**worker, "name": "alpha", "replica": 0, "label": "alpha", "pid": test_pid,
                  "state": "running", "restarts": 0, "uptime": 65.4,
                  "imported_after_fork": {"count": 12, "modules": [], "dropped": 0,
-                                         "preload": ["a.b", "c"], "private_growth": 3 << 20}},
+                                         "preload": ["a.b", "c"], "uss": 3 << 20}},
                 {**worker, "name": "beta", "replica": 1, "label": "beta.1", "pid": gone_pid,
                  "state": "running", "restarts": 2, "uptime": 0.5, "last_exit": "exit code 1",
                  "imported_after_fork": {"count": 3, "modules": [], "dropped": 0,
-                                         "preload": ["c", "d"], "private_growth": None}},
+                                         "preload": ["c", "d"], "uss": None}},
                 {**worker, "name": "beta", "replica": 2, "label": "beta.2", "state": "backoff",
                  "restarts": 5, "last_exit": "killed by SIGKILL", "next_start_in": 2.5,
                  "reason": "recycled: private memory 412 MiB > 256 MiB"},
@@ -866,7 +866,7 @@ def test_status_table(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
                                "LAST", "EXIT", "RSS", "USS", "PSS", "SHARED", "AFTER", "FORK",
                                "REASON"]
     assert re.fullmatch(rf"alpha +0 +{os.getpid()} +running +0 +1m05s +- +"
-                        r"(\d+\.\d +){4}12 \+3\.0 +-", alpha), alpha
+                        r"(\d+\.\d +){4}12 \(3\.0\) +-", alpha), alpha
     assert beta1.split() == ["beta", "1", str(gone), "running", "2", "0s", "exit", "code", "1",
                              "-", "-", "-", "-", "3", "-"]
     assert beta2.split() == ["beta", "2", "-", "backoff", "2.5s", "5", "-", "killed", "by",
