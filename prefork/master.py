@@ -126,6 +126,7 @@ class Master:
         self._started = time.monotonic()
         self._stop_started = 0.0
         self._killed_at_stop = 0
+        self._held_spawns: list[tuple[str, int]] | None = None  # start-up: logged after
         self._reloads = 0  # SIGHUPs that began (or extended) a rolling restart
         self._last_reload: float | None = None  # when the last began, as a Unix time
         self._signals = SignalInbox()
@@ -180,12 +181,20 @@ class Master:
             self._threads.check()  # strict: ThreadsAtFork, before any fork
             log.info("master %d: fleet %s, %d workers: %s", self._pid, self.fleet.name,
                      len(self.slots), ", ".join(s.label for s in self.slots))
+            # The "spawned" lines wait until every worker is forked: a page the master
+            # writes between two forks stays, in its old version, private to every child
+            # forked before, and one log line rewrites ~270 KiB of pages (measured: each
+            # idle child but the last 0.3 MiB smaller with the lines held).
+            self._held_spawns = []
             for slot in list(self.slots):
                 self._handle_signals()  # a stop during start-up forks no more workers
                 if self.stopping:
                     break
                 self._start(slot)
-            else:
+            held, self._held_spawns = self._held_spawns, None
+            for label, pid in held:
+                log.info("worker %s spawned (pid %d)", label, pid)
+            if not self.stopping:
                 if self._exporter is not None:
                     self._exporter.start(time.monotonic())
                 self._observe("ready", None)
@@ -400,7 +409,10 @@ class Master:
             pass
         slot.started(pid, time.monotonic(), count_start=count_start)
         self._by_pid[pid] = slot
-        log.info("worker %s spawned (pid %d)", slot.label, pid)
+        if self._held_spawns is not None:
+            self._held_spawns.append((slot.label, pid))
+        else:
+            log.info("worker %s spawned (pid %d)", slot.label, pid)
         self._observe("spawned", slot)
 
     # -- stop: one worker, or all of them --------------------------------------------
