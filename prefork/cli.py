@@ -183,7 +183,7 @@ def run(
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
                         strict_fork=strict_fork, worker_log_dir=worker_log_dir,
                         metrics=metrics, learn_floor=learn_floor,
-                        report_imports_after=report_imports_after)
+                        report_imports_after=report_imports_after, spec=fleet_spec)
         master.lock.acquire()
     except (FleetError, WorkerLogError) as exc:
         raise CliError(str(exc)) from None

@@ -1,8 +1,9 @@
 """``prefork status``, ``reload``, ``scale`` and ``metrics``: talk to a running master.
 
-These never import the fleet's floor for a fleet given by name (the socket's name is the
-fleet's), and never import the master. Exit codes: 0 done; 1 the master did not answer
-properly; 2 bad input, or the master refused; 3 no master of the fleet is running.
+These never import the fleet's floor (a name is the socket's; a master started with
+``module:ATTR`` says so in its status reply), nor the master. Exit codes: 0 done; 1 the
+master did not answer properly; 2 bad input, or the master refused; 3 no master of the
+fleet is running.
 """
 
 from __future__ import annotations
@@ -27,7 +28,14 @@ from prefork.cli_params import (
     PositiveSeconds,
     import_from_working_directory,
 )
-from prefork.client import NoMaster, exchange, fetch_status, format_status, request
+from prefork.client import (
+    NoMaster,
+    exchange,
+    fetch_status,
+    format_status,
+    masters_in,
+    request,
+)
 from prefork.control import ControlError
 from prefork.exits import ExitCode
 from prefork.fleet import FleetError, load_fleet
@@ -49,7 +57,7 @@ from prefork.prctl import PR_SET_PDEATHSIG, prctl
 
 _control_fleet_option = click.option(
     "--fleet", "-f", "fleet_spec", default=None, metavar="NAME|module:ATTR",
-    help="The fleet's name, or module:ATTR (imported to learn its name) "
+    help="The fleet's name, or the module:ATTR its master was started with "
          "[the only fleet with a socket in the runtime directory].")
 
 
@@ -197,8 +205,8 @@ def scale(fleet_spec: str | None, runtime_dir: Path | None, worker: str, delta: 
 def _control_socket(fleet_spec: str | None, runtime_dir: Path | None) -> Path:
     """The socket of the fleet ``--fleet`` names, or of the only fleet that has one.
 
-    A plain name is used as it is (registered fleets are never imported); ``module:ATTR``
-    is imported to learn its fleet's name.
+    A plain name is used as it is (registered fleets are never imported); for
+    ``module:ATTR`` the master that was started with it says so (:func:`_socket_of_spec`).
     """
 
     try:
@@ -223,17 +231,38 @@ def _control_socket(fleet_spec: str | None, runtime_dir: Path | None) -> Path:
                            "choose one with --fleet")
         return directory / names[0]
     if ":" in fleet_spec:
+        return _socket_of_spec(fleet_spec, directory, any_uid=runtime_dir is not None)
+    name = fleet_spec
+    problem = name_problem(name)
+    if problem is not None:
+        raise CliError(problem)
+    return socket_path(directory, name)
+
+
+def _socket_of_spec(spec: str, directory: Path, *, any_uid: bool) -> Path:
+    """The socket of the master started with ``--fleet spec`` (``module:ATTR``): each
+    master in ``directory`` says its spec in its status reply, so the fleet is never
+    imported here (1.4 s for a real floor, and the floor's libraries mapped by this
+    process would change the master's PSS it reports). A master too old to say its spec
+    is the one reason left to import the fleet and match it by name."""
+    try:
+        masters = list(masters_in(directory, any_uid=any_uid))
+    except ControlError as exc:
+        raise CliError(str(exc)) from None
+    found = [path for path, reply, _ in masters if reply.get("spec") == spec]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise CliError(f"{len(found)} masters in {directory} were started with --fleet "
+                       f"{spec}: choose one by its name")
+    if any("spec" not in reply for _, reply, _ in masters):
         import_from_working_directory()
         try:
-            name = load_fleet(fleet_spec).name
+            return socket_path(directory, load_fleet(spec).name)
         except FleetError as exc:
             raise CliError(str(exc)) from None
-    else:
-        name = fleet_spec
-        problem = name_problem(name)
-        if problem is not None:
-            raise CliError(problem)
-    return socket_path(directory, name)
+    raise CliError(f"no master started with --fleet {spec} is running (none of the "
+                   f"{len(masters)} answering in {directory} was)", ExitCode.NO_MASTER)
 
 
 def _control_call(call: Callable[[], _T]) -> _T:

@@ -13,6 +13,7 @@ import json
 import os
 import socket
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,17 @@ def request(path: Path, message: dict[str, Any], timeout: float = 5.0, *,
 def exchange(path: Path, message: dict[str, Any], timeout: float = 5.0, *,
              any_uid: bool = False) -> tuple[dict[str, Any], Peer]:
     """:func:`request`, also returning who answered (the process that listens at ``path``)."""
+    sock, peer = _connect(path, timeout, any_uid=any_uid)
+    try:
+        return _ask(sock, path, message, timeout), peer
+    finally:
+        sock.close()
+
+
+def _connect(path: Path, timeout: float, *, any_uid: bool) -> tuple[socket.socket, Peer]:
+    """A connection to the master at ``path`` and who listens there, checked as
+    :func:`request` says; raises NoMaster or ControlError."""
     fleet = path.stem
-    deadline = time.monotonic() + timeout
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     try:
         sock.settimeout(timeout)
@@ -73,17 +83,26 @@ def exchange(path: Path, message: dict[str, Any], timeout: float = 5.0, *,
             raise ControlError(f"{path} is served by uid {peer.uid} (pid {peer.pid}), not by "
                                f"uid {os.getuid()} or root: not a master of yours; name the "
                                "directory with --runtime-dir to trust it")
-        try:
-            sock.sendall(json.dumps(message).encode() + b"\n", socket.MSG_NOSIGNAL)
-            data = _read_line(sock, deadline)
-        except TimeoutError:
-            raise ControlError(f"master of fleet {fleet!r} did not answer within "
-                               f"{timeout:g}s ({path})") from None
-        except OSError as exc:
-            raise ControlError(f"master of fleet {fleet!r} broke the connection: "
-                               f"{exc.strerror or exc}") from None
-    finally:
+    except BaseException:
         sock.close()
+        raise
+    return sock, peer
+
+
+def _ask(sock: socket.socket, path: Path, message: dict[str, Any], timeout: float
+         ) -> dict[str, Any]:
+    """Send ``message`` on a connection to the master at ``path``; its reply."""
+    fleet = path.stem
+    deadline = time.monotonic() + timeout
+    try:
+        sock.sendall(json.dumps(message).encode() + b"\n", socket.MSG_NOSIGNAL)
+        data = _read_line(sock, deadline)
+    except TimeoutError:
+        raise ControlError(f"master of fleet {fleet!r} did not answer within "
+                           f"{timeout:g}s ({path})") from None
+    except OSError as exc:
+        raise ControlError(f"master of fleet {fleet!r} broke the connection: "
+                           f"{exc.strerror or exc}") from None
     try:
         reply = json.loads(data)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -92,7 +111,42 @@ def exchange(path: Path, message: dict[str, Any], timeout: float = 5.0, *,
     if not isinstance(reply, dict):
         raise ControlError(f"master of fleet {fleet!r} sent a {type(reply).__name__}, "
                            "not an object")
-    return reply, peer
+    return reply
+
+
+def masters_in(directory: Path, timeout: float = 5.0, *, pid: int | None = None,
+               any_uid: bool = False) -> Iterator[tuple[Path, dict[str, Any], Peer]]:
+    """Every master with a socket in ``directory`` that answers ``status`` (only the one
+    whose process is ``pid``, if given: the others are not asked): its socket, its reply
+    and the process that listens there (``SO_PEERCRED``: who really serves the socket,
+    whatever its name or its reply say). Stale sockets, masters that do not answer and
+    a missing directory are skipped; an unreadable one raises ControlError. This is how
+    a fleet is found by its master's pid or by the spec it was started with, without
+    importing the fleet or reading a process title."""
+    try:
+        names = sorted(entry.name for entry in os.scandir(directory)
+                       if entry.name.endswith(".sock"))
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        raise ControlError(f"cannot read runtime directory {directory}: "
+                           f"{exc.strerror}") from None
+    for name in names:
+        path = directory / name
+        try:
+            sock, peer = _connect(path, timeout, any_uid=any_uid)
+        except (NoMaster, ControlError):
+            continue
+        try:
+            if pid is not None and peer.pid != pid:
+                continue
+            reply = _ask(sock, path, {"command": "status"}, timeout)
+        except ControlError:
+            continue
+        finally:
+            sock.close()
+        if "error" not in reply:
+            yield path, reply, peer
 
 
 def _read_line(sock: socket.socket, deadline: float) -> bytes:

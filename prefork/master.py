@@ -109,8 +109,10 @@ class Master:
         metrics: MetricsOptions | None = None,
         learn_floor: bool = False,
         report_imports_after: float = DEFAULT_REPORT_AFTER,
+        spec: str | None = None,
     ) -> None:
         self.fleet = fleet.validate()
+        self.spec = spec  # the --fleet it was started with: status finds it by that
         self.grace = grace
         self.freeze = freeze
         self.warm_up = warm_up
@@ -511,6 +513,7 @@ class Master:
         now, wall_now = time.monotonic(), time.time()
         return {
             "fleet": self.fleet.name,
+            "spec": self.spec,
             "master_pid": self._pid,
             "uptime": round(now - self._started, 3),
             "python": sys.version.split()[0],

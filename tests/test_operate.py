@@ -241,3 +241,28 @@ def test_no_master_is_exit_3(events: Events, runtime_dir: Path) -> None:
         assert result.returncode == 3, result
         assert len(result.stderr.splitlines()) == 1, result.stderr
         assert result.stderr.startswith("prefork: error: no master of fleet 'scalable'")
+
+
+def test_status_finds_a_module_attr_fleet_without_importing_it(
+        start_master, events: Events, runtime_dir: Path) -> None:
+    other = start_master("fleets.basic:sleepers")  # a second socket in the directory
+    master = start_master("fleets.announced:fleet")
+    events.wait_kind("up", count=3)
+    imported = events.of("imported")
+    assert [e["pid"] for e in imported] == [master.pid]
+    document = status(events, runtime_dir, "fleets.announced:fleet")
+    assert document["master_pid"] == master.pid
+    assert (document["fleet"], document["spec"]) == ("announced", "fleets.announced:fleet")
+    events.drain()
+    assert events.of("imported") == imported  # the status command imported nothing
+    # Started by name, a master says so too; a spec no master was started with is exit 3.
+    assert status(events, runtime_dir, "sleepers")["spec"] == "fleets.basic:sleepers"
+    result = cli(events, runtime_dir, "status", "--fleet", "fleets.probed:fleet")
+    assert result.returncode == 3, result.stderr
+    assert result.stderr == ("prefork: error: no master started with --fleet "
+                             "fleets.probed:fleet is running (none of the 2 answering in "
+                             f"{runtime_dir} was)\n")
+    events.drain()
+    assert events.of("imported") == imported
+    stop(master)
+    stop(other)
