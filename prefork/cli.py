@@ -53,7 +53,7 @@ from prefork.metrics_process import (
     check_textfile,
     resolve,
 )
-from prefork.paths import RuntimeDirError
+from prefork.paths import RuntimeDirError, default_runtime_dir
 from prefork.threads import ThreadsAtFork
 from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
 from prefork.version import __version__
@@ -218,7 +218,14 @@ def run(
               help="Also measure the same workers as fresh interpreters, one per worker.")
 @click.option("--pid", "master_pid", type=click.IntRange(min=1), default=None,
               metavar="MASTER_PID", help="Measure a running fleet instead; reads /proc only.")
+@click.option("--runtime-dir", type=click.Path(file_okay=False), default=None,
+              callback=absolute_runtime_dir,
+              help="Where --pid's master has its control socket, as given to `prefork run` "
+                   "[$PREFORK_RUNTIME_DIR, $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR/prefork, "
+                   "/tmp/prefork-UID].")
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (see the README).")
+# --pid's second step: the figures a shell wrote to this descriptor (prefork.probe).
+@click.option("--rollups-fd", type=click.IntRange(min=3), default=None, hidden=True)
 @click.pass_context
 def probe(
     ctx: click.Context,
@@ -229,11 +236,13 @@ def probe(
     warm_up: bool,
     baseline: bool,
     master_pid: int | None,
+    runtime_dir: Path | None,
     as_json: bool,
+    rollups_fd: int | None,
 ) -> None:
     """Measure how much of each worker's memory is shared with the master and how much
     is its own (RSS, USS, PSS, shared, swap), against one fresh interpreter per worker."""
-    from prefork.probe import ProbeError, probe_fleet, probe_running
+    from prefork.probe import ROLLUPS_FD, ProbeError, exec_snapshot, probe_fleet, probe_running
     from prefork.probe_report import format_report
 
     try:
@@ -245,8 +254,22 @@ def probe(
             if given:
                 raise CliError(f"--pid measures a running fleet as it is: "
                                f"{', '.join(given)} cannot be used with it")
-            report = probe_running(master_pid)
+            try:
+                directory = runtime_dir or default_runtime_dir()
+            except RuntimeDirError as exc:
+                raise CliError(str(exc)) from None
+            if rollups_fd is None:  # read the figures with no Python alive, then come back
+                exec_snapshot(master_pid, [
+                    sys.executable, "-m", "prefork", "probe", "--pid", str(master_pid),
+                    "--rollups-fd", str(ROLLUPS_FD), *(["--json"] if as_json else []),
+                    *([] if runtime_dir is None else ["--runtime-dir", str(runtime_dir)])])
+            report, warning = probe_running(master_pid, rollups_fd, directory,
+                                            any_uid=runtime_dir is not None)
+            if warning is not None:
+                click.echo(f"prefork: warning: {warning}", err=True)
         else:
+            if runtime_dir is not None:
+                raise CliError("--runtime-dir is where --pid's master listens: it needs --pid")
             import_from_working_directory()
             fleet = load_fleet(fleet_spec)
             report = probe_fleet(fleet, fleet_spec, workers=workers, idle=idle or (1.0,),

@@ -15,7 +15,7 @@ SCHEMA_VERSION = 1
 class Sample:
     """One process's memory at one moment of the probe."""
 
-    role: str  # "master", "child" or "baseline"
+    role: str  # "master", "child", "bare" (a bare os.fork() child) or "baseline"
     name: str  # the worker's label, or "master"
     pid: int
     phase: str  # "idle", "working" or "live"
@@ -81,7 +81,14 @@ def _summary_lines(summary: dict[str, object]) -> list[str]:
     if summary.get("working_private") is not None:
         line += f", {mib('working_private')} working"
     lines.append(line)
-    count = int(summary["workers"]) + 1  # type: ignore[call-overload]
-    lines.append(f"measuring {count} processes took {summary['probe_seconds'] * 1000:.1f} ms")  # type: ignore[operator]
+    if summary.get("bare_idle_private") is not None:
+        cost = int(summary["idle_private"]) - int(summary["bare_idle_private"])  # type: ignore[call-overload]
+        bare = int(summary["bare_idle_private"]) / MIB  # type: ignore[call-overload]
+        lines.append(f"a bare os.fork() child of the same floor, idle: {bare:.2f} MiB "
+                     f"private; prefork's own cost per idle child: {cost / MIB:+.2f} MiB")
+    if summary.get("probe_seconds") is not None:
+        count = int(summary["workers"]) + 2  # type: ignore[call-overload]  # master, bare
+        lines.append(f"measuring {count} processes took "
+                     f"{summary['probe_seconds'] * 1000:.1f} ms")  # type: ignore[operator]
     return lines
 
