@@ -8,7 +8,8 @@ refreshes) a venv ``.venv-measure/X.Y`` with prefork and its ``measure`` extra, 
   same floor), with ``--no-freeze``, and with ``--warm-up`` (master warmed before fork);
 - runs the peer, gunicorn ``--preload`` with 8 sync workers on the same floor
   (``gunicorn_app.py``), and samples its master and workers at 0, 10 and 60 s after the
-  workers are up, with the same ``prefork.memory.measure`` the probe uses.
+  workers are up, with the same measuring process the probe uses
+  (``prefork.probe.OutsideMeter``).
 
 It writes ``memory.json`` (every raw probe document and gunicorn sample), ``memory.md``
 (tables, findings and targets, all derived from the numbers, so a rerun updates them)
@@ -44,7 +45,8 @@ from typing import Any
 import psutil
 from machine import describe_machine
 
-from prefork.memory import MemoryUnavailable, Meter
+from prefork.memory import MemoryUnavailable
+from prefork.probe import OutsideMeter, ProbeError
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -66,6 +68,7 @@ VERSIONED = ("psutil", "gunicorn", "sqlmodel", "sqlalchemy", "pydantic", "matplo
 PER_WORKER_OVER_FLOOR = 1.5 * MIB
 WORKING_PRIVATE_MAX = 4 * MIB
 PROBE_MAX_S = 0.020
+BARE_FORK_MARGIN = 0.1 * MIB
 
 # A difference under this much per process is called noise in the findings.
 NOISE = 0.5 * MIB
@@ -305,23 +308,29 @@ def run_gunicorn(interp: Interpreter, idle: Sequence[float], workers: int,
             up = time.monotonic()
             samples: list[Json] = []
             processes: list[Json] = []
-            meter = Meter()  # read as the probe reads its fleet, so the times compare
-            for at in idle:
-                time.sleep(max(0.0, up + at - time.monotonic()))
-                pids = [proc.pid, *worker_pids(proc.pid)]
-                began = time.perf_counter()
-                try:
-                    memories = meter.measure_all(pids)
-                except MemoryUnavailable as exc:
-                    raise RuntimeError(f"gunicorn: {exc}") from None
-                took = time.perf_counter() - began
-                rows = []
-                for pid, memory in zip(pids, memories, strict=True):
-                    role = "master" if pid == proc.pid else "worker"
-                    rows.append({"role": role, "name": role, "pid": pid, "phase": "idle",
-                                 "at": time.monotonic() - up, **memory.as_dict()})
-                processes += rows
-                samples.append({"at": at, "processes": len(rows), "measure_seconds": took})
+            # Read as the probe reads its fleet, by the same kind of process, so the
+            # figures and the times compare.
+            meter = OutsideMeter()
+            try:
+                for at in idle:
+                    time.sleep(max(0.0, up + at - time.monotonic()))
+                    pids = [proc.pid, *worker_pids(proc.pid)]
+                    began = time.perf_counter()
+                    try:
+                        memories = meter.measure_all(pids)
+                    except (MemoryUnavailable, ProbeError) as exc:
+                        raise RuntimeError(f"gunicorn: {exc}") from None
+                    took = time.perf_counter() - began
+                    rows = []
+                    for pid, memory in zip(pids, memories, strict=True):
+                        role = "master" if pid == proc.pid else "worker"
+                        rows.append({"role": role, "name": role, "pid": pid, "phase": "idle",
+                                     "at": time.monotonic() - up, **memory.as_dict()})
+                    processes += rows
+                    samples.append({"at": at, "processes": len(rows),
+                                    "measure_seconds": took})
+            finally:
+                meter.close()
             return {"workers": workers, "boot_seconds": up - started, "booted_pids": booted,
                     "samples": samples, "processes": processes}
         finally:
@@ -392,7 +401,8 @@ def derive_probe(doc: Json, idle: Sequence[float]) -> Json:
     rows = doc["processes"]
     out: Json = {k: summary.get(k) for k in (
         "floor_rss", "prefork_pss", "baseline_pss", "ratio", "idle_private",
-        "working_private", "working_prefork_pss", "working_baseline_pss", "probe_seconds")}
+        "bare_idle_private", "working_private", "working_prefork_pss", "working_baseline_pss",
+        "probe_seconds")}
     for at in idle:
         here = [r for r in rows if r["phase"] == "idle" and nearest(r["at"], idle) == at]
         children = [r for r in here if r["role"] == "child"]
@@ -405,6 +415,12 @@ def derive_probe(doc: Json, idle: Sequence[float]) -> Json:
         out[f"idle_rss_{tag(at)}"] = median_or_none([r["rss"] for r in children])
         out[f"master_uss_{tag(at)}"] = median_or_none(
             [r["uss"] for r in here if r["role"] == "master"])
+        # The bare os.fork() child of the same floor (probes since the bare baseline).
+        out[f"bare_private_{tag(at)}"] = median_or_none(
+            [r["uss"] for r in here if r["role"] == "bare"])
+        private, bare = out[f"idle_private_{tag(at)}"], out[f"bare_private_{tag(at)}"]
+        out[f"prefork_cost_{tag(at)}"] = (None if private is None or bare is None
+                                          else private - bare)
         baseline = [r for r in here if r["role"] == "baseline"]
         out[f"baseline_pss_{tag(at)}"] = sum_or_none([r["pss"] for r in baseline])
         out[f"baseline_private_{tag(at)}"] = median_or_none([r["uss"] for r in baseline])
@@ -715,6 +731,11 @@ def m(size: float | None, digits: int = 1) -> str:
     return "-" if size is None else f"{size / MIB:.{digits}f}"
 
 
+def na(size: float | None, digits: int = 2, sign: str = "") -> str:
+    """Bytes as MiB, or n/a: a figure older probe documents do not have."""
+    return "n/a" if size is None else f"{size / MIB:{sign}.{digits}f}"
+
+
 def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1000:.1f} ms"
 
@@ -815,6 +836,11 @@ def targets_section(figs: dict[str, Json], settings: Json) -> list[str]:
             gp = g.get(f"fleet_pss_{last}") if g else None
             lines.append(f"| ... and below gunicorn --preload | {minor} | {m(pss)} | "
                          f"{m(gp)} | {met(None if gp is None else pss < gp)} |")
+        private, cost = f.get(f"idle_private_{last}"), f.get(f"prefork_cost_{last}")
+        lines.append(f"| idle child <= a bare os.fork() child + 0.1 MiB private | {minor} | "
+                     f"{na(private)} vs {na(f.get(f'bare_private_{last}'))} "
+                     f"({na(cost, sign='+')}) | +0.10 | "
+                     f"{met(None if cost is None else cost <= BARE_FORK_MARGIN)} |")
         for key in ("freeze", "warm-up"):
             c = per.get(key)
             if c is None or c.get("working_private_max") is None:
@@ -871,21 +897,28 @@ def private_section(figs: dict[str, Json], settings: Json) -> list[str]:
     lines = ["## Private memory per child (USS, median of the children)", "",
              "Idle children wait for the probe's next command with the GC on; a working "
              "child has run its worker's warm-up (its real kernel on sample data) and a full "
-             "`gc.collect()`. gunicorn's rows are its sync workers, idle.", ""]
+             "`gc.collect()`. gunicorn's rows are its sync workers, idle. The bare fork is a "
+             "plain `os.fork()` child of the same prepared floor that only sleeps: what a "
+             "child costs before prefork does anything in it; prefork's own cost is the idle "
+             "child's private memory less the bare fork's (n/a: a probe from before the bare "
+             "baseline).", ""]
     for minor, per in figs.items():
         lines += [f"### Python {minor}", "",
-                  f"| configuration | floor RSS | fleet PSS {idle[-1]:g} s | {head} | shared per "
+                  f"| configuration | floor RSS | fleet PSS {idle[-1]:g} s | {head} | bare fork "
+                  f"{idle[-1]:g} s | prefork's cost {idle[-1]:g} s | shared per "
                   f"child {idle[-1]:g} s | working private (median / max) | working fleet PSS "
                   f"| probe, {workers + 1} processes |",
-                  "|---|" + "---|" * (6 + len(idle))]
+                  "|---|" + "---|" * (8 + len(idle))]
         for config in CONFIGS:
             c = per.get(config.key)
             if c is None:
-                lines.append(f"| {config.label} | failed |" + " |" * (5 + len(idle)))
+                lines.append(f"| {config.label} | failed |" + " |" * (7 + len(idle)))
                 continue
             lines.append(
                 f"| {config.label} | {m(c['floor_rss'])} | {m(c.get(f'fleet_pss_{last}'))} | "
                 + " | ".join(m(c.get(f"idle_private_{tag(t)}"), 2) for t in idle)
+                + f" | {na(c.get(f'bare_private_{last}'))} | "
+                f"{na(c.get(f'prefork_cost_{last}'), sign='+')}"
                 + f" | {m(c.get(f'idle_shared_{last}'))} | {m(c.get('working_private_median'), 2)}"
                 f" / {m(c.get('working_private_max'), 2)} | {m(c.get('working_prefork_pss'))} | "
                 f"{ms(c.get('probe_seconds'))} |")
@@ -895,7 +928,7 @@ def private_section(figs: dict[str, Json], settings: Json) -> list[str]:
                 f"| gunicorn --preload | {m(g.get(f'master_rss_{tag(idle[0])}'))} | "
                 f"{m(g.get(f'fleet_pss_{last}'))} | "
                 + " | ".join(m(g.get(f"idle_private_{tag(t)}"), 2) for t in idle)
-                + f" | {m(g.get(f'idle_shared_{last}'))} | - | - | "
+                + f" | - | - | {m(g.get(f'idle_shared_{last}'))} | - | - | "
                 f"{ms(g.get(f'measure_seconds_{last}'))} |")
         f = per.get("freeze")
         if f is not None:
@@ -1105,8 +1138,9 @@ METHOD = """\
 - **prefork**: `prefork probe --fleet cpu --workers {workers} {idle_flags} --json`,
   in a venv per Python (`.venv-measure/X.Y`, `pip install -e '.[measure]'`). The probe
   imports the cpu fleet's floor in a master, forks {workers} children (the fleet's 4
-  workers, cycled) and reads every process's `/proc/PID/smaps_rollup` (psutil
-  `memory_full_info()`): idle samples at each `--idle` time, then each child runs its
+  workers, cycled) and a bare `os.fork()` child that only sleeps, and reads every
+  process's `/proc/PID/smaps_rollup` from a process of its own (a shell, which maps
+  nothing the fleet maps): idle samples at each `--idle` time, then each child runs its
   worker's warm-up and a full `gc.collect()` and is measured again (working). Three
   configurations: `gc.collect(); gc.freeze()` in the master before forking (the default),
   `--no-freeze`, and `--warm-up` (the master runs every worker's warm-up once before
@@ -1118,7 +1152,7 @@ METHOD = """\
   `prefork_workers.cpu.fleet`, the very module the prefork master imports. Each worker
   reports its pid through a pipe from gunicorn's `post_worker_init` hook
   (`gunicorn_conf.py`); once all {workers} have, and are the master's children, master and
-  workers are measured with `prefork.memory.measure` at {idle_list} s, then gunicorn is
+  workers are measured by the probe's measuring process at {idle_list} s, then gunicorn is
   stopped with SIGTERM. It runs after the probes, alone; its "probe" time is the driver's
   own time to measure its {workers} workers and master once.
 - **Figures**: PSS sums to what the processes cost the machine; USS ("private") is what a
