@@ -247,7 +247,7 @@ def test_status_finds_a_module_attr_fleet_without_importing_it(
         start_master, events: Events, runtime_dir: Path) -> None:
     other = start_master("fleets.basic:sleepers")  # a second socket in the directory
     master = start_master("fleets.announced:fleet")
-    events.wait_kind("up", count=3)
+    events.wait_kind("up", count=5)  # sleepers' 4 and announced's 1
     imported = events.of("imported")
     assert [e["pid"] for e in imported] == [master.pid]
     document = status(events, runtime_dir, "fleets.announced:fleet")
