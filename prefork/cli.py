@@ -323,6 +323,8 @@ def fleets() -> None:
               "absolute .prom path, not under /tmp; its directory becomes ReadWritePaths=.")
 @click.option("--metrics-interval", type=PositiveSeconds(), default=DEFAULT_INTERVAL,
               show_default=True, help="The master's --metrics-interval.")
+@click.option("--learn-floor/--no-learn-floor", default=False, show_default=True,
+              help="The master's --learn-floor (its file in the unit's StateDirectory=).")
 def systemd(
     fleet_spec: str,
     user: str | None,
@@ -338,6 +340,7 @@ def systemd(
     metrics_allow: tuple[str, ...],
     metrics_textfile: Path | None,
     metrics_interval: float,
+    learn_floor: bool,
 ) -> None:
     """Print a hardened systemd unit that runs the fleet's master.
 
@@ -352,7 +355,7 @@ def systemd(
         text = render_unit(fleet_spec, venv=venv, user=user, group=group, workdir=workdir,
                            conflicts=conflicts, grace=grace, memory_max=memory_max,
                            watchdog=watchdog, network=network, metrics=metrics,
-                           metrics_allow=metrics_allow)
+                           metrics_allow=metrics_allow, learn_floor=learn_floor)
         # Only this interpreter's venv can be asked cheaply; another venv is the user's word.
         if (metrics is not None and os.path.abspath(venv) == sys.prefix
                 and importlib.util.find_spec("prometheus_client") is None):

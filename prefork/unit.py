@@ -77,6 +77,7 @@ def render_unit(
     network: bool = False,
     metrics: MetricsOptions | None = None,
     metrics_allow: Sequence[str] = (),
+    learn_floor: bool = False,
 ) -> str:
     """The unit text for running ``fleet`` (a registered name or ``module:ATTR``).
 
@@ -86,8 +87,9 @@ def render_unit(
     master's ``--metrics*`` options and opens the sandbox just enough for the exporter:
     see :func:`_metrics_network` and :func:`_check_textfile`; ``metrics_allow`` is the
     scrapers' addresses (``IPAddressAllow=``) for a listener beyond loopback without
-    ``network``. Does not import the fleet: the caller checks it loads. Raises
-    :class:`UnitError` for any invalid value.
+    ``network``. ``learn_floor`` adds ``--learn-floor``: its file goes to the unit's
+    ``StateDirectory=`` ($STATE_DIRECTORY). Does not import the fleet: the caller checks it
+    loads. Raises :class:`UnitError` for any invalid value.
     """
     _check_fleet(fleet)
     venv = Path(os.path.abspath(venv))
@@ -138,7 +140,8 @@ def render_unit(
         "dir_name": name_for_spec(fleet),
         "version": __version__,
         "exec_start": " ".join([_exec_path(str(prefork)), "run", "--fleet", fleet,
-                                "--grace", _number(grace), *_metrics_arguments(metrics)]),
+                                "--grace", _number(grace), *_metrics_arguments(metrics),
+                                *(["--learn-floor"] if learn_floor else [])]),
         "grace": _number(grace),
         "timeout_stop": f"{math.ceil(grace) + STOP_MARGIN}s",
         "workdir": "" if workdir is None else f"WorkingDirectory={_escape_path(workdir)}",

@@ -107,6 +107,12 @@ def test_defaults_for_the_demo_fleet() -> None:
     assert "\n\n\n" not in text and "${" not in text
 
 
+def test_learn_floor_goes_to_exec_start_and_its_file_to_the_state_directory() -> None:
+    unit = directives(render_unit("demo", venv=VENV, learn_floor=True))
+    assert unit["ExecStart"] == [f"{VENV}/bin/prefork run --fleet demo --grace 15 --learn-floor"]
+    assert unit["StateDirectory"] == ["prefork/demo"]  # $STATE_DIRECTORY: FLEET.floor
+
+
 def test_every_option_shows_in_the_unit(tmp_path: Path) -> None:
     unit = directives(render_unit(
         "cpu", venv=VENV, user="prefork", group="prefork", workdir=tmp_path,
