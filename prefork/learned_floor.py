@@ -64,13 +64,18 @@ class LearnedFloor:
         """Read ``path``; a missing file is an empty floor, a bad one a warning too."""
         floor = cls(fleet, path)
         try:
-            with open(path, "rb") as file:
+            # O_NOFOLLOW: a symlink planted there is not ours to read.
+            with open(os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC), "rb") as file:
+                problem = _not_ours(os.fstat(file.fileno()), os.stat(path.parent))
                 data = file.read(MAX_FILE + 1)
         except FileNotFoundError:
             return floor
         except OSError as exc:
             log.warning("learned floor %s unreadable (%s): ignored", path,
                         exc.strerror or exc)
+            return floor
+        if problem is not None:  # its names would be imported into the master
+            log.warning("learned floor %s ignored: %s", path, problem)
             return floor
         problem = floor._take(data)
         if problem is not None:
@@ -123,8 +128,9 @@ class LearnedFloor:
         written = False
         try:
             self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                              0o600), "w") as file:
+            # O_EXCL | O_NOFOLLOW: never through a name someone else planted.
+            with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                              | os.O_CLOEXEC, 0o600), "w") as file:
                 file.write(text)
             os.replace(temporary, self.path)
             written = True
@@ -138,6 +144,18 @@ class LearnedFloor:
                     os.unlink(temporary)
                 except OSError:
                     pass
+
+
+def _not_ours(file: os.stat_result, directory: os.stat_result) -> str | None:
+    """Why a learned floor file may have been written by someone else, or None: it and
+    its directory must be ours (or root's) and not writable by group or others."""
+    me = os.getuid()
+    for what, st in (("the file", file), ("its directory", directory)):
+        if st.st_uid not in (me, 0):
+            return f"{what} belongs to uid {st.st_uid}, not to us"
+        if st.st_mode & 0o022 and not (what == "its directory" and st.st_mode & 0o1000):
+            return f"{what} is writable by others (mode {st.st_mode & 0o7777:o})"
+    return None
 
 
 def _is_name(value: object) -> bool:

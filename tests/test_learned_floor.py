@@ -10,9 +10,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import Events, MasterProcess, master_env
 from fleets.lazy import STDLIB, UNFIT
-from prefork.learned_floor import floor_file
+from prefork.learned_floor import LearnedFloor, floor_file
 
 REPORT = ("--report-imports-after", "0.3", "--log-level", "debug")
 REPORTED = r"worker {} imported (\d+) modules after the fork"
@@ -88,3 +90,38 @@ def test_floor_file_prefers_systemds_state_directory() -> None:
     assert floor_file("f", {"HOME": "/home/u"}) == Path("/home/u/.local/state/prefork/f.floor")
     assert os.fspath(floor_file("f", {"XDG_STATE_HOME": "relative", "HOME": "/h"})) == (
         "/h/.local/state/prefork/f.floor")  # a relative one is ignored, as the spec says
+
+
+def test_a_floor_file_someone_else_could_write_is_ignored(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Its names are imported into the master: only a file that is ours, in a directory
+    that is ours, neither writable by others, is believed (nor read through a symlink)."""
+    path = tmp_path / "state" / "f.floor"
+    path.parent.mkdir()
+    path.write_text('{"modules": ["xml.dom.minidom"]}')
+    assert LearnedFloor.load("f", path).modules == ["xml.dom.minidom"]
+    path.chmod(0o666)
+    assert LearnedFloor.load("f", path).modules == []
+    path.chmod(0o600)
+    path.parent.chmod(0o777)
+    assert LearnedFloor.load("f", path).modules == []
+    path.parent.chmod(0o700)
+    elsewhere = tmp_path / "elsewhere.floor"
+    path.rename(elsewhere)
+    path.symlink_to(elsewhere)
+    assert LearnedFloor.load("f", path).modules == []
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 3, messages
+    assert messages[0].endswith("ignored: the file is writable by others (mode 666)")
+    assert messages[1].endswith("ignored: its directory is writable by others (mode 777)")
+    assert "unreadable (Too many levels of symbolic links)" in messages[2]
+
+
+def test_saving_never_writes_through_a_planted_name(tmp_path: Path) -> None:
+    path = tmp_path / "f.floor"
+    target = tmp_path / "victim"
+    target.write_text("precious\n")
+    (tmp_path / f".f.floor.{os.getpid()}").symlink_to(target)  # the temporary file's name
+    floor = LearnedFloor("f", path)
+    floor.add(["xml.dom.minidom"])  # saves: refused, one warning, the fleet goes on
+    assert target.read_text() == "precious\n" and not path.exists()
