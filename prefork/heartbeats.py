@@ -13,7 +13,6 @@ loop makes on its own are not: they say its loop runs, not that it is ready.
 
 from __future__ import annotations
 
-import asyncio
 import mmap
 import struct
 import time
@@ -87,6 +86,8 @@ def beat_interval() -> float | None:
 async def beat_while_the_loop_runs(interval: float) -> None:
     """Beat every ``interval`` seconds for as long as the event loop gets to run this: a
     loop blocked by a synchronous call stops beating, which is what the timeout is for."""
+    import asyncio  # imported already (it runs in an event loop); not by a sync fleet's master
+
     while True:
         _beat_only()
         await asyncio.sleep(interval)
