@@ -182,6 +182,8 @@ def worker_families(status: dict[str, Any], fleet: str) -> list[Metric]:
     pid = gauge("prefork_worker_pid", "The running process's pid.")
     memory = gauge("prefork_worker_memory_bytes", "The running process's memory by type: "
                    "uss is what it alone maps (what its death frees).", ["type"])
+    imported = gauge("prefork_worker_imported_after_fork_modules", "Modules the worker "
+                     "imported after the fork, as it reported them (see --learn-floor).")
     for w in status["workers"]:
         key = [fleet, str(w.get("name", "?")), str(w.get("replica", 0))]
         up.add_metric(key, int(w.get("pid") is not None and w.get("state") in
@@ -199,7 +201,11 @@ def worker_families(status: dict[str, Any], fleet: str) -> list[Metric]:
         if w.get("memory") is not None:
             for kind in MEMORY_TYPES:
                 memory.add_metric([*key, kind], w["memory"][kind])
-    return [up, state, restarts, recycles, exit_code, exit_signal, beat, started, pid, memory]
+        report = w.get("imported_after_fork")
+        if isinstance(report, dict) and isinstance(report.get("count"), int):
+            imported.add_metric(key, report["count"])
+    return [up, state, restarts, recycles, exit_code, exit_signal, beat, started, pid, memory,
+            imported]
 
 
 def labelled(families: Iterable[Metric], **labels: str) -> list[Metric]:

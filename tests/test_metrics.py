@@ -395,7 +395,9 @@ def status_document() -> dict[str, Any]:
     worker = {"name": "w", "replica": 1, "pid": 42, "state": "running", "restarts": 3,
               "exit_code": 2, "exit_signal": None, "heartbeat_age": 0.25, "started": 1e9,
               "recycles": {"age": 1, "heartbeat": 0, "memory": 2, "reload": 0},
-              "memory": {"uss": 1, "pss": 2, "rss": 3, "swap": 4, "shared": 2}}
+              "memory": {"uss": 1, "pss": 2, "rss": 3, "swap": 4, "shared": 2},
+              "imported_after_fork": {"count": 7, "modules": [], "preload": [], "dropped": 0,
+                                      "uss": 5}}
     gone = {"name": "g", "replica": 0, "pid": None, "state": "failed", "restarts": 0,
             "exit_code": None, "exit_signal": 9, "heartbeat_age": None, "started": None,
             "recycles": {}, "memory": None}
@@ -428,6 +430,8 @@ def test_every_status_field_becomes_its_series() -> None:
     assert pick(samples, "prefork_worker_memory_bytes", **w, type="swap") == 4
     assert pick(samples, "prefork_worker_memory_bytes", **g, type="uss") is None
     assert pick(samples, "prefork_worker_up", **g) == 0
+    assert pick(samples, "prefork_worker_imported_after_fork_modules", **w) == 7
+    assert pick(samples, "prefork_worker_imported_after_fork_modules", **g) is None
     assert pick(samples, "prefork_workers", state="failed") == 1
     assert pick(samples, "prefork_floor_bytes", type="pss") == 20
     assert pick(samples, "prefork_reloads_total") == 2
