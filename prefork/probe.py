@@ -76,6 +76,7 @@ SNAPSHOT = ('pids="$1 $(cat /proc/"$1"/task/*/children 2>/dev/null)"; paths=""; 
             'for p in $pids; do paths="$paths /proc/$p/smaps_rollup"; done; '
             '{ echo $pids; cat $paths 2>&1; } >&3; shift; exec "$@"')
 ROLLUPS_FD = 3
+MAX_READERS = 4  # measuring shells at most, one per CPU
 
 
 class ProbeError(Exception):
@@ -83,49 +84,66 @@ class ProbeError(Exception):
 
 
 class OutsideMeter:
-    """The measuring process (:data:`READER`): started once, asked for every sample until
-    :meth:`close`. Raises ProbeError if it cannot start or stops answering."""
+    """The measuring processes (:data:`READER`), one per CPU: started once, asked for
+    every sample until :meth:`close`, each for its share of the pids at the same time (the
+    kernel's page-table walk is most of a read: 9 cpu-fleet processes took 22 ms through
+    one shell, against 11 ms for the two threads of the in-process reader before it).
+    Raises ProbeError if one cannot start or stops answering."""
 
     def __init__(self) -> None:
+        self._processes: list[subprocess.Popen[bytes]] = []
         try:
-            self._process = subprocess.Popen(["/bin/sh", "-c", READER],
-                                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+            for _ in range(min(os.cpu_count() or 1, MAX_READERS)):
+                self._processes.append(subprocess.Popen(
+                    ["/bin/sh", "-c", READER], stdin=subprocess.PIPE, stdout=subprocess.PIPE))
         except OSError as exc:
+            self.close()
             raise ProbeError(f"cannot start the measuring process: {exc}") from None
-        assert self._process.stdin is not None and self._process.stdout is not None
-        self._in, self._out = self._process.stdin, self._process.stdout
 
     def fds(self) -> list[int]:
-        """Its pipes' ends in this process: a forked child closes them."""
-        return [self._in.fileno(), self._out.fileno()]
+        """Their pipes' ends in this process: a forked child closes them."""
+        return [stream.fileno() for process in self._processes
+                for stream in (process.stdin, process.stdout) if stream is not None]
 
     def measure_all(self, pids: Sequence[int]) -> list[Memory]:
-        """Every pid's memory, read in one request; the first unreadable pid raises
-        :class:`MemoryUnavailable`, as :func:`prefork.memory.measure` would."""
+        """Every pid's memory, read in one request to each reader; the first unreadable
+        pid raises :class:`MemoryUnavailable`, as :func:`prefork.memory.measure` would."""
+        count = max(min(len(self._processes), len(pids)), 1)
+        shares = [list(pids[i::count]) for i in range(count)]
+        readers = self._processes[:count]
+        found: dict[int, Memory | None] = {}
         try:
-            self._in.write(" ".join(rollup_path(pid) for pid in pids).encode() + b"\n")
-            self._in.flush()
-            lines = []
-            while (line := self._out.readline()) not in (b"end\n", b""):
-                lines.append(line)
+            for process, share in zip(readers, shares, strict=True):
+                assert process.stdin is not None
+                process.stdin.write(" ".join(map(rollup_path, share)).encode() + b"\n")
+                process.stdin.flush()
+            for process, share in zip(readers, shares, strict=True):
+                assert process.stdout is not None
+                lines = []
+                while (line := process.stdout.readline()) not in (b"end\n", b""):
+                    lines.append(line)
+                if line != b"end\n":
+                    raise ProbeError("the measuring process exited")
+                found.update(zip(share, parse_rollups(share, lines), strict=True))
         except OSError as exc:
             raise ProbeError(f"the measuring process failed: {exc}") from None
-        if line != b"end\n":
-            raise ProbeError("the measuring process exited")
-        return [_readable(pid, memory)
-                for pid, memory in zip(pids, parse_rollups(pids, lines), strict=True)]
+        return [_readable(pid, found[pid]) for pid in pids]
 
     def close(self) -> None:
-        try:
-            self._in.close()  # end of input: it exits
-        except OSError:
-            pass
-        try:
-            self._process.wait(5.0)
-        except subprocess.TimeoutExpired:
-            self._process.kill()
-            self._process.wait()
-        self._out.close()
+        for process in self._processes:
+            try:
+                if process.stdin is not None:
+                    process.stdin.close()  # end of input: it exits
+            except OSError:
+                pass
+        for process in self._processes:
+            try:
+                process.wait(5.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+            if process.stdout is not None:
+                process.stdout.close()
 
 
 _ROLLUP_FIELDS = {b"Rss": "rss", b"Private_Clean": "uss", b"Private_Dirty": "uss",
