@@ -214,8 +214,8 @@ class ImportReports:
     is called with each report's modules."""
 
     def __init__(self, after: float) -> None:
-        check_seconds("report_imports_after", after, positive=True)
-        self.after = after
+        check_seconds("report_imports_after", after)
+        self.after = after  # 0: no reports, no pipe, no SIGURG
         self.learn: Callable[[Sequence[str]], object] | None = None
         self._selector: selectors.BaseSelector | None = None
         self._floor: frozenset[str] = frozenset()
@@ -229,8 +229,11 @@ class ImportReports:
     def attach(self, selector: selectors.BaseSelector) -> None:
         self._selector = selector
 
-    def arm(self) -> tuple[int, frozenset[str]]:
-        """Before a fork: the write end and the floor's module names, for the child."""
+    def arm(self) -> tuple[int, frozenset[str]] | None:
+        """Before a fork: the write end and the floor's module names, for the child (None
+        when reports are off)."""
+        if not self.after:
+            return None
         if len(sys.modules) != self._floor_size:  # the master imported something since
             self._floor, self._floor_size = frozenset(sys.modules), len(sys.modules)
         self._read_end, self._write_end = os.pipe2(os.O_CLOEXEC)
@@ -239,6 +242,8 @@ class ImportReports:
 
     def forked(self, slot: Slot, pid: int | None, now: float) -> None:
         """After the fork (``pid`` None: it failed): only the child holds the write end."""
+        if not self.after:
+            return
         os.close(self._write_end)
         read_end, self._write_end, self._read_end = self._read_end, -1, -1
         if pid is None:

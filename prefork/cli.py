@@ -98,9 +98,10 @@ def cli() -> None:
 @click.option("--learn-floor/--no-learn-floor", default=False, show_default=True,
               help="Keep what the workers import after the fork in the fleet's state "
                    "directory, and import it into the floor at the next start.")
-@click.option("--report-imports-after", type=PositiveSeconds(), default=DEFAULT_REPORT_AFTER,
+@click.option("--report-imports-after", type=SECONDS, default=DEFAULT_REPORT_AFTER,
               show_default=True, metavar="SECONDS",
-              help="Seconds after its fork a worker reports what it imported since.")
+              help="Seconds after its fork a worker reports what it imported since "
+                   "(0: no reports, no SIGURG).")
 @click.option("--max-private-memory", type=SIZE, default=None, metavar="SIZE",
               help="Recycle a worker whose private memory (USS) stays above SIZE "
                    "(512M, 1G) for workers that set none [no limit].")
@@ -158,6 +159,10 @@ def run(
 ) -> int:
     """Run a fleet until SIGTERM or SIGINT (Ctrl-C)."""
     from prefork.master import Master  # here: the other commands never need it
+
+    if learn_floor and not report_imports_after:
+        raise CliError("--learn-floor learns from the workers' reports: "
+                       "--report-imports-after must be more than 0")
 
     metrics = _metrics_options(metrics_listen, metrics_textfile, metrics_interval)
 

@@ -17,6 +17,9 @@ BAD_RUNS = [
     (["--fleet", "fleets.basic:not_a_fleet"], "is a int, not a fleet"),
     (["--fleet", "fleets.basic:empty"], "fleet 'empty' has no workers"),
     (["--fleet", "fleets.basic:uncallable"], "worker 'w': 17 is not callable"),
+    (["--fleet", "fleets.lean:fleet", "--learn-floor", "--report-imports-after", "0"],
+     "--learn-floor learns from the workers' reports: --report-imports-after must be more "
+     "than 0"),
     (["--fleet", "fleets.basic:needs_args"], "takes arguments"),
     (["--fleet", "fleets.basic:bad_name"], "worker name 'has space' must be"),
     (["--fleet", "fleets.basic:bad_replicas"], "replicas must be an integer >= 1"),

@@ -17,3 +17,21 @@ def test_a_sync_module_attr_fleet_master_imports_no_asyncio(start_master, events
     assert report["present"] == []
     master.signal(signal.SIGTERM)
     assert master.wait_exit() == 0
+
+
+def test_report_imports_after_0_sends_no_sigurg_and_installs_no_handler(
+        start_master, events: Events) -> None:
+    master = start_master("fleets.lean:fleet", "--report-imports-after", "0")
+    [up] = events.wait_kind("up")
+    assert up["sigurg"] == "<Handlers.SIG_DFL: 0>"
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0
+    assert not master.log_matches("imported .* modules after the fork")
+
+
+def test_by_default_a_worker_has_the_report_handler(start_master, events: Events) -> None:
+    master = start_master("fleets.lean:fleet")
+    [up] = events.wait_kind("up")
+    assert "_on_signal" in up["sigurg"]
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0
