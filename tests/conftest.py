@@ -16,6 +16,7 @@ import json
 import os
 import re
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +35,12 @@ _PR_SET_CHILD_SUBREAPER = 36
 
 def pytest_configure(config: pytest.Config) -> None:
     ctypes.CDLL(None).prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+    # Started as a shell's background job (`make test &`, a CI runner's nohup), pytest
+    # inherits SIGINT ignored, and every master it execs would too: masters and workers
+    # keep an ignored SIGINT on purpose, so the Ctrl-C tests would find no Ctrl-C. A
+    # handler is reset to the default by exec, where an ignored signal is not.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 class LineReader:
