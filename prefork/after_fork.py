@@ -245,8 +245,7 @@ class ImportReports:
         self._selector: selectors.BaseSelector | None = None
         self._floor: frozenset[str] = frozenset()
         self._floor_size = -1
-        self._write_end = -1  # only between arm() and forked()
-        self._read_end = -1
+        self._armed: dict[Slot, tuple[int, int]] = {}  # read, write end: arm() to forked()
         self._pipes: dict[int, tuple[Slot, bytearray]] = {}  # read end -> slot, data
         self._of_slot: dict[Slot, int] = {}
         self._due: dict[Slot, tuple[float, int]] = {}  # slot -> (when, pid) to ask
@@ -254,23 +253,24 @@ class ImportReports:
     def attach(self, selector: selectors.BaseSelector) -> None:
         self._selector = selector
 
-    def arm(self) -> tuple[int, frozenset[str]] | None:
-        """Before a fork: the write end and the floor's module names, for the child (None
-        when reports are off)."""
+    def arm(self, slot: Slot) -> tuple[int, frozenset[str]] | None:
+        """Before ``slot`` forks: the write end and the floor's module names, for the child
+        (None when reports are off)."""
         if not self.after:
             return None
         if len(sys.modules) != self._floor_size:  # the master imported something since
             self._floor, self._floor_size = frozenset(sys.modules), len(sys.modules)
-        self._read_end, self._write_end = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(self._read_end, False)  # the child's end blocks: it waits for us
-        return self._write_end, self._floor
+        read_end, write_end = self._armed[slot] = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(read_end, False)  # the child's end blocks: it waits for us
+        return write_end, self._floor
 
     def forked(self, slot: Slot, pid: int | None, now: float) -> None:
         """After the fork (``pid`` None: it failed): only the child holds the write end."""
-        if not self.after:
+        armed = self._armed.pop(slot, None)
+        if armed is None:
             return
-        os.close(self._write_end)
-        read_end, self._write_end, self._read_end = self._read_end, -1, -1
+        read_end, write_end = armed
+        os.close(write_end)
         if pid is None:
             os.close(read_end)
             return
@@ -351,7 +351,7 @@ class ImportReports:
 
     def fds(self) -> list[int]:
         """The read ends, which a forked child closes (its own too)."""
-        return [*self._pipes, *([self._read_end] if self._read_end >= 0 else [])]
+        return [*self._pipes, *(read_end for read_end, _ in self._armed.values())]
 
     def close(self) -> None:
         self._selector = None

@@ -161,7 +161,7 @@ class StartOrder:
         self.ready: set[str] = set()  # awaited workers every replica of which was ready
         self._read_ends: dict[int, Slot] = {}
         self._read_end_of: dict[Slot, int] = {}
-        self._write_end = -1  # only between arm() and forked()
+        self._write_ends: dict[Slot, int] = {}  # only between arm() and forked()
         self._selector: selectors.BaseSelector | None = None
         self._changed = False  # a worker became ready since released() last looked
 
@@ -182,17 +182,18 @@ class StartOrder:
         if slot.worker.name not in self.awaited or slot.ready or slot.worker.name in self.ready:
             return -1
         self.drop(slot)
-        read_end, self._write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         self._read_ends[read_end] = slot
         self._read_end_of[slot] = read_end
-        return self._write_end
+        self._write_ends[slot] = write_end
+        return write_end
 
     def forked(self, slot: Slot) -> None:
         """After the fork, or a fork that failed: the master closes the write end (only the
         child holds it now, so its exit is EOF) and watches the read end."""
-        if self._write_end >= 0:
-            os.close(self._write_end)
-            self._write_end = -1
+        write_end = self._write_ends.pop(slot, -1)
+        if write_end >= 0:
+            os.close(write_end)
         read_end = self._read_end_of.get(slot)
         if read_end is not None and self._selector is not None:
             self._selector.register(read_end, selectors.EVENT_READ, self)

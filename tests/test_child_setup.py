@@ -47,6 +47,25 @@ def test_child_starts_clean(start_master, events: Events, runtime_dir) -> None:
     assert seen["loop_running"] is False
 
 
+def test_workers_forked_together_hold_only_their_own_pipes(start_master, events: Events,
+                                                            tmp_path) -> None:
+    """The start-up forks every worker back to back, before closing any child's pipe ends
+    in the master: each child must close its siblings' (their log pipes and import
+    reports), or a sibling's EOF never comes while it lives."""
+    master = start_master("fleets.basic:inspect_many", "--worker-log-dir", str(tmp_path))
+    seen = events.wait_kind("inspect", count=3)
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0
+    pipes = []
+    for child in seen:
+        fds = {int(fd): target for fd, target in child["fds"].items()
+               if not target.startswith("/proc/")}
+        assert set(fds) == {0, 1, 2, child["report_fd"]}, fds  # its log pipe is 1 and 2
+        assert fds[1] == fds[2] and fds[1].startswith("pipe:")
+        pipes.append({fds[1], fds[child["report_fd"]]})
+    assert not (pipes[0] & pipes[1] or pipes[0] & pipes[2] or pipes[1] & pipes[2]), pipes
+
+
 def test_preload_and_atexit_run_once_in_the_master(start_master, events: Events) -> None:
     master = start_master("fleets.basic:sleepers", "--preload", "fleets.preloaded")
     events.wait_kind("up", count=4)

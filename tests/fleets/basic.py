@@ -118,6 +118,8 @@ flapping = Fleet("flapping", [Worker("crasher", crasher), Worker("sleeper", slee
                  start_limit=StartLimit(burst=3, interval=30))
 stubborn = Fleet("stubborn", [Worker("stubborn", term_ignorer), Worker("sleeper", sleeper)])
 inspect = Fleet("inspect", [Worker("inspect", inspect_self)])
+# Forked in one batch: each child must close its siblings' pipe ends.
+inspect_many = Fleet("inspect_many", [Worker("inspect", inspect_self, replicas=3)])
 asyncs = Fleet("asyncs", [Worker("async", async_sleeper)])
 raising = Fleet("raising", [Worker("raiser", raiser)], restart="never")
 finishing = Fleet("finishing", [Worker("done", clean_exit, replicas=2)])
