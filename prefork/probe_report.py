@@ -4,7 +4,9 @@ document (its schema is in the README) or as the table it prints."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from prefork.client import preload_line
 from prefork.memory import MIB, Memory
 from prefork.tables import align
 
@@ -33,10 +35,14 @@ class ProbeReport:
 
     processes: list[Sample] = field(default_factory=list)
     summary: dict[str, object] = field(default_factory=dict)
+    # Per child: name, pid and what it imported after the fork (prefork.after_fork's
+    # report, as `status --json` has it), once its worker's warm-up ran.
+    imported_after_fork: list[dict[str, Any]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, object]:
         return {"schema": SCHEMA_VERSION,
                 "processes": [s.as_dict() for s in self.processes],
+                "imported_after_fork": self.imported_after_fork,
                 "summary": self.summary}
 
 
@@ -51,7 +57,30 @@ def format_report(report: ProbeReport) -> str:
     lines = align(rows, right=range(4, len(rows[0])))
     lines.append("")
     lines.extend(_summary_lines(report.summary))
+    lines.extend(_imported_lines(report.imported_after_fork))
     return "\n".join(lines)
+
+
+def _imported_lines(children: list[dict[str, Any]]) -> list[str]:
+    """What each child imported after the fork while it worked, and the ``--preload``
+    line that moves it into the floor (as ``prefork status`` prints them)."""
+    reports = [(c["name"], c.get("imported_after_fork")) for c in children]
+    counted = [(name, r) for name, r in reports if isinstance(r, dict) and r.get("count")]
+    if not counted:
+        if not reports:
+            return []
+        if not any(r for _, r in reports):
+            return ["imported after the fork: not reported yet"]
+        return ["imported after the fork: nothing" + ("" if all(r for _, r in reports)
+                                                      else " (some did not report yet)")]
+    lines = ["imported after the fork (USS when each reported):"]
+    for name, r in counted:
+        uss = r.get("uss")
+        lines.append(f"  {name}: {r['count']} modules"
+                     + ("" if not isinstance(uss, int) else f" ({uss / MIB:.1f} MiB)"))
+    lines += ["To import them into the floor instead, add to `prefork run` (or run it with "
+              "--learn-floor):", f"  {preload_line(children)}"]
+    return lines
 
 
 def _summary_lines(summary: dict[str, object]) -> list[str]:

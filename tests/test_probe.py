@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import Events, MasterProcess, master_env
+from conftest import WAIT, Events, MasterProcess, master_env
 from prefork.memory import MIB, measure, smaps_rollup
 
 MEMORY_FIELDS = ("rss", "uss", "pss", "shared", "swap")
@@ -95,7 +98,9 @@ def test_json_has_the_documented_shape(events: Events, runtime_dir: Path) -> Non
     document = probe_json(events, runtime_dir, "--fleet", "fleets.probed:fleet",
                           "--workers", "3", "--idle", "0", "--idle", "0.2")
     assert document["schema"] == 1
-    assert set(document) == {"schema", "processes", "summary"}
+    assert set(document) == {"schema", "processes", "imported_after_fork", "summary"}
+    assert [(c["name"], c["imported_after_fork"]["count"])
+            for c in document["imported_after_fork"]] == [("hog", 0), ("calm", 0), ("hog.1", 0)]
     for process in document["processes"]:
         assert set(process) == {"role", "name", "pid", "phase", "at", *MEMORY_FIELDS}
         assert process["role"] in {"master", "bare", "child", "baseline"}
@@ -146,10 +151,14 @@ def test_warm_up_runs_in_the_master_before_the_fork(events: Events, runtime_dir:
 
 
 def test_pid_reads_a_running_fleet(start_master, events: Events, runtime_dir: Path) -> None:
-    master: MasterProcess = start_master("fleets.basic:sleepers")
+    master: MasterProcess = start_master("fleets.basic:sleepers",
+                                         "--report-imports-after", "300")
     events.wait_kind("up", count=2)
     document = probe_json(events, runtime_dir, "--pid", str(master.pid))
     workers = {p.pid for p in master.workers()}
+    # As the master has them: none has reported its imports yet.
+    assert {c["pid"]: c["imported_after_fork"] for c in document["imported_after_fork"]} == {
+        pid: None for pid in workers}
     assert [p["pid"] for p in pick(document, role="master")] == [master.pid]
     assert {p["pid"] for p in pick(document, role="child")} == workers
     assert {p["phase"] for p in document["processes"]} == {"live"}
@@ -159,6 +168,7 @@ def test_pid_reads_a_running_fleet(start_master, events: Events, runtime_dir: Pa
     table = probe(events, runtime_dir, "--pid", str(master.pid))
     assert table.returncode == 0, table.stderr
     assert "master" in table.stdout and "fleet PSS" in table.stdout
+    assert "imported after the fork: not reported yet" in table.stdout.splitlines()
     stop(master)
 
 
@@ -337,3 +347,57 @@ def test_pid_without_a_control_socket_reads_the_titles(start_master, events: Eve
     assert result.returncode == 0 and not result.stderr, result.stderr
     assert "fleet sleepers: master and 4 workers, live" in result.stdout
     stop(master)
+
+
+def _paused(pid: int) -> bool:
+    """True once ``pid`` sleeps in pause(2): an idle_forever worker past its set-up."""
+    try:
+        return "pause" in Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+
+
+def test_probe_children_are_prefork_run_children(start_master, events: Events,
+                                                 runtime_dir: Path) -> None:
+    """On a floor like a real application's (SQLAlchemy, logging set up at import), the
+    probe's idle children hold what `prefork run`'s idle children hold: within 5% USS,
+    each side's median, read from outside by the kernel. (Before the probe forked as
+    the master does, and passed its children the same set-up, they were 6% apart.)"""
+    master = start_master("fleets.app_floor:quiet")
+    master.wait_log(r"worker quiet\.2 spawned")
+    children = [c.pid for c in psutil.Process(master.pid).children()]
+    assert len(children) == 3
+    deadline = time.monotonic() + WAIT
+    while not all(_paused(pid) for pid in children):  # the kernel has no event for it
+        assert time.monotonic() < deadline, "the workers never reached their idle loop"
+        time.sleep(0.01)
+    run = statistics.median(kernel_figures(pid)["uss"] for pid in children)
+    stop(master)
+    document = probe_json(events, runtime_dir, "--fleet", "fleets.app_floor:quiet",
+                          "--idle", "0.5", "--no-baseline")
+    probed = statistics.median(p["uss"] for p in pick(document, role="child", phase="idle"))
+    assert abs(probed - run) <= run * 0.05, (probed, run)
+
+
+def test_probe_shows_what_the_warm_up_imported_after_the_fork(events: Events,
+                                                             runtime_dir: Path) -> None:
+    document = probe_json(events, runtime_dir, "--fleet", "fleets.probed:importing",
+                          "--idle", "0", "--no-baseline")
+    reports = {c["name"]: c["imported_after_fork"] for c in document["imported_after_fork"]}
+    assert set(reports) == {"importer", "calm"}
+    assert "xml.dom.minidom" in reports["importer"]["modules"]
+    preload = reports["importer"]["preload"]
+    assert preload[-1] == "xml.dom.minidom"  # the last of its imports to complete
+    assert set(preload) <= set(reports["importer"]["modules"])
+    assert reports["importer"]["uss"] > 0
+    assert reports["calm"]["count"] == 0 and reports["calm"]["modules"] == []
+    text = probe(events, runtime_dir, "--fleet", "fleets.probed:importing", "--idle", "0",
+                 "--no-baseline")
+    assert text.returncode == 0, text.stderr
+    line = " ".join(f"--preload {name}" for name in preload)
+    assert f"  {line}" in text.stdout.splitlines(), text.stdout
+    assert "  importer: " in text.stdout and "  calm: " not in text.stdout
+    # Imported by the master's own warm-up: in the floor, nothing after the fork.
+    warmed = probe_json(events, runtime_dir, "--fleet", "fleets.probed:importing",
+                        "--idle", "0", "--no-baseline", "--warm-up")
+    assert [c["imported_after_fork"]["count"] for c in warmed["imported_after_fork"]] == [0, 0]

@@ -27,6 +27,11 @@ def calm_warmup() -> None:
     sum(len(s) for s in FLOOR[:1000])
 
 
+def importing_warmup() -> None:
+    """Imports what nothing in the probe's master has: a worker's lazy import."""
+    import xml.dom.minidom  # noqa: F401
+
+
 def broken_warmup() -> None:
     raise RuntimeError("sample data is missing")
 
@@ -35,3 +40,5 @@ fleet = Fleet("probed", [Worker("hog", idle_forever, warmup=hog_warmup),
                          Worker("calm", idle_forever, warmup=calm_warmup)])
 broken = Fleet("broken-warmup", [Worker("w", idle_forever, warmup=broken_warmup)])
 plain = Fleet("plain", [Worker("w", idle_forever)])
+importing = Fleet("importing", [Worker("importer", idle_forever, warmup=importing_warmup),
+                                Worker("calm", idle_forever, warmup=calm_warmup)])
