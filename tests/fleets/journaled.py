@@ -17,7 +17,10 @@ def talker() -> None:
     """One line to stdout, one to stderr; then report where they went and idle."""
     me = current_worker()
     assert me is not None
-    print(f"out from {me.label}", flush=True)
+    # One write per line: print() makes two (text, then newline) on an unbuffered stdout,
+    # and workers started together share the master's, so their lines could interleave.
+    sys.stdout.write(f"out from {me.label}\n")
+    sys.stdout.flush()
     sys.stderr.write(f"err from {me.label}\n")
     sys.stderr.flush()
     err = os.fstat(2)
