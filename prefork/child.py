@@ -94,6 +94,7 @@ def run_child(
     hook, and run ``target``; never returns, whatever happens. Settings that cannot be
     applied, or a ``post_fork`` that raises, end the process with
     ``ExitCode.CHILD_SETUP_FAILED`` before the worker's code runs: a failed start.
+    ``close_fds``: the master's descriptors, closed but for those this function is given.
     ``output``: a descriptor to make the worker's stdout and stderr (its log pipe,
     :mod:`prefork.worker_logs`); else ``journal``: the master's stdio is journald's, the
     worker gets a stream of its own (:mod:`prefork.journal`). ``imports``: the write end
@@ -107,7 +108,11 @@ def run_child(
         if settings is not None:  # before PR_SET_PDEATHSIG, which a change of uid clears
             apply_in_child(settings, context.label)
         _die_with_master(context.master_pid)
+        # Its own pipe ends may be listed with the master's (a batch: prefork.master).
+        keep = (ready_fd, -1 if output is None else output, -1 if imports is None else imports[0])
         for fd in close_fds:
+            if fd in keep:
+                continue
             try:
                 os.close(fd)
             except OSError:

@@ -24,7 +24,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -85,7 +85,7 @@ _SETTLED_EVENTS = {WorkerState.BACKOFF: "backoff", WorkerState.FAILED: "failed",
 @dataclass
 class _Fork:
     """One worker's fork, made ready before a batch forks (:meth:`Master._spawn_all`): what
-    its child is given, and the pipe ends only that child may keep."""
+    its child is given, among them the pipe ends only that child keeps."""
 
     slot: Slot
     context: WorkerContext
@@ -94,7 +94,6 @@ class _Fork:
     ready_fd: int  # -1: nobody waits for it
     imports: tuple[int, frozenset[str]] | None
     output: int | None
-    close_fds: list[int] = field(default_factory=list)
 
     def child_fds(self) -> list[int]:
         """The write ends made for this child alone: every other child closes them, or
@@ -401,10 +400,8 @@ class Master:
         if not slots:
             return
         forks = [self._prepare_fork(slot) for slot in slots]
-        own = self._own_fds()
-        for fork in forks:  # each child closes the other children's pipe ends too
-            fork.close_fds = own + [fd for other in forks if other is not fork
-                                    for fd in other.child_fds()]
+        # Each child closes these but its own: the master's, and its siblings' pipe ends.
+        close_fds = self._own_fds() + [fd for fork in forks for fd in fork.child_fds()]
         self._threads.check()  # a thread started since the last fork: warned about once
         flush_stdio()  # or the child's exit would never flush, and the master's twice
         results: list[int | OSError] = [0] * len(forks)
@@ -417,7 +414,7 @@ class Master:
                     results[i] = exc
                     continue
                 if pid == 0:
-                    self._become_worker(fork)
+                    self._become_worker(fork, close_fds)
                 results[i] = pid
         finally:
             _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
@@ -440,9 +437,9 @@ class Master:
         self._observe("forking", slot)
         return fork
 
-    def _become_worker(self, fork: _Fork) -> NoReturn:
+    def _become_worker(self, fork: _Fork, close_fds: list[int]) -> NoReturn:
         run_child(fork.context, fork.slot.worker.target, title=fork.title,
-                  signal_defaults=self._signals.defaults, close_fds=fork.close_fds,
+                  signal_defaults=self._signals.defaults, close_fds=close_fds,
                   heartbeat=fork.heartbeat, post_fork=self.fleet.post_fork,
                   journal=self._journal, ready_fd=fork.ready_fd,
                   settings=fork.slot.worker.process_plan, output=fork.output,

@@ -21,8 +21,8 @@ is left behind, whatever happens. On a floor like an application's (SQLAlchemy, 
 set up at import), their idle USS and that of `prefork run`'s idle workers now agree
 within 1% (they were 6-16% apart; ``test_probe_children_are_prefork_run_children``).
 After the working phase each child is asked for its import report, as the master asks
-its workers: what the warm-up imported after the fork, and the ``--preload`` line. The report's shape and its table are in
-:mod:`prefork.probe_report`.
+its workers: what the warm-up imported after the fork, and the ``--preload`` line. The
+report's shape and its table are in :mod:`prefork.probe_report`.
 """
 
 from __future__ import annotations
