@@ -9,6 +9,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -46,12 +47,35 @@ SUMMARIES = {
 
 @pytest.fixture(autouse=True)
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """A temporary directory of this test's own, so every test starts with a cold cache."""
+    """A temporary directory of this test's own, so every test starts with a cold cache
+    (``warm`` fills it with the session's samples)."""
     tmp = tmp_path / "tmp"
     tmp.mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp))
     monkeypatch.setattr(tempfile, "tempdir", str(tmp))
     return tmp / f"prefork-cpu-warmup-{os.getuid()}"
+
+
+@pytest.fixture(scope="session")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """The samples, made once for the whole session by the real preparing child; only
+    ``warm`` copies them, so no test can change them."""
+    made = tmp_path_factory.mktemp("prepared")
+    made.chmod(0o700)
+    warmups.prepare_samples(made)
+    return warmups.sample_paths(made)
+
+
+@pytest.fixture
+def warm(cache: Path, prepared: dict[str, Path]) -> Path:
+    """This test's cache as a preparation leaves it (the two samples and the lock), for
+    a test about what a warm-up does rather than how the samples are made."""
+    cache.mkdir(mode=0o700)
+    for path in prepared.values():
+        shutil.copyfile(path, cache / path.name)
+    (cache / "prepare.lock").touch(mode=0o600)
+    assert sorted(os.listdir(cache)) == samples_only(cache)
+    return cache
 
 
 def samples_only(cache: Path) -> list[str]:
@@ -93,6 +117,7 @@ def fork_all(count: int, work: Callable[[], None]) -> list[int]:
     return [os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) for pid in pids]
 
 
+@pytest.mark.usefixtures("warm")
 @pytest.mark.parametrize("name", WORKERS)
 def test_each_warmup_runs_its_real_step_with_real_work(name: str, cache: Path,
                                                        monkeypatch: pytest.MonkeyPatch
@@ -122,6 +147,7 @@ def test_each_warmup_runs_its_real_step_with_real_work(name: str, cache: Path,
     assert sorted(os.listdir(cache)) == samples_only(cache)
 
 
+@pytest.mark.usefixtures("warm")
 def test_a_warmup_runs_again_and_again_and_leaves_no_thread(cache: Path) -> None:
     threads = threading.active_count()
     for name in WORKERS:
@@ -221,6 +247,7 @@ def test_two_preparations_at_once_both_succeed(cache: Path) -> None:
     assert watermark(samples["full"], "clusterer") == warmups.SAMPLE_OBSERVATIONS
 
 
+@pytest.mark.usefixtures("warm")
 def test_the_fleets_warmups_use_its_settings_but_not_its_test_hook() -> None:
     def boom(worker: str) -> None:
         raise AssertionError(f"{worker}'s warm-up ran the fault-injection hook")
@@ -272,6 +299,7 @@ def test_a_failed_preparation_is_one_line_and_leaves_nothing_behind(
     assert os.listdir(cache) == ["prepare.lock"]
 
 
+@pytest.mark.usefixtures("warm")
 def test_a_damaged_sample_is_a_one_line_error(cache: Path) -> None:
     run = warmup("reuse-correlate")
     run()
@@ -285,6 +313,7 @@ def test_a_damaged_sample_is_a_one_line_error(cache: Path) -> None:
     assert sorted(os.listdir(cache)) == samples_only(cache)  # the copy is gone all the same
 
 
+@pytest.mark.usefixtures("warm")
 def test_a_step_that_finds_nothing_to_do_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
     async def idle(db, settings: Settings) -> None:
         return None
