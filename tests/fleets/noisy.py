@@ -1,5 +1,5 @@
 """A fleet whose stderr fills up: one worker writes until the pipe nobody reads is full,
-one exits at once and is restarted on a short backoff (three master log lines each time),
+one exits at once and is restarted with no backoff (three master log lines each time),
 and one sleeps, for the test to kill."""
 
 from __future__ import annotations
@@ -41,5 +41,5 @@ def sleeper() -> None:
 
 noisy = Fleet("noisy", [Worker("sleeper", sleeper), Worker("flood", flood),
                         Worker("quitter", quitter)],
-              backoff=Backoff(initial=0.002, factor=1.0, jitter=0.0),
+              backoff=Backoff(initial=0.0, factor=1.0, jitter=0.0),
               start_limit=StartLimit(interval=0))
