@@ -16,6 +16,7 @@ import pytest
 
 from prefork_workers.cpu import loops
 from prefork_workers.cpu.db import DatabaseError, connect, parse_location, prepare_database
+from prefork_workers.cpu.demo_data import generate
 from prefork_workers.cpu.models import SCHEMA_VERSION, TABLES
 
 
@@ -129,8 +130,7 @@ def _observations(path: Path) -> tuple[int, str]:
 
 def test_a_disk_full_during_feed_is_reported_as_such_and_loses_nothing(tmp_path: Path) -> None:
     path = tmp_path / "cpu.sqlite3"
-    assert _cpu("generate", "--db", str(path), "--observations", "2000",
-                "--sources", "50").returncode == 0
+    generate(path, observations=2000, sources=50)  # here: the command is tested elsewhere
     # The first batch (2,000 observations) needs far more than 64 KiB of WAL.
     result = _cpu("feed", "--db", str(path), "--rate", "2000", "--duration", "5",
                   file_size_limit=64 * 1024)
