@@ -113,38 +113,75 @@ def not_ready(after: Iterable[str], ready: Collection[str]) -> list[str]:
 def failed_roots(name: str, slots: Sequence[Slot], ready: Collection[str]) -> set[str]:
     """The FAILED workers that keep worker ``name`` from ever being ready: ``{name}`` if a
     replica of it failed before it was ready, those its waiting replicas wait behind, or
-    an empty set while it may still become ready. Walks the waiting chain without
-    recursion (a fleet may chain 1024 workers) and visits each worker once."""
-    unready_of: dict[str, list[Slot]] = {}  # one pass over the slots, not one per step
-    for slot in slots:
-        if not slot.ready:
-            unready_of.setdefault(slot.worker.name, []).append(slot)
-    roots: set[str] = set()
-    todo, seen = [name], set()
-    while todo:
-        current = todo.pop()
-        if current in ready or current in seen:
-            continue
-        seen.add(current)
-        unready = unready_of.get(current, [])
+    an empty set while it may still become ready."""
+    return set(FailedRoots(slots, ready).of(name))
+
+
+class FailedRoots:
+    """:func:`failed_roots` for every worker a pass asks about: one pass over the slots,
+    and each worker's roots found once (a fleet may chain 1,024 workers, and every
+    waiting slot asks: walking the chain again for each was quadratic)."""
+
+    def __init__(self, slots: Sequence[Slot], ready: Collection[str]) -> None:
+        self._ready = ready
+        self._unready_of: dict[str, list[Slot]] = {}
+        self._any_failed = False  # the usual case, the start-up's: nothing to walk
+        for slot in slots:
+            if not slot.ready:
+                self._unready_of.setdefault(slot.worker.name, []).append(slot)
+                self._any_failed |= slot.state is WorkerState.FAILED
+        self._roots: dict[str, frozenset[str]] = {}
+
+    def of(self, name: str) -> frozenset[str]:
+        if not self._any_failed:
+            return frozenset()
+        # Depth first without recursion: a name is finished once those it waits for are.
+        todo, open_ = [name], set()
+        while todo:
+            current = todo[-1]
+            if current in self._roots:
+                todo.pop()
+                continue
+            after = self._waits_for(current)
+            if after is None:  # failed itself: the root
+                self._roots[current] = frozenset((current,))
+                todo.pop()
+                continue
+            unfinished = [n for n in after if n not in self._roots and n not in open_]
+            if unfinished and current not in open_:
+                open_.add(current)
+                todo.extend(unfinished)
+                continue
+            open_.discard(current)
+            todo.pop()
+            self._roots[current] = frozenset().union(
+                *(self._roots.get(n, frozenset()) for n in after))
+        return self._roots[name]
+
+    def _waits_for(self, name: str) -> list[str] | None:
+        """None if a replica of ``name`` failed before it was ready; else the workers its
+        waiting replica waits for (none while it may still become ready on its own)."""
+        if name in self._ready:
+            return []
+        unready = self._unready_of.get(name, [])
         if any(s.state is WorkerState.FAILED for s in unready):
-            roots.add(current)
-            continue
+            return None
         waiting = next((s for s in unready if s.state is WorkerState.WAITING), None)
-        if waiting is not None:
-            todo.extend(not_ready(waiting.worker.after, ready))
-    return roots
+        return [] if waiting is None else not_ready(waiting.worker.after, self._ready)
 
 
-def waiting_reason(slot: Slot, slots: Sequence[Slot], ready: Collection[str]) -> str:
+def waiting_reason(slot: Slot, slots: Sequence[Slot], ready: Collection[str],
+                   roots: FailedRoots | None = None) -> str:
     """What status says of a WAITING slot: whom it waits for, or which failure it waits
-    behind (systemd's "dependency failed")."""
+    behind (systemd's "dependency failed"). ``roots``: one made for the whole pass."""
     missing = not_ready(slot.worker.after, ready)
-    roots: set[str] = set()
+    if roots is None:
+        roots = FailedRoots(slots, ready)
+    failed: set[str] = set()
     for name in missing:
-        roots |= failed_roots(name, slots, ready)
-    if roots:
-        return f"dependency failed: {', '.join(sorted(roots))}"
+        failed |= roots.of(name)
+    if failed:
+        return f"dependency failed: {', '.join(sorted(failed))}"
     return f"waiting for {', '.join(missing)}"
 
 
@@ -277,8 +314,9 @@ class StartOrder:
     def _explain(self) -> None:
         """Bring each waiting slot's reason up to date; log one that now waits behind a
         failure, once."""
+        roots = FailedRoots(self.slots, self.ready)
         for slot in self.waiting():
-            reason = waiting_reason(slot, self.slots, self.ready)
+            reason = waiting_reason(slot, self.slots, self.ready, roots)
             if reason != slot.reason and reason.startswith("dependency failed"):
                 log.error("worker %s will not start: %s", slot.label, reason)
             slot.reason = reason

@@ -224,6 +224,22 @@ def test_a_failure_at_the_root_of_the_longest_chain_is_found() -> None:
     assert by["w1023"].reason == "dependency failed: w0"
 
 
+def test_failures_reached_by_several_paths_are_each_named_once() -> None:
+    """A diamond (d after b and c, both after a) and a worker behind two failed roots."""
+    order, by = order_of(Worker("a", work, restart="never"), Worker("x", work, restart="never"),
+                         Worker("b", work, after=["a"]), Worker("c", work, after=["a", "x"]),
+                         Worker("d", work, after=["b", "c"]))
+    for name in ("b", "c", "d"):
+        assert order.holds(by[name])
+    for name in ("a", "x"):
+        by[name].started(100, 1.0, count_start=True)
+        by[name].exited(ExitStatus(code=1), 2.0, RNG)
+        order.exited(by[name])
+    assert by["b"].reason == "dependency failed: a"
+    assert by["c"].reason == by["d"].reason == "dependency failed: a, x"
+    assert failed_roots("d", list(by.values()), order.ready) == {"a", "x"}
+
+
 def test_the_pipe_carries_readiness_and_eof_does_not() -> None:
     order, by = order_of(Worker("db", work, replicas=2), Worker("web", work, after=["db"]))
     assert order.arm(by["web"]) == -1  # nobody waits for web
