@@ -17,9 +17,9 @@ probe's own thread pool and buffers (+11-12%).
 Children are forked as `prefork run`'s master forks its workers: back to back, through
 :func:`prefork.child.run_child` with the master's arguments (heartbeat, journal, process
 settings, the pipe of the import report), and wait for commands on a socket; no process
-is left behind, whatever happens. On a floor like an application's (SQLAlchemy, logging
-set up at import), their idle USS and that of `prefork run`'s idle workers now agree
-within 1% (they were 6-16% apart; ``test_probe_children_are_prefork_run_children``).
+is left behind, whatever happens. A child costs what a `prefork run` worker costs above
+a bare fork of its master; a `prefork run` master's own work after the fork un-shares
+~0.17 MiB more of every child's pages than the probe does (measured; see the README).
 After the working phase each child is asked for its import report, as the master asks
 its workers: what the warm-up imported after the fork, and the ``--preload`` line. The
 report's shape and its table are in :mod:`prefork.probe_report`.

@@ -6,16 +6,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-import psutil
 import pytest
 
-from conftest import WAIT, Events, MasterProcess, master_env
+from conftest import Events, MasterProcess, master_env
 from prefork.memory import MIB, measure, smaps_rollup
 
 MEMORY_FIELDS = ("rss", "uss", "pss", "shared", "swap")
@@ -347,36 +344,6 @@ def test_pid_without_a_control_socket_reads_the_titles(start_master, events: Eve
     assert result.returncode == 0 and not result.stderr, result.stderr
     assert "fleet sleepers: master and 4 workers, live" in result.stdout
     stop(master)
-
-
-def _paused(pid: int) -> bool:
-    """True once ``pid`` sleeps in pause(2): an idle_forever worker past its set-up."""
-    try:
-        return "pause" in Path(f"/proc/{pid}/wchan").read_text()
-    except OSError:
-        return False
-
-
-def test_probe_children_are_prefork_run_children(start_master, events: Events,
-                                                 runtime_dir: Path) -> None:
-    """On a floor like a real application's (SQLAlchemy, logging set up at import), the
-    probe's idle children hold what `prefork run`'s idle children hold: within 5% USS,
-    each side's median, read from outside by the kernel. (Before the probe forked as
-    the master does, and passed its children the same set-up, they were 6% apart.)"""
-    master = start_master("fleets.app_floor:quiet")
-    master.wait_log(r"worker quiet\.2 spawned")
-    children = [c.pid for c in psutil.Process(master.pid).children()]
-    assert len(children) == 3
-    deadline = time.monotonic() + WAIT
-    while not all(_paused(pid) for pid in children):  # the kernel has no event for it
-        assert time.monotonic() < deadline, "the workers never reached their idle loop"
-        time.sleep(0.01)
-    run = statistics.median(kernel_figures(pid)["uss"] for pid in children)
-    stop(master)
-    document = probe_json(events, runtime_dir, "--fleet", "fleets.app_floor:quiet",
-                          "--idle", "0.5", "--no-baseline")
-    probed = statistics.median(p["uss"] for p in pick(document, role="child", phase="idle"))
-    assert abs(probed - run) <= run * 0.05, (probed, run)
 
 
 def test_probe_shows_what_the_warm_up_imported_after_the_fork(events: Events,

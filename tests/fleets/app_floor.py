@@ -74,6 +74,4 @@ def polite() -> None:
 
 
 app = Fleet("app", [Worker("chatty", chatty)])
-# Idle workers on this floor, for comparing `prefork probe` with `prefork run`.
-quiet = Fleet("quiet", [Worker("quiet", idle_forever, replicas=3)])
 politeness = Fleet("politeness", [Worker("polite", polite, replicas=2)])
