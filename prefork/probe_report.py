@@ -64,12 +64,13 @@ def format_report(report: ProbeReport) -> str:
 def _imported_lines(children: list[dict[str, Any]]) -> list[str]:
     """What each child imported after the fork while it worked, and the ``--preload``
     line that moves it into the floor (as ``prefork status`` prints them)."""
-    reports = [(c["name"], c.get("imported_after_fork")) for c in children]
-    counted = [(name, r) for name, r in reports if isinstance(r, dict) and r.get("count")]
+    reports = [(str(c.get("name")), r if isinstance(r := c.get("imported_after_fork"), dict)
+                and isinstance(r.get("count"), int) else None) for c in children]
+    counted = [(name, r) for name, r in reports if r is not None and r["count"] > 0]
     if not counted:
         if not reports:
             return []
-        if not any(r for _, r in reports):
+        if all(r is None for _, r in reports):
             return ["imported after the fork: not reported yet"]
         return ["imported after the fork: nothing" + ("" if all(r for _, r in reports)
                                                       else " (some did not report yet)")]
@@ -78,8 +79,10 @@ def _imported_lines(children: list[dict[str, Any]]) -> list[str]:
         uss = r.get("uss")
         lines.append(f"  {name}: {r['count']} modules"
                      + ("" if not isinstance(uss, int) else f" ({uss / MIB:.1f} MiB)"))
-    lines += ["To import them into the floor instead, add to `prefork run` (or run it with "
-              "--learn-floor):", f"  {preload_line(children)}"]
+    preload = preload_line(children)
+    if preload:
+        lines += ["To import them into the floor instead, add to `prefork run` (or run it "
+                  "with --learn-floor):", f"  {preload}"]
     return lines
 
 
