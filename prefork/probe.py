@@ -426,21 +426,37 @@ def _fork_all(fleet: Fleet, assignments: list[tuple[Worker, int]], close_fds: li
                   *(fd for plan in plans for fd in plan.fds())]
     defaults = _signal_defaults()
     floor = frozenset(sys.modules)
+    # Made before the forks, as the master makes its (each child keeps its socket; the
+    # report's pipe run_child keeps itself).
+    closes = [[f for f in everything if f != plan.theirs.fileno()] for plan in plans]
     flush_stdio()
-    bare = os.fork()
-    if bare == 0:
-        _bare_child(bare_theirs.fileno(), everything)
-    pids: list[int] = []
-    for plan in plans:  # nothing else between two forks
-        pid = os.fork()
-        if pid == 0:
-            fd, report = plan.theirs.fileno(), plan.report_write
-            run_child(plan.context, lambda w=plan.worker, fd=fd: _serve(w, fd, fd),
-                      title=plan.title, signal_defaults=defaults,
-                      close_fds=[f for f in everything if f not in (fd, report)],
-                      heartbeat=plan.heartbeat, post_fork=fleet.post_fork, journal=streams,
-                      settings=plan.worker.process_plan, imports=(report, floor))
-        pids.append(pid)
+    forked: list[int] = []
+    try:
+        bare = os.fork()
+        if bare == 0:
+            _bare_child(bare_theirs.fileno(), everything)
+        forked.append(bare)
+        for plan, close in zip(plans, closes, strict=True):  # nothing else between forks
+            pid = os.fork()
+            if pid == 0:
+                fd = plan.theirs.fileno()
+                run_child(plan.context, lambda w=plan.worker, fd=fd: _serve(w, fd, fd),
+                          title=plan.title, signal_defaults=defaults, close_fds=close,
+                          heartbeat=plan.heartbeat, post_fork=fleet.post_fork,
+                          journal=streams, settings=plan.worker.process_plan,
+                          imports=(plan.report_write, floor))
+            forked.append(pid)
+    except OSError as exc:  # EAGAIN/ENOMEM: end what was forked, say so in one line
+        for pid in forked:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        for sock in (bare_ours, bare_theirs, *(s for p in plans for s in (p.ours, p.theirs))):
+            sock.close()
+        for plan in plans:
+            os.close(plan.report_read)
+            os.close(plan.report_write)
+        raise ProbeError(f"cannot fork: {exc.strerror}") from None
+    pids = forked[1:]
     bare_theirs.close()
     fd = bare_ours.detach()
     members, reports = [], {}
