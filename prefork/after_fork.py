@@ -39,6 +39,7 @@ from types import FunctionType, ModuleType
 from typing import TYPE_CHECKING, Any
 
 from prefork.fleet import check_seconds
+from prefork.slot_pipes import SlotPipes
 
 if TYPE_CHECKING:
     from prefork.slot import Slot
@@ -242,16 +243,15 @@ class ImportReports:
         check_seconds("report_imports_after", after)
         self.after = after  # 0: no reports, no pipe, no SIGURG
         self.learn: Callable[[Sequence[str]], object] | None = None
-        self._selector: selectors.BaseSelector | None = None
         self._floor: frozenset[str] = frozenset()
         self._floor_size = -1
-        self._armed: dict[Slot, tuple[int, int]] = {}  # read, write end: arm() to forked()
-        self._pipes: dict[int, tuple[Slot, bytearray]] = {}  # read end -> slot, data
-        self._of_slot: dict[Slot, int] = {}
+        # The child's end blocks: it waits for us to read its report.
+        self._pipes = SlotPipes(self, child_blocks=True)
+        self._data: dict[int, bytearray] = {}  # read end -> what it brought so far
         self._due: dict[Slot, tuple[float, int]] = {}  # slot -> (when, pid) to ask
 
     def attach(self, selector: selectors.BaseSelector) -> None:
-        self._selector = selector
+        self._pipes.attach(selector)
 
     def arm(self, slot: Slot) -> tuple[int, frozenset[str]] | None:
         """Before ``slot`` forks: the write end and the floor's module names, for the child
@@ -260,26 +260,18 @@ class ImportReports:
             return None
         if len(sys.modules) != self._floor_size:  # the master imported something since
             self._floor, self._floor_size = frozenset(sys.modules), len(sys.modules)
-        read_end, write_end = self._armed[slot] = os.pipe2(os.O_CLOEXEC)
-        os.set_blocking(read_end, False)  # the child's end blocks: it waits for us
-        return write_end, self._floor
+        self.drop(slot)  # an earlier child's pipe, if it is still open
+        return self._pipes.arm(slot), self._floor
 
     def forked(self, slot: Slot, pid: int | None, now: float) -> None:
         """After the fork (``pid`` None: it failed): only the child holds the write end."""
-        armed = self._armed.pop(slot, None)
-        if armed is None:
+        if not self.after:
             return
-        read_end, write_end = armed
-        os.close(write_end)
-        if pid is None:
-            os.close(read_end)
-            return
-        self.drop(slot)  # an earlier child's pipe, if it is still open
-        self._pipes[read_end] = (slot, bytearray())
-        self._of_slot[slot] = read_end
-        if self._selector is not None:
-            self._selector.register(read_end, selectors.EVENT_READ, self)
-        self._due[slot] = (now + self.after, pid)
+        self._pipes.forked(slot, pid is not None)
+        read_end = self._pipes.read_end(slot)
+        if read_end is not None and pid is not None:
+            self._data[read_end] = bytearray()
+            self._due[slot] = (now + self.after, pid)
 
     def next_deadline(self) -> float | None:
         return min((when for when, _ in self._due.values()), default=None)
@@ -297,10 +289,9 @@ class ImportReports:
     def read(self, fd: int) -> None:
         """The selector found ``fd`` readable: one bounded read; a newline or EOF ends
         the report."""
-        entry = self._pipes.get(fd)
-        if entry is None:
+        slot, data = self._pipes.slot_of(fd), self._data.get(fd)
+        if slot is None or data is None:
             return
-        slot, data = entry
         try:
             chunk = os.read(fd, _READ)
         except BlockingIOError:
@@ -320,11 +311,11 @@ class ImportReports:
     def exited(self, slot: Slot) -> None:
         """``slot``'s child was reaped: what it wrote still counts; it needs no SIGURG."""
         self._due.pop(slot, None)
-        fd = self._of_slot.get(slot)
-        while fd is not None and fd in self._pipes:
-            before = len(self._pipes[fd][1])
+        fd = self._pipes.read_end(slot)
+        while fd is not None and fd in self._data:
+            before = len(self._data[fd])
             self.read(fd)
-            if fd in self._pipes and len(self._pipes[fd][1]) == before:
+            if fd in self._data and len(self._data[fd]) == before:
                 self.drop(slot)  # EAGAIN: what it started holds the write end
 
     def _take(self, slot: Slot, data: bytes) -> None:
@@ -341,22 +332,18 @@ class ImportReports:
 
     def drop(self, slot: Slot) -> None:
         """Close ``slot``'s read end, if it has one."""
-        fd = self._of_slot.pop(slot, None)
-        if fd is None:
-            return
-        del self._pipes[fd]
-        if self._selector is not None and fd in self._selector.get_map():
-            self._selector.unregister(fd)
-        os.close(fd)
+        read_end = self._pipes.read_end(slot)
+        if read_end is not None:
+            self._data.pop(read_end, None)
+        self._pipes.drop(slot)
 
     def fds(self) -> list[int]:
         """The read ends, which a forked child closes (its own too)."""
-        return [*self._pipes, *(read_end for read_end, _ in self._armed.values())]
+        return self._pipes.fds()
 
     def close(self) -> None:
-        self._selector = None
-        for slot in list(self._of_slot):
-            self.drop(slot)
+        self._pipes.close()
+        self._data.clear()
         self._due.clear()
 
 

@@ -449,7 +449,7 @@ class Master:
         """The master's half of one fork, once the whole batch is forked."""
         slot, now = fork.slot, time.monotonic()
         pid = None if isinstance(result, OSError) else result
-        self._start_order.forked(slot)  # no child holds the write end: EOF, not ready
+        self._start_order.forked(slot, pid is not None)
         self._imports.forked(slot, pid, now)
         if fork.output is not None:
             # The child's now (EOF comes when its whole tree has exited); after a failed

@@ -34,6 +34,7 @@ import threading
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING
 
+from prefork.slot_pipes import SlotPipes
 from prefork.states import WorkerState
 
 if TYPE_CHECKING:
@@ -196,14 +197,11 @@ class StartOrder:
         self.slots = slots
         self.awaited = frozenset(name for w in fleet.workers for name in w.after)
         self.ready: set[str] = set()  # awaited workers every replica of which was ready
-        self._read_ends: dict[int, Slot] = {}
-        self._read_end_of: dict[Slot, int] = {}
-        self._write_ends: dict[Slot, int] = {}  # only between arm() and forked()
-        self._selector: selectors.BaseSelector | None = None
+        self._pipes = SlotPipes(self, child_blocks=False)  # one byte must never block
         self._changed = False  # a worker became ready since released() last looked
 
     def attach(self, selector: selectors.BaseSelector) -> None:
-        self._selector = selector
+        self._pipes.attach(selector)
 
     def holds(self, slot: Slot) -> bool:
         """Before ``slot`` first starts: True if it must wait (it is now WAITING)."""
@@ -218,26 +216,16 @@ class StartOrder:
         or it was ready once already)."""
         if slot.worker.name not in self.awaited or slot.ready or slot.worker.name in self.ready:
             return -1
-        self.drop(slot)
-        read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-        self._read_ends[read_end] = slot
-        self._read_end_of[slot] = read_end
-        self._write_ends[slot] = write_end
-        return write_end
+        return self._pipes.arm(slot)
 
-    def forked(self, slot: Slot) -> None:
-        """After the fork, or a fork that failed: the master closes the write end (only the
-        child holds it now, so its exit is EOF) and watches the read end."""
-        write_end = self._write_ends.pop(slot, -1)
-        if write_end >= 0:
-            os.close(write_end)
-        read_end = self._read_end_of.get(slot)
-        if read_end is not None and self._selector is not None:
-            self._selector.register(read_end, selectors.EVENT_READ, self)
+    def forked(self, slot: Slot, ok: bool) -> None:
+        """After the fork (``ok`` False: it failed): only the child holds the write end,
+        so its exit is EOF; the master watches the read end."""
+        self._pipes.forked(slot, ok)
 
     def read(self, fd: int) -> None:
         """The selector found ``fd`` readable: one byte is readiness, EOF is not."""
-        slot = self._read_ends.get(fd)
+        slot = self._pipes.slot_of(fd)
         if slot is None:
             return
         try:
@@ -254,7 +242,7 @@ class StartOrder:
         """``slot``'s child was reaped (and ``slot.exited`` decided): a byte left in its
         pipe still counts; a clean end for good counts as ready; a failure may leave
         dependents waiting for ever."""
-        read_end = self._read_end_of.get(slot)
+        read_end = self._pipes.read_end(slot)
         if read_end is not None:
             try:
                 byte = os.read(read_end, 1)
@@ -285,23 +273,15 @@ class StartOrder:
 
     def drop(self, slot: Slot) -> None:
         """Close ``slot``'s read end, if it has one."""
-        read_end = self._read_end_of.pop(slot, None)
-        if read_end is None:
-            return
-        del self._read_ends[read_end]
-        if self._selector is not None and read_end in self._selector.get_map():
-            self._selector.unregister(read_end)
-        os.close(read_end)
+        self._pipes.drop(slot)
 
     def fds(self) -> list[int]:
         """The read ends, which a forked child closes."""
-        return list(self._read_ends)
+        return self._pipes.fds()
 
     def close(self) -> None:
         """The master ends (its selector may be closed already)."""
-        self._selector = None
-        for slot in list(self._read_end_of):
-            self.drop(slot)
+        self._pipes.close()
 
     def _mark_ready(self, slot: Slot, how: str) -> None:
         slot.ready = True

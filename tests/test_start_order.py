@@ -251,12 +251,12 @@ def test_the_pipe_carries_readiness_and_eof_does_not() -> None:
         ready()  # the second call does nothing (the fd is closed already)
     finally:
         readiness.attach(-1)
-    order.forked(first)
+    order.forked(first, True)
     (read_end,) = order.fds()
     order.read(read_end)
     assert first.ready and order.fds() == []
     order.arm(second)
-    order.forked(second)  # no child holds a write end: as one that died unready
+    order.forked(second, True)  # no child holds a write end: as one that died unready
     order.read(order.fds()[0])
     assert not second.ready and order.fds() == [] and order.ready == set()
     assert order.arm(first) == -1  # ready once: no pipe again
