@@ -81,17 +81,22 @@ def send_report() -> None:
     if fd < 0:
         return
     try:
-        modules = _new_modules()
-        # Nothing imported, the usual case: bytes made in the master. Encoding them here
-        # (json, the USS read) cost an idle child 0.2-0.3 MiB of pages, once.
-        data = encode_report(modules, private_bytes()) if modules else _NOTHING_NEW
-        view = memoryview(data)
+        view = memoryview(report_now())
         while view:
             view = view[os.write(fd, view):]
     except Exception:  # OSError: the master closed its end (it stops, or had too much)
         pass
     finally:
         os.close(fd)
+
+
+def report_now() -> bytes:
+    """The report as :func:`send_report` would write it if it were asked now (the probe
+    asks its children after their warm-up); it closes nothing."""
+    modules = _new_modules()
+    # Nothing imported, the usual case: bytes made in the master. Encoding them here
+    # (json, the USS read) cost an idle child 0.2-0.3 MiB of pages, once.
+    return encode_report(modules, private_bytes()) if modules else _NOTHING_NEW
 
 
 def _new_modules() -> list[tuple[str, Any]]:
