@@ -132,6 +132,9 @@ def cli() -> None:
               "for node_exporter's textfile collector), replaced whole each interval.")
 @click.option("--metrics-interval", type=PositiveSeconds(), default=DEFAULT_INTERVAL,
               show_default=True, help="Seconds between two writes of --metrics-textfile.")
+# `prefork probe`'s: its socket, and how many children (prefork.probe_run).
+@click.option("--probe-fd", type=click.IntRange(min=3), default=None, hidden=True)
+@click.option("--probe-workers", type=click.IntRange(min=1), default=None, hidden=True)
 def run(
     fleet_spec: str,
     preload: tuple[str, ...],
@@ -156,6 +159,8 @@ def run(
     metrics_listen: tuple[str, int] | None,
     metrics_textfile: Path | None,
     metrics_interval: float,
+    probe_fd: int | None,
+    probe_workers: int | None,
 ) -> int:
     """Run a fleet until SIGTERM or SIGINT (Ctrl-C)."""
     from prefork.master import Master  # here: the other commands never need it
@@ -184,11 +189,18 @@ def run(
         logs.reclaim()  # the floor's logging set-up may have disabled prefork's logger
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart, max_private_memory, max_age)
+        probe = None
+        if probe_fd is not None:
+            from prefork.probe_run import ProbeLink
+
+            probe = ProbeLink(probe_fd, fleet, probe_workers)
+            fleet = probe.fleet
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
                         strict_fork=strict_fork, worker_log_dir=worker_log_dir,
                         metrics=metrics, learn_floor=learn_floor,
-                        report_imports_after=report_imports_after, spec=fleet_spec)
+                        report_imports_after=report_imports_after, spec=fleet_spec,
+                        before_first_fork=None if probe is None else probe.before_first_fork)
         master.lock.acquire()
     except (FleetError, WorkerLogError) as exc:
         raise CliError(str(exc)) from None
@@ -275,11 +287,10 @@ def probe(
         else:
             if runtime_dir is not None:
                 raise CliError("--runtime-dir is where --pid's master listens: it needs --pid")
-            import_from_working_directory()
-            fleet = load_fleet(fleet_spec)
-            report = probe_fleet(fleet, fleet_spec, workers=workers, idle=idle or (1.0,),
+            import_from_working_directory()  # the baseline imports from here too
+            report = probe_fleet(fleet_spec, workers=workers, idle=idle or (1.0,),
                                  freeze=freeze, warm_up=warm_up, baseline=baseline)
-    except (FleetError, ProbeError) as exc:
+    except ProbeError as exc:
         raise CliError(str(exc)) from None
     if as_json:
         click.echo(json.dumps(report.as_dict(), indent=2))

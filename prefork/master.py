@@ -136,8 +136,13 @@ class Master:
         learn_floor: bool = False,
         report_imports_after: float = DEFAULT_REPORT_AFTER,
         spec: str | None = None,
+        before_first_fork: Callable[[], None] | None = None,
     ) -> None:
         self.fleet = fleet.validate()
+        # Called once, after everything the first batch needs is made and with the
+        # handled signals blocked, just before its first fork; it must not raise.
+        # `prefork probe` forks its bare child there (prefork.probe_run).
+        self._before_first_fork = before_first_fork
         self.spec = spec  # the --fleet it was started with: status finds it by that
         self.grace = grace
         self.freeze = freeze
@@ -407,6 +412,9 @@ class Master:
         results: list[int | OSError] = [0] * len(forks)
         saved_mask = _signal.pthread_sigmask(signal.SIG_BLOCK, self._blocked)  # prefork.child
         try:
+            if self._before_first_fork is not None:
+                hook, self._before_first_fork = self._before_first_fork, None
+                hook()
             for i, fork in enumerate(forks):  # nothing else between two forks
                 try:
                     pid = os.fork()

@@ -1,69 +1,58 @@
 """The copy-on-write probe: how much of each worker's memory is really its own.
 
-:func:`probe_fleet` does what the master does - the floor is already imported, optionally
-every worker's warm-up runs, then ``gc.collect(); gc.freeze()`` - and forks K children
-and one bare ``os.fork()`` child that only sleeps (what a fork of this floor costs
-before prefork does anything in the child). It measures the master and every child
-while they idle and again after each child ran its worker's warm-up and a full
-collection; then it starts the baseline, K fresh interpreters each importing the same
-floor as one unit per worker would, and measures them the same way.
-:func:`probe_running` reads the same figures from a live fleet. :func:`probe_fleet` sets
-the process title, as a master does before it forks.
+:func:`probe_fleet` measures what ``prefork run`` runs, because it runs it: it starts
+``prefork run --fleet SPEC`` (:class:`ProbedMaster`), whose workers serve the probe's
+commands instead of running their code (:mod:`prefork.probe_run`). The master imports
+the floor, warms it up if asked, freezes it, and before its first fork hands the probe
+one socket per child; the probe reads the master's memory (the floor), then the master
+forks a bare ``os.fork()`` child that only sleeps (what a fork of this floor costs before
+prefork does anything in it) and its workers, as it always does. The probe measures the
+master and every child while they idle and again after each child ran its worker's
+warm-up and a full collection, asks each for its import report (what the warm-up
+imported after the fork, and the ``--preload`` line), and stops the master. Then it
+starts the baseline, K fresh interpreters each importing the same floor as one unit per
+worker would, and measures them the same way. This process never imports the floor.
+:func:`probe_running` reads the same figures from a live fleet.
 
-Every figure is read by a separate process, :mod:`prefork.smaps_reader`, which has not
-imported the floor: read from the probe's own process, the master's USS counted the
-probe's own thread pool and buffers (+11-12%).
-
-Children are forked as `prefork run`'s master forks its workers: back to back, through
-:func:`prefork.child.run_child` with the master's arguments (heartbeat, journal, process
-settings, the pipe of the import report), and wait for commands on a socket; no process
-is left behind, whatever happens. A child costs what a `prefork run` worker costs above
-a bare fork of its master; a `prefork run` master's own work after the fork un-shares
-~0.17 MiB more of every child's pages than the probe does (measured; see the README).
-After the working phase each child is asked for its import report, as the master asks
-its workers: what the warm-up imported after the fork, and the ``--preload`` line. The
-report's shape and its table are in :mod:`prefork.probe_report`.
+Every figure is read by separate processes (:class:`OutsideMeter`, ``sh`` and ``cat``),
+not from Python: read from the probe's own process, the master's USS counted the probe's
+own thread pool and buffers (+11-12%). The report's shape and its table are in
+:mod:`prefork.probe_report`.
 """
 
 from __future__ import annotations
 
-import gc
+import dataclasses
+import json
 import os
+import re
 import select
+import shutil
 import signal
 import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
-from setproctitle import setproctitle
-
-from prefork import after_fork, journal, titles
-from prefork.child import Handler, WorkerContext, flush_stdio, run_child
+from prefork import after_fork, probe_run, titles
 from prefork.client import masters_in
 from prefork.control import ControlError
-from prefork.fleet import Fleet, FleetError, Worker, load_fleet, replica_label
-from prefork.floor import WarmUpError, prepare_floor
-from prefork.heartbeats import HeartbeatTable
+from prefork.fleet import replica_label
 from prefork.memory import Memory, MemoryUnavailable
 from prefork.probe_report import ProbeReport, Sample
-from prefork.signals import HANDLED, IGNORED
-from prefork.threads import ThreadCheck
 
-# An idle child wakes this often and leaves some reference cycles behind, as a polling
-# loop does (exceptions, futures, frames): only the collector frees those, so its
-# collections run as they would in a real worker (gen 0 about every second). Garbage
-# freed by reference counting alone would never trigger one.
-IDLE_TICK = 0.1
-IDLE_CYCLES = 100
 STARTUP_TIMEOUT = 120.0
 WORK_TIMEOUT = 600.0
 REPORT_TIMEOUT = 10.0  # seconds for every child's import report
+STOP_TIMEOUT = 15.0  # seconds for the probe's master to stop, before SIGKILL
+ERROR_PREFIX = "prefork: error: "  # how `prefork run` says why it exits
+_ROUTINE = re.compile(r"(\S+ \S+ )?\[\d+\] (DEBUG|INFO) ")  # prefork.logs' line, below WARNING
 
 
 # The measuring process: a shell that reads the smaps_rollup of the pids asked for with
@@ -203,9 +192,10 @@ def _readable(pid: int, memory: Memory | None) -> Memory:
 
 @dataclass(frozen=True)
 class _Member:
-    """A measured process the probe controls: a forked child or a baseline interpreter."""
+    """A measured process the probe speaks to: a `prefork run` child or a baseline
+    interpreter."""
 
-    role: str  # "child", "bare" (says nothing, only sleeps) or "baseline"
+    role: str  # "child" or "baseline"
     name: str
     pid: int
     read_fd: int
@@ -217,11 +207,15 @@ class _Member:
         return self.role, self.name, self.pid
 
 
+# What ends the probe if it becomes readable while the probe waits: a descriptor, and a
+# function that raises the ProbeError saying why (or returns, if it was nothing).
+Alarms = dict[int, Callable[[], None]]
+
+
 # -- the probe of a fleet ----------------------------------------------------------------
 
 
 def probe_fleet(
-    fleet: Fleet,
     spec: str,
     *,
     workers: int | None = None,
@@ -230,109 +224,241 @@ def probe_fleet(
     warm_up: bool = False,
     baseline: bool = True,
 ) -> ProbeReport:
-    """Measure ``fleet`` (already imported in this process, from ``spec``) under prefork
-    and, with ``baseline``, as K fresh interpreters. Raises :class:`ProbeError`."""
-    count = len(fleet.workers) if workers is None else workers
-    if count < 1:
-        raise ProbeError(f"--workers must be at least 1, got {count}")
+    """Measure the fleet ``spec`` under a real ``prefork run`` master, and, with
+    ``baseline``, as K fresh interpreters. This process never imports the fleet.
+    Raises :class:`ProbeError`."""
+    if workers is not None and workers < 1:
+        raise ProbeError(f"--workers must be at least 1, got {workers}")
     idle_times = sorted(set(idle)) or [1.0]
-    assignments = [(fleet.workers[i % len(fleet.workers)], i // len(fleet.workers))
-                   for i in range(count)]
     report = ProbeReport()
-    meter = OutsideMeter()  # first: nothing forked below holds more than its pipes
+    meter = OutsideMeter()  # first: the master started below does not inherit its pipes
     try:
-        _probe(report, meter, fleet, spec, assignments, freeze, warm_up, baseline,
-               idle_times)
+        master = ProbedMaster(spec, workers, freeze=freeze, warm_up=warm_up)
+        try:
+            found = _probe_prefork(report, meter, master, idle_times)
+        except BaseException:
+            master.stop(relay_log=False)
+            raise
+        master.stop(relay_log=True)
+        if baseline:
+            started = _start_baseline(spec, found.children)
+            try:
+                _await_ready(started, {})
+                _run_phases(report, meter, [], started, idle_times, {})
+            finally:
+                _stop_baseline(started)
     finally:
         meter.close()
+    report.summary = _summarize(report, found, freeze, warm_up, idle_times[-1])
     return report
 
 
-def _probe(report: ProbeReport, meter: OutsideMeter, fleet: Fleet, spec: str,
-           assignments: list[tuple[Worker, int]], freeze: bool, warm_up: bool,
-           baseline: bool, idle_times: list[float]) -> None:
-    # As `prefork run`'s master does before it forks. It matters: setproctitle's first call
-    # in a process moves argv and environ, which cost each child ~200 KiB of private
-    # memory when the child was the first to call it.
-    setproctitle(titles.probe(fleet.name))
-    try:
-        prepare_floor(fleet, freeze=freeze, warm_up=warm_up)
-    except WarmUpError as exc:
-        raise ProbeError(f"in the master: {exc}") from None
-    ThreadCheck().check()  # a warning, as from `prefork run`'s master
-    floor = _measure(meter, [os.getpid()])[0]
-    heartbeats = (HeartbeatTable(len(assignments))
-                  if any(w.timeout is not None for w, _ in assignments) else None)
-    streams = journal.for_workers()
-    bare, members, reports = _fork_all(fleet, assignments, meter.fds(), heartbeats, streams)
-    try:
+@dataclass
+class _Found:
+    """What the probe learnt of the fleet from its master."""
+
+    fleet: str
+    children: list[tuple[str, int]]  # (worker, replica), in the probe's order
+    floor: Memory  # the master's, just before its first fork
+    timings: list[float]  # seconds each sample of the prefork processes took
+
+
+def _probe_prefork(report: ProbeReport, meter: OutsideMeter, master: ProbedMaster,
+                   idle_times: list[float]) -> _Found:
+    fleet, children, fds = master.receive_children()
+    floor = _measure(meter, [master.pid])[0]
+    master.go()
+    bare = master.receive_bare(fds[0])
+    alarms = master.alarms()
+    members = [_Member("child", replica_label(name, replica), 0, fd, fd)
+               for (name, replica), fd in zip(children, fds[1:], strict=True)]
+    members = _await_ready(members, alarms)
+    targets = [("master", "master", master.pid), ("bare", "bare", bare)]
+    timings = _run_phases(report, meter, targets, members, idle_times, alarms)
+    report.imported_after_fork = _import_reports(members, alarms)
+    return _Found(fleet, children, floor, timings)
+
+
+class ProbedMaster:
+    """The ``prefork run --probe-fd`` master the probe starts (:mod:`prefork.probe_fleet`
+    is its side), in a session of its own, so a Ctrl-C reaches the probe, which stops
+    it. Its log is kept in a file: its last error line is the probe's error; otherwise
+    it is copied to stderr at the end. Raises :class:`ProbeError`."""
+
+    def __init__(self, spec: str, workers: int | None, *, freeze: bool,
+                 warm_up: bool) -> None:
+        self.directory = tempfile.mkdtemp(prefix="prefork-probe-")  # its runtime dir
+        self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _clean_up)
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._bare_write = self._bare_pidfd = -1
+        argv = [sys.executable, "-m", "prefork", "run", "--fleet", spec,
+                "--runtime-dir", self.directory,
+                "--freeze" if freeze else "--no-freeze",
+                "--warm-up" if warm_up else "--no-warm-up",
+                "--probe-fd", str(theirs.fileno()),
+                *([] if workers is None else ["--probe-workers", str(workers)])]
+        # Not systemd's: this master is the probe's, not the unit's.
+        env = {key: value for key, value in os.environ.items()
+               if key not in ("NOTIFY_SOCKET", "LISTEN_FDS", "LISTEN_PID", "WATCHDOG_USEC")}
         try:
-            master = ("master", "master", os.getpid())
-            timings = _run_phases(report, meter, [master], [bare], members, idle_times)
-            report.imported_after_fork = _import_reports(members, reports)
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log, env=env,
+                pass_fds=[theirs.fileno()], start_new_session=True)
+        except OSError as exc:
+            self._clean_up()
+            raise ProbeError(f"cannot start prefork run: {exc}") from None
         finally:
-            _stop([bare, *members])
-            for fd in reports.values():
+            theirs.close()
+        self.pid = self.process.pid
+        self.pidfd = os.pidfd_open(self.pid)
+
+    def receive_children(self) -> tuple[str, list[tuple[str, int]], list[int]]:
+        """The fleet's name, the children's (worker, replica), and the probe's ends: the
+        bare child's pipe, then one socket per child. Sent by the master's last
+        ``pre_fork`` before its first batch of forks."""
+        message, fds = self._receive(STARTUP_TIMEOUT)
+        try:
+            header = json.loads(message)
+            fleet = str(header["fleet"])
+            children = [(str(name), int(replica)) for name, replica in header["children"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProbeError(f"the master said something else: {exc}") from None
+        while len(fds) < 1 + len(children):
+            more, chunk = self._receive(STARTUP_TIMEOUT)
+            if more != b"+" or not chunk:
+                raise ProbeError("the master sent too few descriptors")
+            fds += chunk
+        return fleet, children, fds
+
+    def go(self) -> None:
+        """The floor is read: the master may fork."""
+        self.sock.send(b"g")
+
+    def receive_bare(self, fd: int) -> int:
+        """The bare fork's pid, which it says on ``fd``; it sleeps until ``fd`` is closed
+        (:meth:`stop`)."""
+        self._bare_write = fd
+        readable, _, _ = select.select([fd, self.pidfd], [], [], STARTUP_TIMEOUT)
+        said = os.read(fd, 32) if fd in readable else b""
+        if not said.isdigit():
+            if self.pidfd in readable:
+                self._exited()
+            raise ProbeError("the master's bare fork did not say its pid")
+        self._bare_pidfd = os.pidfd_open(int(said))
+        return int(said)
+
+    def alarms(self) -> Alarms:
+        """The master exits, one of its children exits, or the bare fork exits."""
+        alarms: Alarms = {self.pidfd: self._exited, self.sock.fileno(): self._message}
+        if self._bare_pidfd >= 0:
+            alarms[self._bare_pidfd] = self._bare_exited
+        return alarms
+
+    def _receive(self, timeout: float) -> tuple[bytes, list[int]]:
+        readable, _, _ = select.select([self.sock, self.pidfd], [], [], timeout)
+        if not readable:
+            raise ProbeError(f"prefork run did not start its workers within {timeout:g} s")
+        if self.sock not in readable:
+            self._exited()
+        message, fds, _, _ = socket.recv_fds(self.sock, 1 << 20, probe_run.MAX_FDS)
+        if not message:
+            self._exited()
+        return message, fds
+
+    def _message(self) -> None:
+        message = self.sock.recv(4096).decode(errors="replace")
+        if message.startswith("exited "):
+            label, _, how = message[len("exited "):].partition(": ")
+            raise ProbeError(f"child {label} exited during the probe ({how})")
+        if not message:
+            self._exited()
+
+    def _bare_exited(self) -> None:
+        raise ProbeError("the bare fork exited during the probe")
+
+    def _exited(self) -> NoReturn:
+        """Raise the master's error line, or how it ended and the last line it logged."""
+        code = self.process.wait()
+        lines = self._log_text().splitlines()
+        for line in reversed(lines):
+            if line.startswith(ERROR_PREFIX):
+                raise ProbeError(line[len(ERROR_PREFIX):])
+        how = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
+        last = next((line.strip() for line in reversed(lines)
+                     if line.strip() and not _ROUTINE.match(line)), "")
+        raise ProbeError(f"prefork run exited during the probe ({how})"
+                         + (f": {last}" if last else ""))
+
+    def _log_text(self) -> str:
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")
+
+    def stop(self, *, relay_log: bool) -> None:
+        """End the bare fork, SIGTERM the master (it stops its workers), SIGKILL it all if
+        that takes longer than :data:`STOP_TIMEOUT`; reap the master, remove its runtime
+        directory; copy its log to stderr if ``relay_log``."""
+        if self._bare_write >= 0:
+            os.close(self._bare_write)
+            self._bare_write = -1
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.pid, signal.SIGKILL)  # its children die with it (PDEATHSIG)
+                self.process.wait()
+        if relay_log:
+            # At the default level, as `prefork run` logs (quieter, its workers held 1-2%
+            # more than the probe's): what the master logs at INFO is left out.
+            text = "".join(line for line in self._log_text().splitlines(keepends=True)
+                           if not _ROUTINE.match(line))
+            sys.stderr.write(text)
+            sys.stderr.flush()
+        self._clean_up()
+
+    def _clean_up(self) -> None:
+        for fd in (getattr(self, "pidfd", -1), self._bare_pidfd):
+            if fd >= 0:
                 os.close(fd)
-    finally:
-        if heartbeats is not None:
-            heartbeats.close()
-    if baseline:
-        started = _start_baseline(spec, assignments)
-        try:
-            _run_phases(report, meter, [], [], started, idle_times)
-        finally:
-            _stop(started)
-    report.summary = _summarize(report, fleet, len(assignments), freeze, warm_up, floor,
-                                idle_times[-1], timings)
+        self._bare_pidfd = -1
+        self.sock.close()
+        self.log.close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def _import_reports(members: list[_Member], reports: dict[int, int]
-                    ) -> list[dict[str, object]]:
+def _import_reports(members: list[_Member], alarms: Alarms) -> list[dict[str, object]]:
     """Each child's report of what it imported after the fork (its warm-up's imports, in
-    the working phase), asked for with the signal `prefork run`'s master sends
-    (:mod:`prefork.after_fork`): ``{"name", "pid", "imported_after_fork"}`` per child,
-    the last None if a child did not answer within REPORT_TIMEOUT."""
+    the working phase), as :mod:`prefork.after_fork` makes it for the master:
+    ``{"name", "pid", "imported_after_fork"}`` per child."""
     for member in members:
-        os.kill(member.pid, after_fork.REPORT_SIGNAL)
-    deadline = time.monotonic() + REPORT_TIMEOUT
+        os.write(member.write_fd, b"r")
     found: list[dict[str, object]] = []
     for member in members:
-        fd, data = reports[member.pid], b""
-        while b"\n" not in data and len(data) <= after_fork.MAX_REPORT:
-            left = deadline - time.monotonic()
-            if left <= 0 or not select.select([fd], [], [], left)[0]:
-                break
-            chunk = os.read(fd, 65536)
-            if not chunk:
-                break
-            data += chunk
+        line = _read_line(member, "its import report", REPORT_TIMEOUT, alarms,
+                          after_fork.MAX_REPORT + 1)
         found.append({"name": member.name, "pid": member.pid,
-                      "imported_after_fork": after_fork.parse_report(data.partition(b"\n")[0])
-                      if b"\n" in data else None})
+                      "imported_after_fork": after_fork.parse_report(line)})
     return found
 
 
 def _run_phases(report: ProbeReport, meter: OutsideMeter, others: list[tuple[str, str, int]],
-                sleepers: list[_Member], members: list[_Member],
-                idle_times: list[float]) -> list[float]:
-    """Idle samples at ``idle_times`` after all members are ready, then the working one.
-    ``sleepers`` are measured and watched but never spoken to. Returns how long each
-    sampling of all the processes took."""
-    for member in members:
-        _expect(member, "ready", STARTUP_TIMEOUT)
-    targets = others + [m.target for m in sleepers + members]
+                members: list[_Member], idle_times: list[float], alarms: Alarms
+                ) -> list[float]:
+    """Idle samples at ``idle_times`` from now (all members are ready), then the working
+    one. ``others`` are measured but never spoken to. Returns how long each sampling of
+    all the processes took."""
+    targets = others + [m.target for m in members]
     timings = []
     up = time.monotonic()
     for at in idle_times:
-        _watch_until(sleepers + members, up + at)
+        _watch_until(members, up + at, alarms)
         samples, seconds = _sample(meter, targets, "idle", at)
         report.processes.extend(samples)
         timings.append(seconds)
     for member in members:
         os.write(member.write_fd, b"w")
     for member in members:
-        _expect(member, "worked", WORK_TIMEOUT)
+        _expect(member, "worked", WORK_TIMEOUT, alarms)
     samples, seconds = _sample(meter, targets, "working", None)
     report.processes.extend(samples)
     timings.append(seconds)
@@ -355,8 +481,8 @@ def _sample(meter: OutsideMeter, targets: list[tuple[str, str, int]], phase: str
     return samples, time.perf_counter() - started
 
 
-def _summarize(report: ProbeReport, fleet: Fleet, count: int, freeze: bool, warm_up: bool,
-               floor: Memory, last_idle: float, timings: list[float]) -> dict[str, object]:
+def _summarize(report: ProbeReport, found: _Found, freeze: bool, warm_up: bool,
+               last_idle: float) -> dict[str, object]:
     def total(role: set[str], phase: str) -> int | None:
         picked = [s.memory.pss for s in report.processes if s.role in role
                   and s.phase == phase and (phase != "idle" or s.at == last_idle)]
@@ -370,12 +496,12 @@ def _summarize(report: ProbeReport, fleet: Fleet, count: int, freeze: bool, warm
     prefork_pss = total({"master", "child"}, "idle")
     baseline_pss = total({"baseline"}, "idle")
     return {
-        "fleet": fleet.name,
-        "workers": count,
+        "fleet": found.fleet,
+        "workers": len(found.children),
         "python": sys.version.split()[0],
         "freeze": freeze,
         "warm_up": warm_up,
-        "floor_rss": floor.rss,
+        "floor_rss": found.floor.rss,
         "prefork_pss": prefork_pss,
         "baseline_pss": baseline_pss,
         "ratio": round(prefork_pss / baseline_pss, 4) if prefork_pss and baseline_pss else None,
@@ -384,216 +510,96 @@ def _summarize(report: ProbeReport, fleet: Fleet, count: int, freeze: bool, warm
         "working_private": private("working"),
         "working_prefork_pss": total({"master", "child"}, "working"),
         "working_baseline_pss": total({"baseline"}, "working"),
-        "probe_seconds": round(statistics.median(timings), 6),
+        "probe_seconds": round(statistics.median(found.timings), 6),
     }
 
 
-# -- the measured processes ------------------------------------------------------------
+# -- talking to the measured processes ------------------------------------------------
 
 
-@dataclass
-class _ChildPlan:
-    """One probe child, made ready before the batch forks: its context and set-up as
-    `prefork run`'s master gives them (:meth:`prefork.master.Master._prepare_fork`)."""
-
-    worker: Worker
-    context: WorkerContext
-    title: str
-    heartbeat: tuple[HeartbeatTable, int, float] | None
-    ours: socket.socket  # the probe's end of the command socket
-    theirs: socket.socket
-    report_read: int  # its import report's pipe (prefork.after_fork)
-    report_write: int
-
-    def fds(self) -> list[int]:
-        return [self.ours.fileno(), self.theirs.fileno(), self.report_read, self.report_write]
-
-
-def _fork_all(fleet: Fleet, assignments: list[tuple[Worker, int]], close_fds: list[int],
-              heartbeats: HeartbeatTable | None, streams: journal.JournalStreams | None
-              ) -> tuple[_Member, list[_Member], dict[int, int]]:
-    """Fork a bare child, then one child per assignment as `prefork run`'s master forks
-    its workers (:meth:`prefork.master.Master._spawn_all`: everything made first, the
-    forks back to back, each child closing what belongs to the others). The bare child
-    only sleeps, in a read of its socket, until the probe says ``q`` or goes away: no
-    run_child, no prefork set-up; what it holds of its own is what a fork of this floor
-    costs by itself, and a prefork child's excess over it is prefork's. The children
-    serve the probe's commands (:func:`_serve`), not their workers. Returns the bare
-    child, the children, and each child's import report pipe (pid -> read end)."""
-    bare_ours, bare_theirs = socket.socketpair()
-    plans = [_plan_child(fleet, worker, replica, heartbeats) for worker, replica in assignments]
-    everything = [bare_ours.fileno(), bare_theirs.fileno(), *close_fds,
-                  *(fd for plan in plans for fd in plan.fds())]
-    defaults = _signal_defaults()
-    floor = frozenset(sys.modules)
-    # Made before the forks, as the master makes its (each child keeps its socket; the
-    # report's pipe run_child keeps itself).
-    closes = [[f for f in everything if f != plan.theirs.fileno()] for plan in plans]
-    flush_stdio()
-    forked: list[int] = []
-    try:
-        bare = os.fork()
-        if bare == 0:
-            _bare_child(bare_theirs.fileno(), everything)
-        forked.append(bare)
-        for plan, close in zip(plans, closes, strict=True):  # nothing else between forks
-            pid = os.fork()
-            if pid == 0:
-                fd = plan.theirs.fileno()
-                run_child(plan.context, lambda w=plan.worker, fd=fd: _serve(w, fd, fd),
-                          title=plan.title, signal_defaults=defaults, close_fds=close,
-                          heartbeat=plan.heartbeat, post_fork=fleet.post_fork,
-                          journal=streams, settings=plan.worker.process_plan,
-                          imports=(plan.report_write, floor))
-            forked.append(pid)
-    except OSError as exc:  # EAGAIN/ENOMEM: end what was forked, say so in one line
-        for pid in forked:
-            os.kill(pid, signal.SIGKILL)
-            os.waitpid(pid, 0)
-        for sock in (bare_ours, bare_theirs, *(s for p in plans for s in (p.ours, p.theirs))):
-            sock.close()
-        for plan in plans:
-            os.close(plan.report_read)
-            os.close(plan.report_write)
-        raise ProbeError(f"cannot fork: {exc.strerror}") from None
-    pids = forked[1:]
-    bare_theirs.close()
-    fd = bare_ours.detach()
-    members, reports = [], {}
-    for plan, pid in zip(plans, pids, strict=True):
-        plan.theirs.close()
-        os.close(plan.report_write)
-        fd_child = plan.ours.detach()
-        members.append(_Member("child", plan.context.label, pid, fd_child, fd_child))
-        reports[pid] = plan.report_read
-    return _Member("bare", "bare", bare, fd, fd), members, reports
-
-
-def _bare_child(fd: int, close_fds: list[int]) -> NoReturn:
-    try:
-        for other in close_fds:  # the measuring process's pipes too: it must see their EOF
-            if other != fd:
-                os.close(other)
-        os.read(fd, 1)
-    finally:
-        os._exit(0)
-
-
-def _plan_child(fleet: Fleet, worker: Worker, replica: int,
-                heartbeats: HeartbeatTable | None) -> _ChildPlan:
-    context = WorkerContext(fleet.name, worker.name, replica, os.getpid())
-    heartbeat = None
-    if heartbeats is not None and worker.timeout is not None:
-        cell = heartbeats.take()
-        heartbeats.reset(cell, time.monotonic())
-        heartbeat = (heartbeats, cell, worker.timeout / 4)
-    ours, theirs = socket.socketpair()
-    report_read, report_write = os.pipe2(os.O_CLOEXEC)
-    return _ChildPlan(worker, context, titles.probe(fleet.name, context.label), heartbeat,
-                      ours, theirs, report_read, report_write)
-
-
-def _signal_defaults() -> dict[int, Handler]:
-    """What a master's SignalInbox records at ``open()`` and its children put back: the
-    probe handles none of those signals itself, so their dispositions now."""
-    defaults: dict[int, Handler] = {}
-    for signum in HANDLED + IGNORED:
-        previous = signal.getsignal(signum)
-        if signum in IGNORED and previous not in (signal.SIG_DFL, None):
-            continue
-        defaults[signum] = signal.SIG_DFL if previous is None else previous
-    return defaults
-
-
-def _start_baseline(spec: str, assignments: list[tuple[Worker, int]]) -> list[_Member]:
+def _start_baseline(spec: str, children: list[tuple[str, int]]) -> list[_Member]:
     """K fresh interpreters, each importing the fleet as a unit of its own would."""
     env = dict(os.environ)
     # Whatever this process could import (e.g. a module:ATTR fleet in the working
     # directory), the baseline must import the same way.
     env["PYTHONPATH"] = os.pathsep.join(p or os.getcwd() for p in sys.path if p is not None)
     started: list[_Member] = []
-    for worker, replica in assignments:
-        process = subprocess.Popen(
-            [sys.executable, "-c", "from prefork.probe import baseline_main; baseline_main()",
-             spec, worker.name], stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
-        assert process.stdin is not None and process.stdout is not None
-        started.append(_Member("baseline", replica_label(worker.name, replica), process.pid,
-                               process.stdout.fileno(), process.stdin.fileno(), process))
+    try:
+        for name, replica in children:
+            process = subprocess.Popen(
+                [sys.executable, "-c", "from prefork.probe_run import baseline_main; "
+                 "baseline_main()", spec, name],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
+            assert process.stdin is not None and process.stdout is not None
+            started.append(_Member("baseline", replica_label(name, replica), process.pid,
+                                   process.stdout.fileno(), process.stdin.fileno(), process))
+    except OSError as exc:
+        _stop_baseline(started)
+        raise ProbeError(f"cannot start the baseline: {exc}") from None
     return started
 
 
-def baseline_main() -> None:
-    """A baseline process: import the fleet from ``argv[1]``, then serve worker ``argv[2]``
-    on stdin/stdout."""
-    spec, name = sys.argv[1], sys.argv[2]
-    # The protocol owns the real stdout; anything the fleet prints goes to stderr.
-    out = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        fleet = load_fleet(spec)
-        worker = next(w for w in fleet.workers if w.name == name)
-    except (FleetError, StopIteration) as exc:
-        os.write(out, f"error: {exc}\n".encode())
-        raise SystemExit(1) from None
-    _serve(worker, 0, out)
+def _await_ready(members: list[_Member], alarms: Alarms) -> list[_Member]:
+    """Wait until each member says ``ready PID``; the members with their pids."""
+    ready = []
+    for member in members:
+        word, _, pid = _read_line(member, "'ready'", STARTUP_TIMEOUT, alarms).partition(" ")
+        if word != "ready" or not pid.isdigit():
+            raise ProbeError(f"{member.role} {member.name}: {word} {pid}".rstrip())
+        ready.append(member if member.pid else dataclasses.replace(member, pid=int(pid)))
+    return ready
 
 
-def _serve(worker: Worker, read_fd: int, write_fd: int) -> None:
-    """A measured process's loop: say ``ready``; on ``w`` run the worker's warm-up and a
-    full collection and say ``worked``; end on ``q`` or when the probe goes away."""
-    os.write(write_fd, b"ready\n")
-    while True:
-        readable, _, _ = select.select([read_fd], [], [], IDLE_TICK)
-        if not readable:
-            for _ in range(IDLE_CYCLES):
-                cycle: list[object] = []
-                cycle.append(cycle)
-            continue
-        command = os.read(read_fd, 1)
-        if command in (b"", b"q"):
-            return
-        if command == b"w":
-            try:
-                if worker.warmup is not None:
-                    worker.warmup()
-                gc.collect()
-            except Exception as exc:
-                message = " ".join(f"{type(exc).__name__}: {exc}".split())
-                os.write(write_fd, f"error: {message}\n".encode())
-            else:
-                os.write(write_fd, b"worked\n")
-
-
-def _expect(member: _Member, word: str, timeout: float) -> None:
-    """Wait for ``member`` to say ``word``; raise ProbeError if it says otherwise or dies."""
+def _read_line(member: _Member, what: str, timeout: float, alarms: Alarms,
+               limit: int = 4096) -> str:
+    """One line from ``member`` (at most ``limit`` bytes); ProbeError if it does not come
+    within ``timeout``, if the member exits, or if an alarm goes off meanwhile."""
     line = b""
     deadline = time.monotonic() + timeout
     while not line.endswith(b"\n"):
         left = deadline - time.monotonic()
-        if left <= 0 or not select.select([member.read_fd], [], [], left)[0]:
-            raise ProbeError(f"{member.role} {member.name} (pid {member.pid}) did not say "
-                             f"{word!r} within {timeout:g} s")
-        chunk = os.read(member.read_fd, 4096)
+        readable = select.select([member.read_fd, *alarms], [], [], max(left, 0))[0]
+        if member.read_fd not in readable:
+            for fd in readable:
+                alarms[fd]()
+            if left <= 0 or not readable:
+                raise ProbeError(f"{member.role} {member.name} (pid {member.pid}) did not "
+                                 f"send {what} within {timeout:g} s")
+            continue
+        chunk = os.read(member.read_fd, 65536)
         if not chunk:
             raise ProbeError(f"{member.role} {member.name} (pid {member.pid}) exited "
                              "during the probe")
         line += chunk
-    text = line.decode(errors="replace").strip()
+        if len(line) > limit:
+            raise ProbeError(f"{member.role} {member.name}: more than {limit} bytes "
+                             f"instead of {what}")
+    return line.decode(errors="replace").strip()
+
+
+def _expect(member: _Member, word: str, timeout: float, alarms: Alarms) -> None:
+    """Wait for ``member`` to say ``word``; raise ProbeError if it says otherwise or dies."""
+    text = _read_line(member, repr(word), timeout, alarms)
     if text != word:
         raise ProbeError(f"{member.role} {member.name}: {text}")
 
 
-def _watch_until(members: list[_Member], deadline: float) -> None:
-    """Wait until ``deadline``; a member that speaks or dies meanwhile is an error."""
+def _watch_until(members: list[_Member], deadline: float, alarms: Alarms) -> None:
+    """Wait until ``deadline``; a member that speaks or dies, or an alarm, is an error."""
     while (left := deadline - time.monotonic()) > 0:
-        readable, _, _ = select.select([m.read_fd for m in members], [], [], left)
+        readable, _, _ = select.select([*(m.read_fd for m in members), *alarms], [], [],
+                                       left)
         for member in members:
             if member.read_fd in readable:
-                _expect(member, "(silence)", 0.1)
+                _expect(member, "(silence)", 0.1, alarms)
+        for fd in readable:
+            if fd in alarms:
+                alarms[fd]()
 
 
-def _stop(members: list[_Member]) -> None:
-    """End every member and reap it: ``q`` first, SIGKILL for one that does not go."""
+def _stop_baseline(members: list[_Member]) -> None:
+    """End every baseline process and reap it: ``q`` first, SIGKILL for one that does not
+    go."""
     for member in members:
         try:
             os.write(member.write_fd, b"q")
@@ -601,37 +607,18 @@ def _stop(members: list[_Member]) -> None:
             pass
     deadline = time.monotonic() + 5.0
     for member in members:
-        if member.process is not None:
-            _reap_popen(member.process, deadline)
-        else:
-            _reap_forked(member.pid, deadline)
-            os.close(member.read_fd)  # one socket: read_fd == write_fd
-
-
-def _reap_popen(process: subprocess.Popen[bytes], deadline: float) -> None:
-    try:
-        process.wait(max(deadline - time.monotonic(), 0))
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-    for stream in (process.stdin, process.stdout):
-        if stream is not None:
-            try:
-                stream.close()
-            except OSError:
-                pass
-
-
-def _reap_forked(pid: int, deadline: float) -> None:
-    """Wait for ``pid`` to exit (its pidfd becomes readable) until ``deadline``, then
-    SIGKILL it; reap it either way."""
-    pidfd = os.pidfd_open(pid)
-    try:
-        if not select.select([pidfd], [], [], max(deadline - time.monotonic(), 0))[0]:
-            os.kill(pid, signal.SIGKILL)
-    finally:
-        os.close(pidfd)
-    os.waitpid(pid, 0)
+        assert member.process is not None
+        try:
+            member.process.wait(max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            member.process.kill()
+            member.process.wait()
+        for stream in (member.process.stdin, member.process.stdout):
+            if stream is not None:
+                try:
+                    stream.close()
+                except OSError:
+                    pass
 
 
 # -- a running fleet -------------------------------------------------------------------
@@ -650,7 +637,8 @@ def exec_snapshot(master_pid: int, argv: list[str]) -> NoReturn:
         raise ProbeError(f"no process has pid {master_pid}")
     memfd = os.memfd_create("prefork-probe-rollups", 0)
     os.dup2(memfd, ROLLUPS_FD)  # inheritable: the shell, then argv, have it
-    flush_stdio()
+    sys.stdout.flush()
+    sys.stderr.flush()
     try:
         os.execv("/bin/sh", ["sh", "-c", SNAPSHOT, "prefork-probe", str(master_pid), *argv])
     except OSError as exc:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 
-from conftest import Events, MasterProcess, master_env
+from conftest import WAIT, Events, MasterProcess, master_env
 from prefork.memory import MIB, measure, smaps_rollup
 
 MEMORY_FIELDS = ("rss", "uss", "pss", "shared", "swap")
@@ -181,8 +184,10 @@ BAD_PROBES = [
     (["--fleet", "fleets.probed:fleet", "--runtime-dir", "/tmp"], "it needs --pid"),
     (["--fleet", "fleets.probed:broken", "--idle", "0", "--no-baseline"],
      "child w: error: RuntimeError: sample data is missing"),
+    (["--fleet", "fleets.hooked:flaky_post_fork", "--idle", "0", "--no-baseline"],
+     "child w exited during the probe (exit code"),
     (["--fleet", "fleets.probed:broken", "--warm-up"],
-     "in the master: worker w: warm-up failed: RuntimeError: sample data is missing"),
+     "worker w: warm-up failed: RuntimeError: sample data is missing"),
 ]
 
 
@@ -368,3 +373,84 @@ def test_probe_shows_what_the_warm_up_imported_after_the_fork(events: Events,
     warmed = probe_json(events, runtime_dir, "--fleet", "fleets.probed:importing",
                         "--idle", "0", "--no-baseline", "--warm-up")
     assert [c["imported_after_fork"]["count"] for c in warmed["imported_after_fork"]] == [0, 0]
+
+
+def _in_select(pid: int) -> bool:
+    """True once ``pid`` waits in select(2): a quiet_app worker in its idle loop."""
+    try:
+        wchan = Path(f"/proc/{pid}/wchan").read_text()
+    except OSError:
+        return False
+    return "select" in wchan or "poll" in wchan
+
+
+def test_probe_children_are_prefork_run_children(start_master, events: Events,
+                                                 runtime_dir: Path) -> None:
+    """On a floor like a real application's (SQLAlchemy with logging set up at import,
+    SQLModel tables, an HTTP client), the probe's idle children hold what `prefork run`'s
+    idle children hold, when they idle the same way: within 5% USS, each side's median,
+    read by the kernel just after they became idle. (A probe that forked its own children
+    was 1-5% off, one run in six beyond 5%: `prefork run`'s master is not the probe's.)"""
+    master = start_master("fleets.quiet_app:quiet")
+    master.wait_log(r"worker quiet\.2 spawned")
+    children = [child.pid for child in master.workers()]
+    assert len(children) == 3
+    deadline = time.monotonic() + WAIT
+    while not all(_in_select(pid) for pid in children):  # the kernel has no event for it
+        assert time.monotonic() < deadline, "the workers never reached their idle loop"
+        time.sleep(0.01)
+    run = statistics.median(kernel_figures(pid)["uss"] for pid in children)
+    stop(master)
+    document = probe_json(events, runtime_dir, "--fleet", "fleets.quiet_app:quiet",
+                          "--idle", "0", "--no-baseline")
+    probed = statistics.median(p["uss"] for p in pick(document, role="child", phase="idle"))
+    assert abs(probed - run) <= run * 0.05, (probed, run)
+
+
+def test_probe_relays_what_the_master_logs_but_routine(events: Events,
+                                                      runtime_dir: Path) -> None:
+    """The probe's master logs at `prefork run`'s level; its warnings (here the floor's
+    own, set up at import) reach the probe's stderr, its INFO lines do not."""
+    result = probe(events, runtime_dir, "--fleet", "fleets.app_floor:app", "--idle", "0",
+                   "--no-baseline")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == ["APP app WARNING floor imported"], result.stderr
+
+
+Background = tuple[subprocess.Popen[str], psutil.Process, list[psutil.Process]]
+
+
+def _probe_in_the_background(events: Events, runtime_dir: Path) -> Background:
+    """A probe of one idle child for a minute: the probe, its master, and what the master
+    forked (the bare fork and the child), once the child is forked."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "prefork", "probe", "--fleet", "fleets.probed:announced",
+         "--idle", "60", "--no-baseline"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env=master_env(events, runtime_dir))
+    events.wait_kind("up")
+    master, = [p for p in psutil.Process(process.pid).children()
+               if p.cmdline()[:1] == ["prefork: master [announced]"]]
+    forked = master.children()
+    assert len(forked) == 2  # the bare fork and the child
+    return process, master, forked
+
+
+def test_a_master_killed_mid_probe_is_one_line_and_nothing_is_left(events: Events,
+                                                                   runtime_dir: Path) -> None:
+    process, master, forked = _probe_in_the_background(events, runtime_dir)
+    master.kill()
+    _, stderr = process.communicate(timeout=WAIT)
+    assert process.returncode == 2
+    assert stderr.splitlines() == [
+        "prefork: error: prefork run exited during the probe (killed by signal 9)"], stderr
+    _, alive = psutil.wait_procs(forked, timeout=WAIT)
+    assert not alive  # the child by its parent-death signal, the bare fork by its socket
+
+
+def test_a_probe_killed_leaves_nothing_behind(events: Events, runtime_dir: Path) -> None:
+    process, master, forked = _probe_in_the_background(events, runtime_dir)
+    process.kill()
+    process.communicate(timeout=WAIT)
+    # Its sockets closed: the child and the bare fork end, then the master (restart never).
+    _, alive = psutil.wait_procs([master, *forked], timeout=WAIT)
+    assert not alive

@@ -4,7 +4,7 @@ one whose warm-up allocates nothing."""
 from __future__ import annotations
 
 from fleets.common import emit, idle_forever
-from prefork import Fleet, Worker
+from prefork import Fleet, Worker, WorkerContext
 
 HOG_BYTES = 50 * 1024 * 1024
 # The floor both workers share: ~16 MiB of objects made at import, in the master.
@@ -42,3 +42,11 @@ broken = Fleet("broken-warmup", [Worker("w", idle_forever, warmup=broken_warmup)
 plain = Fleet("plain", [Worker("w", idle_forever)])
 importing = Fleet("importing", [Worker("importer", idle_forever, warmup=importing_warmup),
                                 Worker("calm", idle_forever, warmup=calm_warmup)])
+
+
+def announce(worker: WorkerContext) -> None:
+    emit("up", worker=worker.label)
+
+
+# Says when each child is forked (the bare fork is made just before).
+announced = Fleet("announced", [Worker("w", idle_forever)], post_fork=announce)
