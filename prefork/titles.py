@@ -2,8 +2,6 @@
 
     prefork: master [FLEET]
     prefork: worker LABEL [FLEET]     (LABEL: indexer, indexer.1, ...)
-    prefork: probe [FLEET]            (the probe's own master)
-    prefork: probe LABEL [FLEET]      (a child the probe measures)
 
 ``setproctitle`` pads the title with spaces to the length of the original command line,
 so :func:`parse` strips before it reads.
@@ -17,9 +15,9 @@ _PREFIX = "prefork: "
 
 
 class Title(NamedTuple):
-    role: str  # "master", "worker" or "probe"
+    role: str  # "master" or "worker"
     fleet: str
-    label: str | None  # a worker's label; None for a master (the probe's too)
+    label: str | None  # a worker's label; None for a master
 
 
 def master(fleet: str) -> str:
@@ -30,10 +28,6 @@ def worker(label: str, fleet: str) -> str:
     return f"{_PREFIX}worker {label} [{fleet}]"
 
 
-def probe(fleet: str, label: str | None = None) -> str:
-    return f"{_PREFIX}probe [{fleet}]" if label is None else f"{_PREFIX}probe {label} [{fleet}]"
-
-
 def parse(title: str) -> Title | None:
     """What a title built here says, or None for any other process's command line."""
     text = title.strip()
@@ -41,6 +35,6 @@ def parse(title: str) -> Title | None:
         return None
     head, _, fleet = text[len(_PREFIX):-1].rpartition(" [")
     role, _, label = head.partition(" ")
-    if (role == "master" and not label) or (role == "worker" and label) or role == "probe":
+    if (role == "master" and not label) or (role == "worker" and label):
         return Title(role, fleet, label or None)
     return None

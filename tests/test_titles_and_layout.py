@@ -17,8 +17,6 @@ from prefork import titles
 @pytest.mark.parametrize(("title", "role", "fleet", "label"), [
     (titles.master("cpu"), "master", "cpu", None),
     (titles.worker("indexer.1", "app.fleet"), "worker", "app.fleet", "indexer.1"),
-    (titles.probe("cpu"), "probe", "cpu", None),
-    (titles.probe("cpu", "clusterer"), "probe", "cpu", "clusterer"),
     # setproctitle pads to the original command line's length: the padding is not a name.
     (titles.master("sbsfleet.fleet") + " " * 47, "master", "sbsfleet.fleet", None),
 ])
