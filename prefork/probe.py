@@ -268,12 +268,13 @@ def _probe_prefork(report: ProbeReport, meter: OutsideMeter, master: ProbedMaste
     fleet, children, fds = master.receive_children()
     floor = _measure(meter, [master.pid])[0]
     master.go()
-    bare = master.receive_bare(fds[0])
+    bare, sleeper = master.receive_sleepers(fds[0], fds[1])
     alarms = master.alarms()
     members = [_Member("child", replica_label(name, replica), 0, fd, fd)
-               for (name, replica), fd in zip(children, fds[1:], strict=True)]
+               for (name, replica), fd in zip(children, fds[2:], strict=True)]
     members = _await_ready(members, alarms)
-    targets = [("master", "master", master.pid), ("bare", "bare", bare)]
+    targets = [("master", "master", master.pid), ("bare", "bare", bare),
+               ("sleeper", "sleeper", sleeper)]
     timings = _run_phases(report, meter, targets, members, idle_times, alarms)
     report.imported_after_fork = _import_reports(members, alarms)
     return _Found(fleet, children, floor, timings)
@@ -290,7 +291,8 @@ class ProbedMaster:
         self.directory = tempfile.mkdtemp(prefix="prefork-probe-")  # its runtime dir
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _clean_up)
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self._bare_write = self._bare_pidfd = -1
+        self._sleeper_fds: list[int] = []  # the probe's ends: the bare fork's, the sleeper's
+        self._bare_pidfd = -1
         argv = [sys.executable, "-m", "prefork", "run", "--fleet", spec,
                 "--runtime-dir", self.directory,
                 "--freeze" if freeze else "--no-freeze",
@@ -313,9 +315,9 @@ class ProbedMaster:
         self.pidfd = os.pidfd_open(self.pid)
 
     def receive_children(self) -> tuple[str, list[tuple[str, int]], list[int]]:
-        """The fleet's name, the children's (worker, replica), and the probe's ends: the
-        bare child's pipe, then one socket per child. Sent by the master's last
-        ``pre_fork`` before its first batch of forks."""
+        """The fleet's name, the children's (worker, replica), and the probe's ends of a
+        socket pair for the bare child, one for the sleeper, one per child. Sent just
+        before the master's first fork."""
         message, fds = self._receive(STARTUP_TIMEOUT)
         try:
             header = json.loads(message)
@@ -323,7 +325,7 @@ class ProbedMaster:
             children = [(str(name), int(replica)) for name, replica in header["children"]]
         except (ValueError, KeyError, TypeError) as exc:
             raise ProbeError(f"the master said something else: {exc}") from None
-        while len(fds) < 1 + len(children):
+        while len(fds) < 2 + len(children):
             more, chunk = self._receive(STARTUP_TIMEOUT)
             if more != b"+" or not chunk:
                 raise ProbeError("the master sent too few descriptors")
@@ -334,18 +336,23 @@ class ProbedMaster:
         """The floor is read: the master may fork."""
         self.sock.send(b"g")
 
-    def receive_bare(self, fd: int) -> int:
-        """The bare fork's pid, which it says on ``fd``; it sleeps until ``fd`` is closed
-        (:meth:`stop`)."""
-        self._bare_write = fd
-        readable, _, _ = select.select([fd, self.pidfd], [], [], STARTUP_TIMEOUT)
-        said = os.read(fd, 32) if fd in readable else b""
-        if not said.isdigit():
-            if self.pidfd in readable:
-                self._exited()
-            raise ProbeError("the master's bare fork did not say its pid")
-        self._bare_pidfd = os.pidfd_open(int(said))
-        return int(said)
+    def receive_sleepers(self, bare: int, sleeper: int) -> tuple[int, int]:
+        """The pids of the bare fork and the sleeper, which each says on its socket
+        (``bare``, ``sleeper``); they sleep until those are closed (:meth:`stop`)."""
+        self._sleeper_fds = [bare, sleeper]
+        alarms = self.alarms()
+        pids = []
+        for fd, name in ((bare, "bare fork"), (sleeper, "sleeper")):
+            readable, _, _ = select.select([fd, *alarms], [], [], STARTUP_TIMEOUT)
+            said = os.read(fd, 32) if fd in readable else b""
+            if not said.isdigit():
+                for alarm in readable:
+                    if alarm in alarms:
+                        alarms[alarm]()
+                raise ProbeError(f"the master's {name} did not say its pid")
+            pids.append(int(said))
+        self._bare_pidfd = os.pidfd_open(pids[0])
+        return pids[0], pids[1]
 
     def alarms(self) -> Alarms:
         """The master exits, one of its children exits, or the bare fork exits."""
@@ -397,9 +404,9 @@ class ProbedMaster:
         """End the bare fork, SIGTERM the master (it stops its workers), SIGKILL it all if
         that takes longer than :data:`STOP_TIMEOUT`; reap the master, remove its runtime
         directory; copy its log to stderr if ``relay_log``."""
-        if self._bare_write >= 0:
-            os.close(self._bare_write)
-            self._bare_write = -1
+        for fd in self._sleeper_fds:
+            os.close(fd)
+        self._sleeper_fds = []
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)
             try:
@@ -507,6 +514,7 @@ def _summarize(report: ProbeReport, found: _Found, freeze: bool, warm_up: bool,
         "ratio": round(prefork_pss / baseline_pss, 4) if prefork_pss and baseline_pss else None,
         "idle_private": private("idle"),
         "bare_idle_private": private("idle", "bare"),
+        "sleeper_idle_private": private("idle", "sleeper"),
         "working_private": private("working"),
         "working_prefork_pss": total({"master", "child"}, "working"),
         "working_baseline_pss": total({"baseline"}, "working"),
@@ -709,6 +717,7 @@ def probe_running(master_pid: int, rollups_fd: int, runtime_dir: Path, *,
         "ratio": None,
         "idle_private": int(statistics.median(children_uss)) if children_uss else None,
         "bare_idle_private": None,
+        "sleeper_idle_private": None,
         "working_private": None,
         "working_prefork_pss": None,
         "working_baseline_pss": None,

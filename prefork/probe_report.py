@@ -17,7 +17,7 @@ SCHEMA_VERSION = 1
 class Sample:
     """One process's memory at one moment of the probe."""
 
-    role: str  # "master", "child", "bare" (a bare os.fork() child) or "baseline"
+    role: str  # "master", "child", "bare" (a bare os.fork()), "sleeper" or "baseline"
     name: str  # the worker's label, or "master"
     pid: int
     phase: str  # "idle", "working" or "live"
@@ -114,12 +114,18 @@ def _summary_lines(summary: dict[str, object]) -> list[str]:
         line += f", {mib('working_private')} working"
     lines.append(line)
     if summary.get("bare_idle_private") is not None:
-        cost = int(summary["idle_private"]) - int(summary["bare_idle_private"])  # type: ignore[call-overload]
-        bare = int(summary["bare_idle_private"]) / MIB  # type: ignore[call-overload]
-        lines.append(f"a bare os.fork() child of the same floor, idle: {bare:.2f} MiB "
-                     f"private; prefork's own cost per idle child: {cost / MIB:+.2f} MiB")
+        bare = int(summary["bare_idle_private"])  # type: ignore[call-overload]
+        lines.append(f"a bare os.fork() child of the same floor, idle: {bare / MIB:.2f} MiB "
+                     "private")
+        if summary.get("sleeper_idle_private") is not None:
+            sleeper = int(summary["sleeper_idle_private"])  # type: ignore[call-overload]
+            loop = int(summary["idle_private"]) - sleeper  # type: ignore[call-overload]
+            lines.append(f"prefork's own cost per child: {(sleeper - bare) / MIB:+.2f} MiB (a "
+                         f"prefork child that sleeps as the bare fork does); the idle loop's: "
+                         f"{loop / MIB:+.2f} MiB more")
     if summary.get("probe_seconds") is not None:
-        count = int(summary["workers"]) + 2  # type: ignore[call-overload]  # master, bare
+        # the master, the bare fork and the sleeper
+        count = int(summary["workers"]) + 3  # type: ignore[call-overload]
         lines.append(f"measuring {count} processes took "
                      f"{summary['probe_seconds'] * 1000:.1f} ms")  # type: ignore[operator]
     return lines

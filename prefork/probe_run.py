@@ -11,8 +11,9 @@ never imports the floor).
 
 The probe's socket ``FD`` (``SOCK_SEQPACKET``, one message each) carries, from the
 master: once, just before its first fork, the fleet's name and the children's
-(worker, replica) with the probe's ends of one socket pair for the bare child and one
-per child (more in ``+`` messages past :data:`MAX_FDS`); then ``exited LABEL: HOW`` for
+(worker, replica) with the probe's ends of one socket pair for the bare child, one for
+the sleeper (:data:`SLEEPER`) and one per child (more in ``+`` messages past
+:data:`MAX_FDS`); then ``exited LABEL: HOW`` for
 each worker that exits. From the probe: ``g`` once it has read the floor's memory.
 """
 
@@ -41,6 +42,9 @@ from prefork.heartbeats import heartbeat
 IDLE_TICK = 0.1
 IDLE_CYCLES = 100
 MAX_FDS = 200  # descriptors per message (the kernel takes at most 253)
+# A prefork child that only sleeps, as the bare fork does: the difference between the two
+# is what prefork's own set-up of a child costs.
+SLEEPER = "prefork-sleeper"
 
 log = logging.getLogger("prefork")
 
@@ -62,6 +66,7 @@ class ProbeLink:
         children = assignments(fleet.workers, len(fleet.workers) if count is None else count)
         self.children = [(worker.name, replica) for worker, replica in children]
         self.ends: dict[tuple[str, int], int] = {}  # (name, replica) -> the child's end
+        self.sleeper_end = -1
         replicas: dict[str, int] = {}
         for worker, _ in children:
             replicas[worker.name] = replicas.get(worker.name, 0) + 1
@@ -70,16 +75,26 @@ class ProbeLink:
             max_replicas=None, restart="never", after=(), max_private_memory=None,
             max_age=None, max_age_jitter=None)
             for worker in fleet.workers if worker.name in replicas]
-        user_exit = fleet.worker_exit
+        if any(worker.name == SLEEPER for worker in workers):
+            raise FleetError(f"prefork probe adds a worker named {SLEEPER!r}: the fleet has "
+                             "one already")
+        # First: forked right after the bare fork.
+        workers.insert(0, Worker(SLEEPER, self._sleep, restart="never"))
+        user_exit, user_post_fork = fleet.worker_exit, fleet.post_fork
 
         def worker_exit(context: WorkerContext, status: Any) -> None:
             self._exited(context, status)
             if user_exit is not None:
                 user_exit(context, status)
 
+        def post_fork(context: WorkerContext) -> None:
+            if context.name != SLEEPER:  # the user's hook is not prefork's cost
+                user_post_fork(context)  # type: ignore[misc]
+
         self.fleet = dataclasses.replace(
             fleet, workers=tuple(workers), restart="never", max_private_memory=None,
-            max_age=None, worker_exit=worker_exit).validate()
+            max_age=None, worker_exit=worker_exit,
+            post_fork=None if user_post_fork is None else post_fork).validate()
 
     def before_first_fork(self) -> None:
         """Hand the probe its ends, wait until it has read the floor, fork the bare child.
@@ -88,7 +103,9 @@ class ProbeLink:
         the bare child's alone."""
         try:
             bare, theirs = socket.socketpair()
-            ours = [bare.detach()]
+            sleeper, self_end = socket.socketpair()
+            self.sleeper_end = self_end.detach()
+            ours = [bare.detach(), sleeper.detach()]
             for key in self.children:
                 mine, child = socket.socketpair()
                 self.ends[key] = child.detach()
@@ -106,6 +123,11 @@ class ProbeLink:
             theirs.close()
         except OSError as exc:  # its workers see the probe's ends closed, and exit
             log.error("prefork probe: %s", exc)
+
+    def _sleep(self) -> None:
+        """The sleeper's code: the bare fork's, after prefork's set-up of a worker."""
+        os.write(self.sleeper_end, b"%d" % os.getpid())
+        os.read(self.sleeper_end, 1)
 
     def _exited(self, context: WorkerContext, status: Any) -> None:
         try:

@@ -103,7 +103,7 @@ def test_json_has_the_documented_shape(events: Events, runtime_dir: Path) -> Non
             for c in document["imported_after_fork"]] == [("hog", 0), ("calm", 0), ("hog.1", 0)]
     for process in document["processes"]:
         assert set(process) == {"role", "name", "pid", "phase", "at", *MEMORY_FIELDS}
-        assert process["role"] in {"master", "bare", "child", "baseline"}
+        assert process["role"] in {"master", "bare", "sleeper", "child", "baseline"}
         assert process["phase"] in {"idle", "working"}
         assert (process["at"] is None) == (process["phase"] == "working")
         for field in MEMORY_FIELDS:
@@ -111,15 +111,17 @@ def test_json_has_the_documented_shape(events: Events, runtime_dir: Path) -> Non
         assert process["shared"] == process["rss"] - process["uss"]
     # 3 children cycle through 2 workers; each group sampled at 0 s, 0.2 s and working.
     names = ["hog", "calm", "hog.1"]
-    for role, expected in (("master", ["master"]), ("bare", ["bare"]), ("child", names),
-                           ("baseline", names)):
+    for role, expected in (("master", ["master"]), ("bare", ["bare"]), ("sleeper", ["sleeper"]),
+                           ("child", names), ("baseline", names)):
         for phase, at in (("idle", 0), ("idle", 0.2), ("working", None)):
             assert [p["name"] for p in pick(document, role=role, phase=phase, at=at)] == expected
     children = {p["pid"] for p in pick(document, role="child")}
     baseline = {p["pid"] for p in pick(document, role="baseline")}
     bare = {p["pid"] for p in pick(document, role="bare")}
-    assert len(children) == len(baseline) == 3 and len(bare) == 1
-    assert not children & baseline and not bare & (children | baseline)
+    sleeper = {p["pid"] for p in pick(document, role="sleeper")}
+    assert len(children) == len(baseline) == 3 and len(bare) == len(sleeper) == 1
+    assert not children & baseline and not bare & (children | baseline | sleeper)
+    assert not sleeper & (children | baseline)
     summary = document["summary"]
     assert summary["python"] == sys.version.split()[0]
     assert summary["freeze"] is True and summary["warm_up"] is False
@@ -129,6 +131,8 @@ def test_json_has_the_documented_shape(events: Events, runtime_dir: Path) -> Non
                                          if p["role"] in ("master", "child"))
     bare_idle, = pick(document, role="bare", phase="idle", at=0.2)
     assert summary["bare_idle_private"] == bare_idle["uss"]
+    sleeper_idle, = pick(document, role="sleeper", phase="idle", at=0.2)
+    assert summary["sleeper_idle_private"] == sleeper_idle["uss"]
     assert summary["baseline_pss"] == sum(p["pss"] for p in idle_last if p["role"] == "baseline")
     assert summary["ratio"] == pytest.approx(summary["prefork_pss"] / summary["baseline_pss"],
                                              abs=1e-4)
@@ -186,6 +190,8 @@ BAD_PROBES = [
      "child w: error: RuntimeError: sample data is missing"),
     (["--fleet", "fleets.hooked:flaky_post_fork", "--idle", "0", "--no-baseline"],
      "child w exited during the probe (exit code"),
+    (["--fleet", "fleets.probed:clash", "--idle", "0"],
+     "prefork probe adds a worker named 'prefork-sleeper': the fleet has one already"),
     (["--fleet", "fleets.probed:broken", "--warm-up"],
      "worker w: warm-up failed: RuntimeError: sample data is missing"),
 ]
@@ -289,7 +295,7 @@ def test_every_figure_is_the_kernels_at_the_same_moment(events: Events, runtime_
                 assert low - low / 100 <= row[field] <= high + high / 100, (
                     field, before, after, row)
                 agreed[row["role"]] = agreed.get(row["role"], 0) + 1
-    assert set(agreed) == {"master", "bare", "child", "baseline"}, agreed
+    assert set(agreed) == {"master", "bare", "sleeper", "child", "baseline"}, agreed
     assert agreed["master"] >= 6, agreed  # the master's USS, PSS, swap and RSS at least twice
 
 
@@ -422,7 +428,7 @@ Background = tuple[subprocess.Popen[str], psutil.Process, list[psutil.Process]]
 
 def _probe_in_the_background(events: Events, runtime_dir: Path) -> Background:
     """A probe of one idle child for a minute: the probe, its master, and what the master
-    forked (the bare fork and the child), once the child is forked."""
+    forked (the bare fork, the sleeper and the child), once the child is forked."""
     process = subprocess.Popen(
         [sys.executable, "-m", "prefork", "probe", "--fleet", "fleets.probed:announced",
          "--idle", "60", "--no-baseline"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -431,7 +437,7 @@ def _probe_in_the_background(events: Events, runtime_dir: Path) -> Background:
     master, = [p for p in psutil.Process(process.pid).children()
                if p.cmdline()[:1] == ["prefork: master [announced]"]]
     forked = master.children()
-    assert len(forked) == 2  # the bare fork and the child
+    assert len(forked) == 3  # the bare fork, the sleeper and the child
     return process, master, forked
 
 
@@ -444,7 +450,7 @@ def test_a_master_killed_mid_probe_is_one_line_and_nothing_is_left(events: Event
     assert stderr.splitlines() == [
         "prefork: error: prefork run exited during the probe (killed by signal 9)"], stderr
     _, alive = psutil.wait_procs(forked, timeout=WAIT)
-    assert not alive  # the child by its parent-death signal, the bare fork by its socket
+    assert not alive  # the children by their parent-death signal, the bare fork by its socket
 
 
 def test_a_probe_killed_leaves_nothing_behind(events: Events, runtime_dir: Path) -> None:

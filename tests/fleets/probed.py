@@ -40,6 +40,8 @@ fleet = Fleet("probed", [Worker("hog", idle_forever, warmup=hog_warmup),
                          Worker("calm", idle_forever, warmup=calm_warmup)])
 broken = Fleet("broken-warmup", [Worker("w", idle_forever, warmup=broken_warmup)])
 plain = Fleet("plain", [Worker("w", idle_forever)])
+# Has a worker with the name the probe gives its sleeper.
+clash = Fleet("clash", [Worker("prefork-sleeper", idle_forever)])
 importing = Fleet("importing", [Worker("importer", idle_forever, warmup=importing_warmup),
                                 Worker("calm", idle_forever, warmup=calm_warmup)])
 
