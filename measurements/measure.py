@@ -9,7 +9,7 @@ refreshes) a venv ``.venv-measure/X.Y`` with prefork and its ``measure`` extra, 
 - runs the peer, gunicorn ``--preload`` with 8 sync workers on the same floor
   (``gunicorn_app.py``), and samples its master and workers at 0, 10 and 60 s after the
   workers are up, with the same measuring process the probe uses
-  (``prefork.probe.OutsideMeter``).
+  (``prefork.probe_measure.OutsideMeter``).
 
 It writes ``memory.json`` (every raw probe document and gunicorn sample), ``memory.md``
 (tables, findings and targets, all derived from the numbers, so a rerun updates them)
@@ -45,8 +45,8 @@ from typing import Any
 import psutil
 from machine import describe_machine
 
-from prefork.memory import MemoryUnavailable
-from prefork.probe import OutsideMeter, ProbeError
+from prefork.probe_measure import OutsideMeter, ProbeError
+from prefork.probe_report import fleet_pss
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
@@ -318,14 +318,14 @@ def run_gunicorn(interp: Interpreter, idle: Sequence[float], workers: int,
                     began = time.perf_counter()
                     try:
                         memories = meter.measure_all(pids)
-                    except (MemoryUnavailable, ProbeError) as exc:
+                    except ProbeError as exc:
                         raise RuntimeError(f"gunicorn: {exc}") from None
                     took = time.perf_counter() - began
                     rows = []
                     for pid, memory in zip(pids, memories, strict=True):
                         role = "master" if pid == proc.pid else "worker"
                         rows.append({"role": role, "name": role, "pid": pid, "phase": "idle",
-                                     "at": time.monotonic() - up, **memory.as_dict()})
+                                     "at": time.monotonic() - up, **memory})
                     processes += rows
                     samples.append({"at": at, "processes": len(rows),
                                     "measure_seconds": took})
@@ -406,8 +406,7 @@ def derive_probe(doc: Json, idle: Sequence[float]) -> Json:
     for at in idle:
         here = [r for r in rows if r["phase"] == "idle" and nearest(r["at"], idle) == at]
         children = [r for r in here if r["role"] == "child"]
-        out[f"fleet_pss_{tag(at)}"] = sum_or_none(
-            [r["pss"] for r in here if r["role"] in ("master", "child")])
+        out[f"fleet_pss_{tag(at)}"] = fleet_pss((r["role"], r["pss"], r["uss"]) for r in here)
         out[f"children_{tag(at)}"] = len(children)
         out[f"idle_private_{tag(at)}"] = median_or_none([r["uss"] for r in children])
         out[f"idle_private_max_{tag(at)}"] = max((r["uss"] for r in children), default=None)
@@ -507,8 +506,8 @@ def check_probe(doc: Json, idle: Sequence[float], workers: int, baseline: bool) 
     if d[f"fleet_pss_{last}"] is not None and summary.get("prefork_pss") is not None:
         diff = abs(d[f"fleet_pss_{last}"] - summary["prefork_pss"])
         if diff > 64 * 1024:
-            problems.append(f"summary prefork_pss {summary['prefork_pss']} != master + "
-                            f"children PSS at {idle[-1]:g} s {d[f'fleet_pss_{last}']}")
+            problems.append(f"summary prefork_pss {summary['prefork_pss']} != the fleet's "
+                            f"PSS at {idle[-1]:g} s {d[f'fleet_pss_{last}']}")
     if baseline:
         if summary.get("baseline_pss") is None:
             problems.append("no baseline_pss although --baseline")

@@ -243,6 +243,8 @@ def run(
 @click.option("--json", "as_json", is_flag=True, help="One JSON document (see the README).")
 # --pid's second step: the figures a shell wrote to this descriptor (prefork.probe).
 @click.option("--rollups-fd", type=click.IntRange(min=3), default=None, hidden=True)
+# A new fleet's second step: what the measuring process measured (prefork.probe).
+@click.option("--figures-fd", type=click.IntRange(min=3), default=None, hidden=True)
 @click.pass_context
 def probe(
     ctx: click.Context,
@@ -256,10 +258,19 @@ def probe(
     runtime_dir: Path | None,
     as_json: bool,
     rollups_fd: int | None,
+    figures_fd: int | None,
 ) -> None:
     """Measure how much of each worker's memory is shared with the master and how much
     is its own (RSS, USS, PSS, shared, swap), against one fresh interpreter per worker."""
-    from prefork.probe import ROLLUPS_FD, ProbeError, exec_snapshot, probe_fleet, probe_running
+    from prefork.probe import (
+        FIGURES_FD,
+        ROLLUPS_FD,
+        ProbeError,
+        exec_measure,
+        exec_snapshot,
+        probe_running,
+        report_from,
+    )
     from prefork.probe_report import format_report
 
     try:
@@ -287,9 +298,16 @@ def probe(
         else:
             if runtime_dir is not None:
                 raise CliError("--runtime-dir is where --pid's master listens: it needs --pid")
-            import_from_working_directory()  # the baseline imports from here too
-            report = probe_fleet(fleet_spec, workers=workers, idle=idle or (1.0,),
-                                 freeze=freeze, warm_up=warm_up, baseline=baseline)
+            if figures_fd is None:  # measure with nothing of ours alive, then come back
+                import_from_working_directory()  # the baseline imports from here too
+                exec_measure(fleet_spec, workers=workers, idle=idle or (1.0,), freeze=freeze,
+                             warm_up=warm_up, baseline=baseline, argv=[
+                                 sys.executable, "-m", "prefork", "probe",
+                                 "--figures-fd", str(FIGURES_FD),
+                                 "--freeze" if freeze else "--no-freeze",
+                                 "--warm-up" if warm_up else "--no-warm-up",
+                                 *(["--json"] if as_json else [])])
+            report = report_from(figures_fd, freeze=freeze, warm_up=warm_up)
     except ProbeError as exc:
         raise CliError(str(exc)) from None
     if as_json:

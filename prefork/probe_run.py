@@ -32,8 +32,9 @@ from typing import Any, NoReturn
 
 from prefork import after_fork
 from prefork.child import WorkerContext, current_worker
-from prefork.fleet import Fleet, FleetError, Worker, load_fleet
+from prefork.fleet import Fleet, FleetError, Worker, load_fleet, replica_label
 from prefork.heartbeats import heartbeat
+from prefork.probe_measure import MAX_FDS
 
 # An idle child wakes this often and leaves some reference cycles behind, as a polling
 # loop does (exceptions, futures, frames): only the collector frees those, so its
@@ -41,7 +42,6 @@ from prefork.heartbeats import heartbeat
 # freed by reference counting alone would never trigger one.
 IDLE_TICK = 0.1
 IDLE_CYCLES = 100
-MAX_FDS = 200  # descriptors per message (the kernel takes at most 253)
 # A prefork child that only sleeps, as the bare fork does: the difference between the two
 # is what prefork's own set-up of a child costs.
 SLEEPER = "prefork-sleeper"
@@ -62,7 +62,11 @@ class ProbeLink:
     master's ``before_first_fork``. Raises :class:`FleetError`."""
 
     def __init__(self, fd: int, fleet: Fleet, count: int | None) -> None:
-        self.sock = socket.socket(fileno=fd)
+        try:
+            self.sock = socket.socket(fileno=fd)
+        except OSError as exc:
+            raise FleetError(f"--probe-fd {fd}: {exc.strerror} (it is for prefork probe "
+                             "alone)") from None
         children = assignments(fleet.workers, len(fleet.workers) if count is None else count)
         self.children = [(worker.name, replica) for worker, replica in children]
         self.ends: dict[tuple[str, int], int] = {}  # (name, replica) -> the child's end
@@ -102,15 +106,18 @@ class ProbeLink:
         child is forked with the workers, or what the master writes in between would be
         the bare child's alone."""
         try:
-            bare, theirs = socket.socketpair()
-            sleeper, self_end = socket.socketpair()
-            self.sleeper_end = self_end.detach()
-            ours = [bare.detach(), sleeper.detach()]
+            bare_ours, bare_theirs = socket.socketpair()
+            sleeper_ours, sleeper_theirs = socket.socketpair()
+            self.sleeper_end = sleeper_theirs.detach()
+            ours = [bare_ours.detach(), sleeper_ours.detach()]
             for key in self.children:
                 mine, child = socket.socketpair()
                 self.ends[key] = child.detach()
                 ours.append(mine.detach())
-            header = json.dumps({"fleet": self.fleet.name, "children": self.children})
+            header = json.dumps({
+                "fleet": self.fleet.name, "max_report": after_fork.MAX_REPORT,
+                "children": [(name, replica, replica_label(name, replica))
+                             for name, replica in self.children]})
             socket.send_fds(self.sock, [header.encode()], ours[:MAX_FDS])
             for start in range(MAX_FDS, len(ours), MAX_FDS):
                 socket.send_fds(self.sock, [b"+"], ours[start:start + MAX_FDS])
@@ -119,8 +126,8 @@ class ProbeLink:
             if self.sock.recv(16) != b"g":
                 raise OSError("the probe went away")
             if os.fork() == 0:
-                _bare(theirs.fileno())
-            theirs.close()
+                _bare(bare_theirs.fileno())
+            bare_theirs.close()
         except OSError as exc:  # its workers see the probe's ends closed, and exit
             log.error("prefork probe: %s", exc)
 

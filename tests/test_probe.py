@@ -127,8 +127,12 @@ def test_json_has_the_documented_shape(events: Events, runtime_dir: Path) -> Non
     assert summary["freeze"] is True and summary["warm_up"] is False
     assert summary["workers"] == 3 and summary["fleet"] == "probed"
     idle_last = pick(document, phase="idle", at=0.2)
-    assert summary["prefork_pss"] == sum(p["pss"] for p in idle_last
-                                         if p["role"] in ("master", "child"))
+    # The fleet's PSS, and what the bare fork and the sleeper took of its shared pages
+    # (their PSS less their USS): the fleet would not have them.
+    fleet = sum(p["pss"] for p in idle_last if p["role"] in ("master", "child"))
+    beside = [p for p in idle_last if p["role"] in ("bare", "sleeper")]
+    assert len(beside) == 2 and all(p["pss"] > p["uss"] for p in beside)
+    assert summary["prefork_pss"] == fleet + sum(p["pss"] - p["uss"] for p in beside)
     bare_idle, = pick(document, role="bare", phase="idle", at=0.2)
     assert summary["bare_idle_private"] == bare_idle["uss"]
     sleeper_idle, = pick(document, role="sleeper", phase="idle", at=0.2)
@@ -228,13 +232,13 @@ for line in sys.stdin:
     print(" ".join(out), flush=True)
 """
 
-# Runs `prefork probe ARGS`, with the checker reading every process the probe samples
-# just before and just after each of the probe's own reads; writes those windows, and
-# any smaps file the probe's own process opened, as JSON.
+# Runs the probe's measuring process (as `prefork probe ... --json` does), with the
+# checker reading every process the probe samples just before and just after each of the
+# probe's own reads; writes those windows, and any smaps file the measuring process itself
+# opened, as JSON.
 DRIVER = r"""
 import builtins, json, os, subprocess, sys
-import prefork.probe as probe
-from prefork.cli import main
+import prefork.probe_measure as probe
 opened, real_open = [], builtins.open
 def watched_open(file, *args, **kwargs):
     if "smaps" in str(file):
@@ -253,12 +257,13 @@ def checked(*args):
     pids = [pid for _, _, pid in args[-3]]  # _sample(..., targets, phase, at)
     before = read(pids)
     samples, seconds = sample(*args)
-    windows.append({"before": before, "after": read(pids),
-                    "probe": [s.as_dict() for s in samples]})
+    windows.append({"before": before, "after": read(pids), "probe": samples})
     return samples, seconds
 probe._sample = checked
 try:
-    main(sys.argv[1:])
+    probe.measure("fleets.probed:fleet", workers=None, idle=[0, 0.3, 0.6, 0.9, 1.2],
+                  freeze=True, warm_up=False, baseline=True,
+                  pythonpath=os.pathsep.join(sys.path))
 finally:
     with open(os.environ["WINDOWS"], "w") as out:
         json.dump({"windows": windows, "opened": opened}, out)
@@ -271,10 +276,8 @@ def test_every_figure_is_the_kernels_at_the_same_moment(events: Events, runtime_
     the master carried the probe's reading thread pool (+11-12% USS on a real floor)."""
     windows_file = tmp_path / "windows.json"
     env = master_env(events, runtime_dir, CHECKER=CHECKER, WINDOWS=str(windows_file))
-    idle = [arg for at in ("0", "0.3", "0.6", "0.9", "1.2") for arg in ("--idle", at)]
-    result = subprocess.run([sys.executable, "-c", DRIVER, "probe", "--fleet",
-                             "fleets.probed:fleet", *idle, "--json"],
-                            capture_output=True, text=True, timeout=50, env=env)
+    result = subprocess.run([sys.executable, "-c", DRIVER], capture_output=True, text=True,
+                            timeout=50, env=env)
     assert result.returncode == 0, result.stderr
     document = json.loads(windows_file.read_text())
     assert document["opened"] == []  # the probe's process read no smaps file itself
@@ -459,4 +462,20 @@ def test_a_probe_killed_leaves_nothing_behind(events: Events, runtime_dir: Path)
     process.communicate(timeout=WAIT)
     # Its sockets closed: the child and the bare fork end, then the master (restart never).
     _, alive = psutil.wait_procs([master, *forked], timeout=WAIT)
+    assert not alive
+
+
+def test_nothing_of_the_cli_is_alive_beside_the_master(events: Events,
+                                                       runtime_dir: Path) -> None:
+    """While the probe measures, its process is the measuring process alone: the standard
+    library, no prefork package, no psutil and no libcrypto mapped (beside a master, the
+    CLI took 3 MiB of libcrypto's pages out of the master's USS)."""
+    process, master, _ = _probe_in_the_background(events, runtime_dir)
+    maps = Path(f"/proc/{process.pid}/maps").read_text()
+    for library in ("_psutil_linux", "_hashlib", "libcrypto", "_setproctitle"):
+        assert library not in maps, library
+    assert psutil.Process(process.pid).cmdline()[1:3] == ["-I", "-S"]
+    process.kill()
+    process.communicate(timeout=WAIT)
+    _, alive = psutil.wait_procs([master], timeout=WAIT)
     assert not alive
