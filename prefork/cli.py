@@ -190,6 +190,9 @@ def run(
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart, max_private_memory, max_age)
         probe = None
+        if probe_workers is not None and probe_fd is None:
+            raise FleetError("--probe-workers needs --probe-fd (they are for prefork probe "
+                             "alone)")
         if probe_fd is not None:
             from prefork.probe_run import ProbeLink
 

@@ -20,6 +20,10 @@ BAD_RUNS = [
     (["--fleet", "fleets.lean:fleet", "--learn-floor", "--report-imports-after", "0"],
      "--learn-floor learns from the workers' reports: --report-imports-after must be more "
      "than 0"),
+    (["--fleet", "fleets.basic:sleepers", "--probe-fd", "99"],
+     "--probe-fd 99: Bad file descriptor (it is for prefork probe alone)"),
+    (["--fleet", "fleets.basic:sleepers", "--probe-workers", "2"],
+     "--probe-workers needs --probe-fd"),
     (["--fleet", "fleets.basic:needs_args"], "takes arguments"),
     (["--fleet", "fleets.basic:bad_name"], "worker name 'has space' must be"),
     (["--fleet", "fleets.basic:bad_replicas"], "replicas must be an integer >= 1"),
