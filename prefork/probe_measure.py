@@ -87,11 +87,6 @@ class OutsideMeter:
             self.close()
             raise ProbeError(f"cannot start the measuring process: {exc}") from None
 
-    def fds(self) -> list[int]:
-        """Their pipes' ends in this process: a forked child closes them."""
-        return [stream.fileno() for process in self._processes
-                for stream in (process.stdin, process.stdout) if stream is not None]
-
     def measure_all(self, pids: Sequence[int]) -> list[Figures]:
         """Every pid's figures, read in one request to each reader; the first unreadable
         pid raises :class:`Unreadable`."""
