@@ -257,7 +257,8 @@ def versions_of(interp: Interpreter) -> Json:
 
 def probe_argv(interp: Interpreter, config: Config, idle: Sequence[float], baseline: bool,
                workers: int) -> list[str]:
-    argv = [str(interp.bin("prefork")), "probe", "--fleet", FLEET, "--workers", str(workers)]
+    argv = [str(interp.bin("prefork")), "probe", "--fleet", FLEET, "--workers", str(workers),
+            "--bare-fork"]
     for at in idle:
         argv += ["--idle", f"{at:g}"]
     argv += [*config.flags, "--baseline" if baseline else "--no-baseline", "--json"]

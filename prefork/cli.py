@@ -135,6 +135,7 @@ def cli() -> None:
 # `prefork probe`'s: its socket, and how many children (prefork.probe_run).
 @click.option("--probe-fd", type=click.IntRange(min=3), default=None, hidden=True)
 @click.option("--probe-workers", type=click.IntRange(min=1), default=None, hidden=True)
+@click.option("--probe-bare", is_flag=True, hidden=True)
 def run(
     fleet_spec: str,
     preload: tuple[str, ...],
@@ -161,6 +162,7 @@ def run(
     metrics_interval: float,
     probe_fd: int | None,
     probe_workers: int | None,
+    probe_bare: bool,
 ) -> int:
     """Run a fleet until SIGTERM or SIGINT (Ctrl-C)."""
     from prefork.master import Master  # here: the other commands never need it
@@ -190,13 +192,13 @@ def run(
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart, max_private_memory, max_age)
         probe = None
-        if probe_workers is not None and probe_fd is None:
-            raise FleetError("--probe-workers needs --probe-fd (they are for prefork probe "
-                             "alone)")
+        if (probe_workers is not None or probe_bare) and probe_fd is None:
+            raise FleetError("--probe-workers and --probe-bare need --probe-fd (they are for "
+                             "prefork probe alone)")
         if probe_fd is not None:
             from prefork.probe_run import ProbeLink
 
-            probe = ProbeLink(probe_fd, fleet, probe_workers)
+            probe = ProbeLink(probe_fd, fleet, probe_workers, bare=probe_bare)
             fleet = probe.fleet
         master = Master(fleet, grace=grace, freeze=freeze, warm_up=warm_up,
                         runtime_dir=runtime_dir, memory_check_interval=memory_check_interval,
@@ -234,6 +236,10 @@ def run(
               help="gc.collect() and gc.freeze() before forking, as `prefork run` does.")
 @click.option("--warm-up/--no-warm-up", default=False, show_default=True,
               help="Run every worker's warm-up in the master before forking.")
+@click.option("--bare-fork/--no-bare-fork", default=False, show_default=True,
+              help="Also measure a bare os.fork() child of the master and a prefork child "
+                   "that sleeps (prefork's own cost per child); the two share the floor "
+                   "with the children, whose USS then reads a little lower.")
 @click.option("--baseline/--no-baseline", default=True, show_default=True,
               help="Also measure the same workers as fresh interpreters, one per worker.")
 @click.option("--pid", "master_pid", type=click.IntRange(min=1), default=None,
@@ -256,6 +262,7 @@ def probe(
     idle: tuple[float, ...],
     freeze: bool,
     warm_up: bool,
+    bare_fork: bool,
     baseline: bool,
     master_pid: int | None,
     runtime_dir: Path | None,
@@ -279,7 +286,7 @@ def probe(
     try:
         if master_pid is not None:
             given = [f"--{name.replace('_', '-')}" for name in
-                     ("fleet", "workers", "idle", "freeze", "warm_up", "baseline")
+                     ("fleet", "workers", "idle", "freeze", "warm_up", "bare_fork", "baseline")
                      if ctx.get_parameter_source(name if name != "fleet" else "fleet_spec")
                      is click.core.ParameterSource.COMMANDLINE]
             if given:
@@ -304,7 +311,7 @@ def probe(
             if figures_fd is None:  # measure with nothing of ours alive, then come back
                 import_from_working_directory()  # the baseline imports from here too
                 exec_measure(fleet_spec, workers=workers, idle=idle or (1.0,), freeze=freeze,
-                             warm_up=warm_up, baseline=baseline, argv=[
+                             warm_up=warm_up, bare=bare_fork, baseline=baseline, argv=[
                                  sys.executable, "-m", "prefork", "probe",
                                  "--figures-fd", str(FIGURES_FD),
                                  "--freeze" if freeze else "--no-freeze",

@@ -50,14 +50,14 @@ MEASURE_SCRIPT = Path(__file__).with_name("probe_measure.py")
 
 
 def exec_measure(spec: str, *, workers: int | None, idle: tuple[float, ...], freeze: bool,
-                 warm_up: bool, baseline: bool, argv: list[str]) -> NoReturn:
+                 warm_up: bool, bare: bool, baseline: bool, argv: list[str]) -> NoReturn:
     """Replace this process by the measuring process (``python -I -S``, nothing but the
     standard library: :mod:`prefork.probe_measure`), which writes what it measured to a
     memfd at :data:`FIGURES_FD` and then runs ``argv``, which reads it
     (:func:`report_from`). The baseline imports the fleet as this process would (a
     module:ATTR fleet in the working directory too)."""
     options = {"spec": spec, "workers": workers, "idle": list(idle), "freeze": freeze,
-               "warm_up": warm_up, "baseline": baseline,
+               "warm_up": warm_up, "bare": bare, "baseline": baseline,
                "pythonpath": os.pathsep.join(p or os.getcwd() for p in sys.path)}
     memfd = os.memfd_create("prefork-probe-figures", 0)
     os.dup2(memfd, FIGURES_FD)  # inheritable: the measuring process, then argv, have it
@@ -110,8 +110,9 @@ def _summarize(report: ProbeReport, measured: dict, freeze: bool, warm_up: bool,
     def fleet(phase: str) -> int | None:
         return fleet_pss((s.role, s.memory.pss, s.memory.uss) for s in at_last(phase))
 
-    def private(phase: str, role: str = "child") -> int:
-        return int(statistics.median(s.memory.uss for s in at_last(phase) if s.role == role))
+    def private(phase: str, role: str = "child") -> int | None:
+        picked = [s.memory.uss for s in at_last(phase) if s.role == role]
+        return int(statistics.median(picked)) if picked else None
 
     prefork_pss = fleet("idle")
     baseline_pss = total("baseline", "idle")

@@ -203,7 +203,7 @@ Alarms = dict[int, Callable[[], None]]
 
 
 def measure(spec: str, *, workers: int | None, idle: Sequence[float], freeze: bool,
-            warm_up: bool, baseline: bool, pythonpath: str) -> Measured:
+            warm_up: bool, bare: bool, baseline: bool, pythonpath: str) -> Measured:
     """Measure the fleet ``spec`` under a real ``prefork run`` master, and, with
     ``baseline``, as K fresh interpreters whose ``PYTHONPATH`` is ``pythonpath``. Raises
     :class:`ProbeError`."""
@@ -212,7 +212,7 @@ def measure(spec: str, *, workers: int | None, idle: Sequence[float], freeze: bo
     idle_times = sorted(set(idle)) or [1.0]
     meter = OutsideMeter()  # first: the master started below does not inherit its pipes
     try:
-        master = ProbedMaster(spec, workers, freeze=freeze, warm_up=warm_up)
+        master = ProbedMaster(spec, workers, freeze=freeze, warm_up=warm_up, bare=bare)
         try:
             measured = _probe_prefork(meter, master, idle_times)
         except BaseException:
@@ -245,16 +245,17 @@ class Measured:
 
 def _probe_prefork(meter: OutsideMeter, master: ProbedMaster,
                    idle_times: list[float]) -> Measured:
-    fleet, children, max_report, fds = master.receive_children()
+    fleet, children, max_report, bare, fds = master.receive_children()
     measured = Measured(fleet, children, meter.measure_all([master.pid])[0], [])
     master.go()
-    bare, sleeper = master.receive_sleepers(fds[0], fds[1])
+    targets = [("master", "master", master.pid)]
+    if bare:  # --bare-fork: theirs come first
+        bare_pid, sleeper_pid = master.receive_sleepers(fds[0], fds[1])
+        targets += [("bare", "bare", bare_pid), ("sleeper", "sleeper", sleeper_pid)]
     alarms = master.alarms()
     members = [_Member("child", label, 0, fd, fd)
-               for (_, _, label), fd in zip(children, fds[2:], strict=True)]
+               for (_, _, label), fd in zip(children, fds[-len(children):], strict=True)]
     members = _await_ready(members, alarms)
-    targets = [("master", "master", master.pid), ("bare", "bare", bare),
-               ("sleeper", "sleeper", sleeper)]
     measured.timings = _run_phases(measured.rows, meter, targets, members, idle_times, alarms)
     measured.reports = _import_reports(members, alarms, max_report)
     return measured
@@ -266,8 +267,8 @@ class ProbedMaster:
     it. Its log is kept in a file: its last error line is the probe's error; otherwise
     it is copied to stderr at the end. Raises :class:`ProbeError`."""
 
-    def __init__(self, spec: str, workers: int | None, *, freeze: bool,
-                 warm_up: bool) -> None:
+    def __init__(self, spec: str, workers: int | None, *, freeze: bool, warm_up: bool,
+                 bare: bool) -> None:
         self.directory = tempfile.mkdtemp(prefix="prefork-probe-")  # its runtime dir
         self.log = tempfile.TemporaryFile()  # noqa: SIM115 (closed by _clean_up)
         self.sock, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -277,7 +278,7 @@ class ProbedMaster:
                 "--runtime-dir", self.directory,
                 "--freeze" if freeze else "--no-freeze",
                 "--warm-up" if warm_up else "--no-warm-up",
-                "--probe-fd", str(theirs.fileno()),
+                "--probe-fd", str(theirs.fileno()), *(["--probe-bare"] if bare else []),
                 *([] if workers is None else ["--probe-workers", str(workers)])]
         # Not systemd's: this master is the probe's, not the unit's.
         env = {key: value for key, value in os.environ.items()
@@ -294,9 +295,11 @@ class ProbedMaster:
         self.pid = self.process.pid
         self.pidfd = os.pidfd_open(self.pid)
 
-    def receive_children(self) -> tuple[str, list[tuple[str, int, str]], int, list[int]]:
+    def receive_children(self) -> tuple[str, list[tuple[str, int, str]], int, bool,
+                                        list[int]]:
         """The fleet's name, the children's (worker, replica, label), the most bytes an
-        import report may have, and the probe's ends of a
+        import report may have, whether it forks the bare child and the sleeper, and the
+        probe's ends of a
         socket pair for the bare child, one for the sleeper, one per child (:meth:`stop`
         closes them). Sent just before the master's first fork."""
         message, fds = self._receive(STARTUP_TIMEOUT)
@@ -307,14 +310,15 @@ class ProbedMaster:
             children = [(str(name), int(replica), str(label))
                         for name, replica, label in header["children"]]
             max_report = int(header["max_report"])
+            bare = bool(header["bare"])
         except (ValueError, KeyError, TypeError) as exc:
             raise ProbeError(f"the master said something else: {exc}") from None
-        while len(fds) < 2 + len(children):
+        while len(fds) < 2 * bare + len(children):
             more, chunk = self._receive(STARTUP_TIMEOUT)
             if more != b"+" or not chunk:
                 raise ProbeError("the master sent too few descriptors")
             fds += chunk
-        return fleet, children, max_report, fds
+        return fleet, children, max_report, bare, fds
 
     def go(self) -> None:
         """The floor is read: the master may fork."""

@@ -142,8 +142,9 @@ def _summary_lines(summary: dict[str, object]) -> list[str]:
                          f"prefork child that sleeps as the bare fork does); the idle loop's: "
                          f"{loop / MIB:+.2f} MiB more")
     if summary.get("probe_seconds") is not None:
-        # the master, the bare fork and the sleeper
-        count = int(summary["workers"]) + 3  # type: ignore[call-overload]
+        # the master, and with --bare-fork the bare fork and the sleeper
+        beside = 2 if summary.get("bare_idle_private") is not None else 0
+        count = int(summary["workers"]) + 1 + beside  # type: ignore[call-overload]
         lines.append(f"measuring {count} processes took "
                      f"{summary['probe_seconds'] * 1000:.1f} ms")  # type: ignore[operator]
     return lines

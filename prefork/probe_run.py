@@ -10,11 +10,11 @@ measures is what ``prefork run`` runs (:mod:`prefork.probe` is the other side, w
 never imports the floor).
 
 The probe's socket ``FD`` (``SOCK_SEQPACKET``, one message each) carries, from the
-master: once, just before its first fork, the fleet's name and the children's
-(worker, replica) with the probe's ends of one socket pair for the bare child, one for
-the sleeper (:data:`SLEEPER`) and one per child (more in ``+`` messages past
-:data:`MAX_FDS`); then ``exited LABEL: HOW`` for
-each worker that exits. From the probe: ``g`` once it has read the floor's memory.
+master: once, just before its first fork, the fleet's name and the children's (worker,
+replica, label), with the probe's ends of one socket pair per child, after one for the
+bare child and one for the sleeper (:data:`SLEEPER`) with ``--bare-fork`` (more in ``+``
+messages past :data:`MAX_FDS`); then ``exited LABEL: HOW`` for each worker that exits.
+From the probe: ``g`` once it has read the floor's memory.
 """
 
 from __future__ import annotations
@@ -61,7 +61,7 @@ class ProbeLink:
     age limit, which would end a child mid-probe); :meth:`before_first_fork` is the
     master's ``before_first_fork``. Raises :class:`FleetError`."""
 
-    def __init__(self, fd: int, fleet: Fleet, count: int | None) -> None:
+    def __init__(self, fd: int, fleet: Fleet, count: int | None, *, bare: bool) -> None:
         try:
             self.sock = socket.socket(fileno=fd)
         except OSError as exc:
@@ -71,6 +71,7 @@ class ProbeLink:
         self.children = [(worker.name, replica) for worker, replica in children]
         self.ends: dict[tuple[str, int], int] = {}  # (name, replica) -> the child's end
         self.sleeper_end = -1
+        self.bare = bare
         replicas: dict[str, int] = {}
         for worker, _ in children:
             replicas[worker.name] = replicas.get(worker.name, 0) + 1
@@ -79,11 +80,11 @@ class ProbeLink:
             max_replicas=None, restart="never", after=(), max_private_memory=None,
             max_age=None, max_age_jitter=None)
             for worker in fleet.workers if worker.name in replicas]
-        if any(worker.name == SLEEPER for worker in workers):
-            raise FleetError(f"prefork probe adds a worker named {SLEEPER!r}: the fleet has "
-                             "one already")
-        # First: forked right after the bare fork.
-        workers.insert(0, Worker(SLEEPER, self._sleep, restart="never"))
+        if bare and any(worker.name == SLEEPER for worker in workers):
+            raise FleetError(f"prefork probe --bare-fork adds a worker named {SLEEPER!r}: "
+                             "the fleet has one already")
+        if bare:  # first: forked right after the bare fork
+            workers.insert(0, Worker(SLEEPER, self._sleep, restart="never"))
         user_exit, user_post_fork = fleet.worker_exit, fleet.post_fork
 
         def worker_exit(context: WorkerContext, status: Any) -> None:
@@ -106,16 +107,19 @@ class ProbeLink:
         child is forked with the workers, or what the master writes in between would be
         the bare child's alone."""
         try:
-            bare_ours, bare_theirs = socket.socketpair()
-            sleeper_ours, sleeper_theirs = socket.socketpair()
-            self.sleeper_end = sleeper_theirs.detach()
-            ours = [bare_ours.detach(), sleeper_ours.detach()]
+            ours = []
+            if self.bare:
+                bare_ours, bare_theirs = socket.socketpair()
+                sleeper_ours, sleeper_theirs = socket.socketpair()
+                self.sleeper_end = sleeper_theirs.detach()
+                ours += [bare_ours.detach(), sleeper_ours.detach()]
             for key in self.children:
                 mine, child = socket.socketpair()
                 self.ends[key] = child.detach()
                 ours.append(mine.detach())
             header = json.dumps({
                 "fleet": self.fleet.name, "max_report": after_fork.MAX_REPORT,
+                "bare": self.bare,
                 "children": [(name, replica, replica_label(name, replica))
                              for name, replica in self.children]})
             socket.send_fds(self.sock, [header.encode()], ours[:MAX_FDS])
@@ -125,9 +129,10 @@ class ProbeLink:
                 os.close(fd)
             if self.sock.recv(16) != b"g":
                 raise OSError("the probe went away")
-            if os.fork() == 0:
-                _bare(bare_theirs.fileno())
-            bare_theirs.close()
+            if self.bare:
+                if os.fork() == 0:
+                    _bare(bare_theirs.fileno())
+                bare_theirs.close()
         except OSError as exc:  # its workers see the probe's ends closed, and exit
             log.error("prefork probe: %s", exc)
 

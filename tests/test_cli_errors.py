@@ -23,7 +23,7 @@ BAD_RUNS = [
     (["--fleet", "fleets.basic:sleepers", "--probe-fd", "99"],
      "--probe-fd 99: Bad file descriptor (it is for prefork probe alone)"),
     (["--fleet", "fleets.basic:sleepers", "--probe-workers", "2"],
-     "--probe-workers needs --probe-fd"),
+     "--probe-workers and --probe-bare need --probe-fd"),
     (["--fleet", "fleets.basic:needs_args"], "takes arguments"),
     (["--fleet", "fleets.basic:bad_name"], "worker name 'has space' must be"),
     (["--fleet", "fleets.basic:bad_replicas"], "replicas must be an integer >= 1"),
