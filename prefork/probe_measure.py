@@ -182,7 +182,7 @@ class _Member:
     """A measured process the probe speaks to: a `prefork run` child or a baseline
     interpreter."""
 
-    role: str  # "child" or "baseline"
+    role: str  # "child" or "baseline" (in messages, also "the master's")
     name: str
     pid: int
     read_fd: int
@@ -299,9 +299,8 @@ class ProbedMaster:
                                         list[int]]:
         """The fleet's name, the children's (worker, replica, label), the most bytes an
         import report may have, whether it forks the bare child and the sleeper, and the
-        probe's ends of a
-        socket pair for the bare child, one for the sleeper, one per child (:meth:`stop`
-        closes them). Sent just before the master's first fork."""
+        probe's ends of their socket pairs and of one per child (:meth:`stop` closes
+        them). Sent just before the master's first fork."""
         message, fds = self._receive(STARTUP_TIMEOUT)
         self._ends = fds
         try:
@@ -327,16 +326,12 @@ class ProbedMaster:
     def receive_sleepers(self, bare: int, sleeper: int) -> tuple[int, int]:
         """The pids of the bare fork and the sleeper, which each says on its socket
         (``bare``, ``sleeper``); they sleep until those are closed (:meth:`stop`)."""
-        alarms = self.alarms()
         pids = []
         for fd, name in ((bare, "bare fork"), (sleeper, "sleeper")):
-            readable, _, _ = select.select([fd, *alarms], [], [], STARTUP_TIMEOUT)
-            said = os.read(fd, 32) if fd in readable else b""
+            said = _read_line(_Member("the master's", name, 0, fd, fd), "its pid",
+                              STARTUP_TIMEOUT, self.alarms())
             if not said.isdigit():
-                for alarm in readable:
-                    if alarm in alarms:
-                        alarms[alarm]()
-                raise ProbeError(f"the master's {name} did not say its pid")
+                raise ProbeError(f"the master's {name} said {said[:80]!r}, not its pid")
             pids.append(int(said))
         self._bare_pidfd = os.pidfd_open(pids[0])
         return pids[0], pids[1]
@@ -403,8 +398,8 @@ class ProbedMaster:
                 os.killpg(self.pid, signal.SIGKILL)  # its children die with it (PDEATHSIG)
                 self.process.wait()
         if relay_log:
-            # At the default level, as `prefork run` logs (quieter, its workers held 1-2%
-            # more than the probe's): what the master logs at INFO is left out.
+            # It logs at `prefork run`'s default level, INFO (at WARNING its children held
+            # 1.5% less than `prefork run`'s); those lines are not passed on.
             text = "".join(line for line in self._log_text().splitlines(keepends=True)
                            if not _ROUTINE.match(line))
             sys.stderr.write(text)
@@ -508,6 +503,7 @@ def _read_line(member: _Member, what: str, timeout: float, alarms: Alarms,
                limit: int = 4096) -> str:
     """One line from ``member`` (at most ``limit`` bytes); ProbeError if it does not come
     within ``timeout``, if the member exits, or if an alarm goes off meanwhile."""
+    who = f"{member.role} {member.name}" + (f" (pid {member.pid})" if member.pid else "")
     line = b""
     deadline = time.monotonic() + timeout
     while not line.endswith(b"\n"):
@@ -517,13 +513,11 @@ def _read_line(member: _Member, what: str, timeout: float, alarms: Alarms,
             for fd in readable:
                 alarms[fd]()
             if left <= 0 or not readable:
-                raise ProbeError(f"{member.role} {member.name} (pid {member.pid}) did not "
-                                 f"send {what} within {timeout:g} s")
+                raise ProbeError(f"{who} did not send {what} within {timeout:g} s")
             continue
         chunk = os.read(member.read_fd, 65536)
         if not chunk:
-            raise ProbeError(f"{member.role} {member.name} (pid {member.pid}) exited "
-                             "during the probe")
+            raise ProbeError(f"{who} exited during the probe")
         line += chunk
         if len(line) > limit:
             raise ProbeError(f"{member.role} {member.name}: more than {limit} bytes "

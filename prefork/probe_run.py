@@ -138,7 +138,7 @@ class ProbeLink:
 
     def _sleep(self) -> None:
         """The sleeper's code: the bare fork's, after prefork's set-up of a worker."""
-        os.write(self.sleeper_end, b"%d" % os.getpid())
+        os.write(self.sleeper_end, b"%d\n" % os.getpid())
         os.read(self.sleeper_end, 1)
 
     def _exited(self, context: WorkerContext, status: Any) -> None:
@@ -154,7 +154,7 @@ def _bare(fd: int) -> NoReturn:
     probe closes the other end. What it holds of its own is what a fork of this floor
     costs by itself."""
     try:
-        os.write(fd, b"%d" % os.getpid())
+        os.write(fd, b"%d\n" % os.getpid())
         os.read(fd, 1)
     finally:
         os._exit(0)
