@@ -171,6 +171,10 @@ def run(
         raise CliError("--learn-floor learns from the workers' reports: "
                        "--report-imports-after must be more than 0")
 
+    if (probe_workers is not None or probe_bare) and probe_fd is None:
+        raise CliError("--probe-workers and --probe-bare need --probe-fd (they are for "
+                       "prefork probe alone)")
+
     metrics = _metrics_options(metrics_listen, metrics_textfile, metrics_interval)
 
     try:
@@ -192,9 +196,6 @@ def run(
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart, max_private_memory, max_age)
         probe = None
-        if (probe_workers is not None or probe_bare) and probe_fd is None:
-            raise FleetError("--probe-workers and --probe-bare need --probe-fd (they are for "
-                             "prefork probe alone)")
         if probe_fd is not None:
             from prefork.probe_run import ProbeLink
 
