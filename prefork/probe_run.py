@@ -80,10 +80,11 @@ class ProbeLink:
             max_replicas=None, restart="never", after=(), max_private_memory=None,
             max_age=None, max_age_jitter=None)
             for worker in fleet.workers if worker.name in replicas]
-        if bare and any(worker.name == SLEEPER for worker in workers):
-            raise FleetError(f"prefork probe --bare-fork adds a worker named {SLEEPER!r}: "
-                             "the fleet has one already")
-        if bare:  # first: forked right after the bare fork
+        if bare:
+            if any(worker.name == SLEEPER for worker in workers):
+                raise FleetError(f"prefork probe --bare-fork adds a worker named {SLEEPER!r}: "
+                                 "the fleet has one already")
+            # First: forked right after the bare fork.
             workers.insert(0, Worker(SLEEPER, self._sleep, restart="never"))
         user_exit, user_post_fork = fleet.worker_exit, fleet.post_fork
 
