@@ -34,7 +34,6 @@ import logging
 import os
 import selectors
 import socket
-import stat
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -42,8 +41,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
-from prefork.paths import in_dir, open_runtime_dir
 from prefork.policy import is_scale_delta
+from prefork.unix_listener import PrivateListener
 
 log = logging.getLogger("prefork")
 
@@ -180,8 +179,9 @@ class ControlServer:
     def __init__(self, path: Path, commands: dict[str, Command]) -> None:
         self.path = path
         self.commands = commands
+        self._private = PrivateListener(path, what="control socket", backlog=BACKLOG,
+                                        nonblocking=True, error=ControlError)
         self._listener: socket.socket | None = None
-        self._inode: tuple[int, int] | None = None  # (st_dev, st_ino) of the file we bound
         self._connections: dict[int, _Connection] = {}
         self._selector: selectors.BaseSelector | None = None
         # Out of descriptors: the listener stays readable while accept() fails, so it is
@@ -199,50 +199,9 @@ class ControlServer:
         """
         if self._listener is not None:
             return
-        # Through the directory checked, not its path, which may name another by now.
-        directory = open_runtime_dir(self.path.parent)
-        try:
-            listener, info = self._bind(in_dir(directory, self.path.name))
-        finally:
-            os.close(directory)
-        self._listener = listener
-        self._inode = (info.st_dev, info.st_ino)
+        self._listener = self._private.open()
         if self._selector is not None:
-            self._selector.register(listener.fileno(), selectors.EVENT_READ, self)
-
-    def _bind(self, here: str) -> tuple[socket.socket, os.stat_result]:
-        """Replace a stale socket file at ``here`` and listen there: ``self.path``, reached
-        through the runtime directory's descriptor."""
-        if len(os.fsencode(self.path)) >= 108:  # sun_path: clients connect by this path
-            raise ControlError(f"control socket {self.path}: AF_UNIX path too long")
-        try:
-            info = os.lstat(here)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            raise ControlError(f"control socket {self.path}: {exc.strerror}") from None
-        else:
-            if not stat.S_ISSOCK(info.st_mode):
-                raise ControlError(f"control socket {self.path}: something else than a socket "
-                                   "is in the way; remove it")
-            # Safe: the caller holds the fleet's lock, so no live master listens here.
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(here)
-        listener = socket.socket(socket.AF_UNIX,
-                                 socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            # Linux creates the socket file with the socket inode's mode (less the umask):
-            # set it before bind(), so the file is never open to others, not even briefly.
-            os.fchmod(listener.fileno(), 0o600)
-            listener.bind(here)
-            os.chmod(here, 0o600)
-            info = os.lstat(here)
-            listener.listen(BACKLOG)
-        except OSError as exc:
-            listener.close()
-            raise ControlError(f"control socket {self.path}: "
-                               f"{exc.strerror or exc}") from None
-        return listener, info
+            self._selector.register(self._listener.fileno(), selectors.EVENT_READ, self)
 
     def close(self) -> None:
         """Close every socket and remove the socket file, unless it is no longer ours.
@@ -253,15 +212,8 @@ class ControlServer:
         if self._listener is None:
             return
         self._unwatch(self._listener.fileno())
-        self._listener.close()
+        self._private.close()
         self._listener = None
-        try:
-            info = self.path.lstat()
-            if (info.st_dev, info.st_ino) == self._inode:
-                self.path.unlink()
-        except FileNotFoundError:
-            pass
-        self._inode = None
 
     def attach(self, selector: selectors.BaseSelector) -> None:
         """Keep ``selector`` registered for exactly ``fds()`` from now on, each with
