@@ -89,6 +89,7 @@ def run_child(
     settings: SettingsPlan | None = None,
     output: int | None = None,
     imports: tuple[int, frozenset[str]] | None = None,
+    inherit: Iterable[int] = (),
 ) -> NoReturn:
     """Become a worker, apply its process ``settings``, call the fleet's ``post_fork``
     hook, and run ``target``; never returns, whatever happens. Settings that cannot be
@@ -99,7 +100,8 @@ def run_child(
     :mod:`prefork.worker_logs`); else ``journal``: the master's stdio is journald's, the
     worker gets a stream of its own (:mod:`prefork.journal`). ``imports``: the write end
     of its pipe for the report of what it imports after the fork, and the modules it was
-    forked with (:mod:`prefork.after_fork`)."""
+    forked with (:mod:`prefork.after_fork`). ``inherit``: descriptors of ``close_fds``
+    this worker keeps (the kernel pool's socket, :mod:`prefork.kernel_pool`)."""
     global _current
     code: int = ExitCode.CHILD_SETUP_FAILED
     try:
@@ -109,7 +111,8 @@ def run_child(
             apply_in_child(settings, context.label)
         _die_with_master(context.master_pid)
         # Its own pipe ends may be listed with the master's (a batch: prefork.master).
-        keep = (ready_fd, -1 if output is None else output, -1 if imports is None else imports[0])
+        keep = (ready_fd, -1 if output is None else output, -1 if imports is None else imports[0],
+                *inherit)
         for fd in close_fds:
             if fd in keep:
                 continue

@@ -36,6 +36,7 @@ from prefork.exits import ExitCode
 from prefork.fleet import (
     DEFAULT_GRACE,
     DEFAULT_MEMORY_CHECK_INTERVAL,
+    MAX_WORKERS,
     RESTART_POLICIES,
     Fleet,
     FleetError,
@@ -56,6 +57,7 @@ from prefork.metrics_process import (
 from prefork.paths import RuntimeDirError, default_runtime_dir
 from prefork.threads import ThreadsAtFork
 from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
+from prefork.unix_listener import ListenerError
 from prefork.version import __version__
 from prefork.worker_logs import WorkerLogError, check_directory
 
@@ -108,6 +110,10 @@ def cli() -> None:
 @click.option("--max-age", type=PositiveSeconds(), default=None, metavar="SECONDS",
               help="Replace a worker gracefully once it has run this long (plus up to a "
                    "tenth more, drawn at random), for workers that set none [never].")
+@click.option("--kernel-workers", type=click.IntRange(min=0, max=MAX_WORKERS), default=None,
+              metavar="N", help="Fork N kernel processes from the floor that run the "
+              "workers' prefork.offload.run_kernel calls (0: run them inline) [the "
+              "fleet's kernel_workers, else 0].")
 @click.option("--memory-check-interval", type=PositiveSeconds(),
               default=DEFAULT_MEMORY_CHECK_INTERVAL, show_default=True,
               help="Seconds between checks of the workers' private memory.")
@@ -152,6 +158,7 @@ def run(
     report_imports_after: float,
     max_private_memory: int | None,
     max_age: float | None,
+    kernel_workers: int | None,
     memory_check_interval: float,
     runtime_dir: Path | None,
     log_level: str,
@@ -194,7 +201,8 @@ def run(
         fleet = load_fleet(fleet_spec)
         logs.reclaim()  # the floor's logging set-up may have disabled prefork's logger
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
-                                   start_limit_interval, restart, max_private_memory, max_age)
+                                   start_limit_interval, restart, max_private_memory, max_age,
+                                   kernel_workers)
         probe = None
         if probe_fd is not None:
             from prefork.probe_run import ProbeLink
@@ -218,7 +226,8 @@ def run(
              sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
     try:
         return master.run()
-    except (ControlError, RuntimeDirError, WarmUpError, MetricsError) as exc:  # before any fork
+    except (ControlError, RuntimeDirError, WarmUpError, MetricsError,
+            ListenerError) as exc:  # before any fork
         raise CliError(str(exc)) from None
     except ThreadsAtFork as exc:  # before any fork
         raise CliError(f"--strict-fork: {exc}") from None
@@ -442,6 +451,7 @@ def _with_cli_defaults(
     restart: str | None,
     max_private_memory: int | None,
     max_age: float | None,
+    kernel_workers: int | None,
 ) -> Fleet:
     """``fleet`` with the defaults given on the command line (its workers' own settings
     still win over them)."""
@@ -457,7 +467,9 @@ def _with_cli_defaults(
     return dataclasses.replace(
         fleet, backoff=backoff, start_limit=start_limit, restart=restart or fleet.restart,
         max_private_memory=max_private_memory or fleet.max_private_memory,
-        max_age=max_age or fleet.max_age).validate()
+        max_age=max_age or fleet.max_age,
+        kernel_workers=fleet.kernel_workers if kernel_workers is None else kernel_workers,
+    ).validate()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -46,6 +46,7 @@ MAX_SECONDS = 7 * 24 * 3600.0
 # The most worker processes a fleet may run at once: its workers' max_replicas (or
 # replicas) added up. Each may need a cell of the master's heartbeat table.
 MAX_WORKERS = HEARTBEAT_CAPACITY
+POOL_WORKER = "kernel-pool"  # the kernel pool's processes (prefork.kernel_pool)
 
 
 class FleetError(Exception):
@@ -180,7 +181,9 @@ class Fleet:
     ``restart`` is ``"on-failure"`` (restart after a non-zero exit or a signal; a clean
     exit 0 ends the worker), ``"always"`` or ``"never"``. ``max_private_memory`` and
     ``max_age`` are the limits for workers that set none. The hooks are plain callables,
-    ``None`` for none; :data:`HOOKS` says what each is given.
+    ``None`` for none; :data:`HOOKS` says what each is given. ``kernel_workers``: the
+    processes of the fleet's kernel pool (:mod:`prefork.kernel_pool`), 0 for none; the
+    master adds them as one more worker, ``kernel-pool``.
     """
 
     name: str
@@ -190,6 +193,7 @@ class Fleet:
     start_limit: StartLimit = field(default_factory=StartLimit)
     max_private_memory: int | None = None
     max_age: float | None = None
+    kernel_workers: int = 0
     # Hooks (see HOOKS), gunicorn's names. A worker is a prefork.WorkerContext.
     on_starting: Callable[[Fleet], object] | None = None
     pre_fork: Callable[[Any], object] | None = None
@@ -225,7 +229,13 @@ class Fleet:
                 raise FleetError(f"fleet {self.name!r}: two workers are named {worker.name!r}")
             seen.add(worker.name)
         _check_start_order(self.name, self.workers)
-        most = sum(w.max_replicas or w.replicas for w in self.workers)
+        if not _is_count(self.kernel_workers, 0):
+            raise FleetError(f"fleet {self.name!r}: kernel_workers must be an integer >= 0 "
+                             f"and at most {MAX_WORKERS}, got {self.kernel_workers!r}")
+        if self.kernel_workers and POOL_WORKER in seen:
+            raise FleetError(f"fleet {self.name!r}: worker {POOL_WORKER!r} has the name of "
+                             "the kernel pool's processes; rename it")
+        most = sum(w.max_replicas or w.replicas for w in self.workers) + self.kernel_workers
         if most > MAX_WORKERS:
             raise FleetError(f"fleet {self.name!r} may run {most} worker processes (its "
                              f"workers' max_replicas, or replicas, added up); at most "

@@ -26,7 +26,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from setproctitle import setproctitle
 
@@ -35,7 +35,7 @@ from prefork.after_fork import DEFAULT_REPORT_AFTER, ImportReports
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.control import ControlServer, command_table
 from prefork.exits import ExitCode
-from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, Fleet
+from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, POOL_WORKER, Fleet
 from prefork.floor import prepare_floor
 from prefork.heartbeats import HeartbeatTable
 from prefork.lock import FleetLock
@@ -65,6 +65,9 @@ from prefork.watches import (
     Watch,
 )
 from prefork.worker_logs import WorkerLogs, reopen_logs
+
+if TYPE_CHECKING:
+    from prefork.kernel_pool import KernelPool
 
 log = logging.getLogger("prefork")
 
@@ -138,7 +141,15 @@ class Master:
         spec: str | None = None,
         before_first_fork: Callable[[], None] | None = None,
     ) -> None:
-        self.fleet = fleet.validate()
+        fleet = fleet.validate()
+        directory = runtime_dir or default_runtime_dir()
+        self._kernel_pool: KernelPool | None = None
+        if fleet.kernel_workers:
+            from prefork.kernel_pool import KernelPool  # only a fleet with a pool needs it
+
+            self._kernel_pool = KernelPool(directory, fleet.name, fleet.kernel_workers)
+            fleet = self._kernel_pool.with_pool(fleet)
+        self.fleet = fleet
         # Called once, after everything the first batch needs is made and with the
         # handled signals blocked, just before its first fork; it must not raise.
         # `prefork probe` forks its bare child there (prefork.probe_run).
@@ -149,7 +160,6 @@ class Master:
         self.warm_up = warm_up
         self._threads = ThreadCheck(strict=strict_fork)
         self.slots = slots_for(fleet)
-        directory = runtime_dir or default_runtime_dir()
         self.lock = FleetLock(directory, fleet.name)
         self.stopping = False
         self._observer = observer
@@ -451,7 +461,14 @@ class Master:
                   heartbeat=fork.heartbeat, post_fork=self.fleet.post_fork,
                   journal=self._journal, ready_fd=fork.ready_fd,
                   settings=fork.slot.worker.process_plan, output=fork.output,
-                  imports=fork.imports)
+                  imports=fork.imports, inherit=self._inherited(fork.slot))
+
+    def _inherited(self, slot: Slot) -> list[int]:
+        """The master's descriptors that ``slot``'s child keeps: the kernel pool's socket,
+        in the pool's processes."""
+        if self._kernel_pool is None or slot.worker.name != POOL_WORKER:
+            return []
+        return self._kernel_pool.fds()
 
     def _forked(self, fork: _Fork, result: int | OSError, count_start: bool) -> None:
         """The master's half of one fork, once the whole batch is forked."""
@@ -605,6 +622,8 @@ class Master:
         if self._worker_logs is not None:
             self._worker_logs.attach(self._selector)
         self._heartbeats.open()
+        if self._kernel_pool is not None:
+            self._kernel_pool.open()  # ListenerError, before any fork
         become_subreaper()
         self._memory.start(time.monotonic())
         if self._systemd_notify:
@@ -636,6 +655,8 @@ class Master:
             self._systemd.close()
         if self._exporter is not None:
             self._exporter.close()
+        if self._kernel_pool is not None:
+            self._kernel_pool.close()
 
     def _own_fds(self) -> list[int]:
         """The master's descriptors, which a forked child closes."""
@@ -653,6 +674,8 @@ class Master:
             fds.extend(self._worker_logs.fds())  # every worker's log pipe and file
         if self._exporter is not None:
             fds.extend(self._exporter.fds())  # the metrics' listening socket
+        if self._kernel_pool is not None:
+            fds.extend(self._kernel_pool.fds())  # kept by the pool's own processes only
         return fds
 
     def _is_exporter(self, pid: int) -> bool:

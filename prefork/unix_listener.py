@@ -20,6 +20,10 @@ from prefork.paths import in_dir, open_runtime_dir
 MAX_PATH = 108  # bytes in sun_path: clients connect by this path
 
 
+class ListenerError(Exception):
+    """A socket that cannot be made, when its owner names no error of its own."""
+
+
 class PrivateListener:
     """``open()`` listens at ``path`` and returns the socket; ``close()`` closes it and
     removes the file. Errors are ``error(one line)``, the line starting with ``what`` and

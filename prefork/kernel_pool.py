@@ -1,0 +1,167 @@
+"""The fleet's kernel pool: N processes forked from the floor that run kernels for workers.
+
+The master listens on ``<runtime dir>/<fleet>.kernels`` (0600, in the private runtime
+directory, :mod:`prefork.unix_listener`) before its first fork, and adds the pool to the
+fleet as one more worker, :data:`POOL_WORKER`, with N replicas: forked from the master
+like every worker, so the kernels' code and data are the floor's pages, shared
+copy-on-write, and supervised like every worker (restart on backoff, start limit,
+``max_private_memory`` recycling, rolling restart, status, titles).
+
+Every kernel process inherits the one listening socket and accepts from it. The socket's
+accept queue is the pool's queue: a call (:func:`prefork.offload.run_kernel`, from any
+worker of the fleet) connects and waits there until a kernel process is free, so the
+queue outlives a kernel process that dies, and a restarted one takes the next call.
+
+One call per connection: the kernel process sends its pid, reads the request (a pickle of
+the function, by reference, and its arguments), runs it and answers with the pickled
+result or exception. Only our own uid (and root) may call: the file's mode, and
+``SO_PEERCRED`` on every connection, since what it sends is unpickled.
+
+SIGTERM (or SIGINT) lets a kernel process finish the kernel it runs and answer; then it
+exits 0. An idle one exits at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import pickle
+import select
+import signal
+import socket
+import struct
+import traceback
+from pathlib import Path
+
+from prefork.control import peer_of
+from prefork.fleet import POOL_WORKER, Fleet, Worker
+from prefork.unix_listener import ListenerError, PrivateListener
+
+log = logging.getLogger("prefork")
+
+IO_TIMEOUT = 30.0  # seconds a caller has to send its request, and to take the answer
+
+# Wire format. Request: length (8 bytes) and the pickle of (function, args). Answer: the
+# kernel process's pid (4 bytes) at once; then whether it ran (1 byte), the length (8
+# bytes) and the pickle of the result, or of (exception or None, its traceback as text).
+PID = struct.Struct("!i")
+LENGTH = struct.Struct("!Q")
+ANSWER = struct.Struct("!BQ")
+RAN, RAISED = 0, 1
+
+_address: str | None = None  # set in the master before its first fork; None: no pool
+
+
+def address() -> str | None:
+    """The pool's socket path in a process of a fleet that has a kernel pool, else None."""
+    return _address
+
+
+class KernelPool:
+    """The master's side: ``open()`` before the first fork, then every kernel process runs
+    ``serve()`` (the pool worker's target); ``close()`` at the end."""
+
+    def __init__(self, runtime_dir: Path, fleet: str, processes: int) -> None:
+        self.processes = processes
+        self._private = PrivateListener(runtime_dir / f"{fleet}.kernels", what="kernel pool socket",
+                                        backlog=socket.SOMAXCONN, nonblocking=True,
+                                        error=ListenerError)
+
+    def with_pool(self, fleet: Fleet) -> Fleet:
+        """``fleet`` with the pool's processes as its last worker, :data:`POOL_WORKER`."""
+        # "always": a kernel process that exits 0 (SIGTERM from outside) is still needed.
+        pool = Worker(POOL_WORKER, self.serve, replicas=self.processes, restart="always")
+        return dataclasses.replace(fleet, workers=(*fleet.workers, pool))
+
+    def open(self) -> None:
+        global _address
+        self._private.open()
+        _address = str(self._private.path)
+
+    def close(self) -> None:
+        global _address
+        self._private.close()
+        _address = None
+
+    def fds(self) -> list[int]:
+        """The listening socket: what every child but a kernel process closes."""
+        sock = self._private.socket
+        return [] if sock is None else [sock.fileno()]
+
+    def serve(self) -> None:
+        """A kernel process's loop: take calls from the shared socket, one at a time,
+        until SIGTERM or SIGINT."""
+        listener = self._private.socket
+        assert listener is not None
+        stopping: list[int] = []
+        wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        signal.set_wakeup_fd(wake_w)
+
+        def stop(signum: int, _frame: object) -> None:
+            stopping.append(signum)
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, stop)
+        while not stopping:
+            # The listener is non-blocking (its flags are the master's): every idle kernel
+            # process wakes for a call and one accept() wins; the others go back to wait.
+            readable, _, _ = select.select([listener, wake_r], [], [])
+            if wake_r in readable:
+                os.read(wake_r, 64)
+                continue
+            try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                continue
+            with conn:
+                _serve_one(conn)
+
+
+def _serve_one(conn: socket.socket) -> None:
+    """Answer one call; a caller that breaks off or is not ours costs only its call."""
+    conn.setblocking(True)
+    conn.settimeout(IO_TIMEOUT)
+    try:
+        peer = peer_of(conn)
+        if peer.uid not in (os.getuid(), 0):
+            log.warning("kernel pool: refused a call from pid %d (uid %d)", peer.pid, peer.uid)
+            return
+        conn.sendall(PID.pack(os.getpid()))
+        (length,) = LENGTH.unpack(_receive(conn, LENGTH.size))
+        request = _receive(conn, length)
+        conn.sendall(_answer(request))
+    except (OSError, EOFError) as exc:  # the caller went away, or timed out
+        log.debug("kernel pool: a call broke off: %s", exc)
+
+
+def _answer(request: bytes) -> bytes:
+    try:
+        fn, args = pickle.loads(request)
+        body = pickle.dumps(fn(*args), protocol=pickle.HIGHEST_PROTOCOL)
+        kind = RAN
+    except Exception as exc:
+        kind, body = RAISED, _pickled_exception(exc)
+    return ANSWER.pack(kind, len(body)) + body
+
+
+def _pickled_exception(exc: Exception) -> bytes:
+    """The exception and its traceback as text; an exception that cannot be pickled (or
+    unpickled: the caller's loads() reruns its constructor) goes as its text alone."""
+    text = "".join(traceback.format_exception(exc))
+    try:
+        body = pickle.dumps((exc, text), protocol=pickle.HIGHEST_PROTOCOL)
+        pickle.loads(body)
+        return body
+    except Exception:
+        return pickle.dumps((None, text), protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _receive(conn: socket.socket, size: int) -> bytes:
+    data = bytearray()
+    while len(data) < size:
+        chunk = conn.recv(min(size - len(data), 1 << 20))
+        if not chunk:
+            raise EOFError(f"the caller closed after {len(data)} of {size} bytes")
+        data += chunk
+    return bytes(data)
