@@ -15,16 +15,15 @@ a second copy of a worker writing to the same database is caught, not doubled.
   data whenever their input moved past their watermark: a new observation can change
   their results anywhere, and their kernels are fast enough to rerun.
 
-On SIGTERM (or SIGINT) a worker finishes the batch it is in, then exits 0.
+On SIGTERM (or SIGINT), or its group's stop, a worker finishes the batch it is in, then
+ends: its process exits 0.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import signal
 import sqlite3
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable, Iterable
@@ -60,42 +59,57 @@ class Settings:
 Step = Callable[[Database, Settings], Awaitable[str | None]]
 
 
-def worker(name: str, settings: Settings | None = None) -> Callable[[], None]:
-    """The zero-argument target prefork forks for worker ``name``."""
+def worker(name: str, settings: Settings | None = None) -> Callable[[], Awaitable[None]]:
+    """The zero-argument ``async def`` target prefork runs for worker ``name``: in a
+    process of its own, or hosted in a worker group's (:mod:`prefork.groups`)."""
     step = STEPS[name]
     chosen = settings or Settings()
 
-    def run() -> None:
+    async def run() -> None:
         try:
-            asyncio.run(_poll(name, step, chosen))
+            await _poll(name, step, chosen)
         except (DatabaseError, sqlite3.Error) as exc:
-            # One line and a non-zero exit; the master's backoff decides when to retry.
-            sys.exit(f"{name}: database error: {exc}")
+            # One line and exit 1 (in a group: this worker's failure, not its siblings');
+            # the backoff decides when to retry.
+            raise SystemExit(f"{name}: database error: {exc}") from None
 
     run.__qualname__ = f"cpu.{name}"
     return run
 
 
 async def _poll(name: str, step: Step, settings: Settings) -> None:
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, stop.set)
+    """Run batches until cancelled (SIGTERM, SIGINT, or the group's stop): a batch under
+    way is finished and committed first, then the cancellation goes on."""
     path = settings.db_path or database_path()
-    async with connect(path, settings.busy_timeout) as db:
-        log.info("%s: polling %s every %gs", name, path, settings.poll_interval)
-        while not stop.is_set():
-            started = time.perf_counter()
-            summary = await step(db, settings)
-            if summary is not None:
-                log.info("%s: %s in %.0f ms", name, summary,
-                         (time.perf_counter() - started) * 1000)
-                continue  # there may be more: poll again at once
-            try:
-                await asyncio.wait_for(stop.wait(), settings.poll_interval)
-            except TimeoutError:
-                pass
-    log.info("%s: stopped", name)
+    try:
+        async with connect(path, settings.busy_timeout) as db:
+            log.info("%s: polling %s every %gs", name, path, settings.poll_interval)
+            while True:
+                started = time.perf_counter()
+                summary, stopping = await _whole_batch(step(db, settings))
+                if summary is not None:
+                    log.info("%s: %s in %.0f ms", name, summary,
+                             (time.perf_counter() - started) * 1000)
+                if stopping:
+                    raise asyncio.CancelledError
+                if summary is None:  # else there may be more: poll again at once
+                    await asyncio.sleep(settings.poll_interval)
+    except asyncio.CancelledError:
+        log.info("%s: stopped", name)
+        raise
+
+
+async def _whole_batch(batch: Awaitable[str | None]) -> tuple[str | None, bool]:
+    """Run one batch to its end through any cancellation: its summary, and whether a
+    cancellation came meanwhile (the caller then stops). Its own exception propagates."""
+    task = asyncio.ensure_future(batch)
+    stopping = False
+    while not task.done():
+        try:
+            await asyncio.wait([task])  # unlike awaiting it, never cancels the batch
+        except asyncio.CancelledError:
+            stopping = True
+    return task.result(), stopping
 
 
 # -- watermarks and the write transaction ---------------------------------------------
