@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Iterable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import NoReturn
 
@@ -68,11 +69,15 @@ class WorkerContext:
 
 
 _current: WorkerContext | None = None
+# In a group's process, the hosted worker whose asyncio task runs (prefork.groups).
+hosted_worker: ContextVar[WorkerContext | None] = ContextVar("prefork_hosted_worker",
+                                                             default=None)
 
 
 def current_worker() -> WorkerContext | None:
-    """The worker this process runs, or ``None`` in the master or outside prefork."""
-    return _current
+    """The worker this process runs (in a group's process: the hosted worker whose task
+    asks, else the group), or ``None`` in the master or outside prefork."""
+    return hosted_worker.get() or _current
 
 
 def run_child(

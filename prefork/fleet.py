@@ -181,9 +181,11 @@ class Fleet:
     ``restart`` is ``"on-failure"`` (restart after a non-zero exit or a signal; a clean
     exit 0 ends the worker), ``"always"`` or ``"never"``. ``max_private_memory`` and
     ``max_age`` are the limits for workers that set none. The hooks are plain callables,
-    ``None`` for none; :data:`HOOKS` says what each is given. ``kernel_workers``: the
-    processes of the fleet's kernel pool (:mod:`prefork.kernel_pool`), 0 for none; the
-    master adds them as one more worker, ``kernel-pool``.
+    ``None`` for none; :data:`HOOKS` says what each is given. ``groups`` maps a group name
+    to the ``async def`` workers that one process hosts, each under its own supervision
+    loop (:mod:`prefork.groups`); every other worker has a process of its own.
+    ``kernel_workers``: the processes of the fleet's kernel pool (:mod:`prefork.kernel_pool`),
+    0 for none; the master adds them as one more worker, ``kernel-pool``.
     """
 
     name: str
@@ -200,6 +202,8 @@ class Fleet:
     post_fork: Callable[[Any], object] | None = None
     worker_exit: Callable[[Any, Any], object] | None = None
     on_exit: Callable[[Fleet], object] | None = None
+    # Worker groups (prefork.groups): group name -> the async workers one process hosts.
+    groups: Mapping[str, Sequence[str]] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
         # Accept any iterable of workers but keep the frozen dataclass hashable.
@@ -229,6 +233,10 @@ class Fleet:
                 raise FleetError(f"fleet {self.name!r}: two workers are named {worker.name!r}")
             seen.add(worker.name)
         _check_start_order(self.name, self.workers)
+        if not isinstance(self.groups, Mapping) or self.groups:
+            from prefork.groups import check_groups  # imports this module: not at the top
+
+            check_groups(self)
         if not _is_count(self.kernel_workers, 0):
             raise FleetError(f"fleet {self.name!r}: kernel_workers must be an integer >= 0 "
                              f"and at most {MAX_WORKERS}, got {self.kernel_workers!r}")
@@ -262,7 +270,15 @@ def asyncio_worker(func: Callable[[], Any]) -> WorkerTarget:
     def run() -> object:
         return run_until_stopped(_beating(func))
 
+    # Said explicitly, not guessed from __wrapped__ (any decorator sets that): a worker
+    # group runs the coroutine function itself (prefork.groups).
+    run.prefork_coroutine = func  # type: ignore[attr-defined]
     return run
+
+
+def coroutine_of(target: object) -> Callable[[], Any] | None:
+    """The ``async def`` function an :func:`asyncio_worker` target runs, else ``None``."""
+    return getattr(target, "prefork_coroutine", None)
 
 
 async def _beating(func: Callable[[], Any]) -> object:

@@ -37,6 +37,7 @@ from prefork.control import ControlServer, command_table
 from prefork.exits import ExitCode
 from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, POOL_WORKER, Fleet
 from prefork.floor import prepare_floor
+from prefork.groups import GroupHost, host_groups
 from prefork.heartbeats import HeartbeatTable
 from prefork.lock import FleetLock
 from prefork.metrics_process import ExporterProcess, MetricsOptions
@@ -142,6 +143,8 @@ class Master:
         before_first_fork: Callable[[], None] | None = None,
     ) -> None:
         fleet = fleet.validate()
+        if fleet.groups:  # from here on each worker group is one worker (prefork.groups)
+            fleet = host_groups(fleet).validate()
         directory = runtime_dir or default_runtime_dir()
         self._kernel_pool: KernelPool | None = None
         if fleet.kernel_workers:
@@ -598,9 +601,15 @@ class Master:
             "stopping": self.stopping,
             "reloads": {"total": self._reloads, "last": self._last_reload,
                         "in_progress": self._rolling.in_progress},
-            "workers": [s.status(now, last_beat=self._heartbeats.last_beat(s),
-                                 wall_now=wall_now) for s in self.slots],
+            "workers": [self._worker_status(s, now, wall_now) for s in self.slots],
         }
+
+    def _worker_status(self, slot: Slot, now: float, wall_now: float) -> dict[str, Any]:
+        status = slot.status(now, last_beat=self._heartbeats.last_beat(slot), wall_now=wall_now)
+        host = slot.worker.target
+        if isinstance(host, GroupHost):  # its hosted workers, as its process last wrote them
+            status["hosted"] = [] if slot.pid is None else host.board.read(slot.pid, now)
+        return status
 
     # -- plumbing ------------------------------------------------------------------
 
