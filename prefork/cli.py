@@ -26,8 +26,10 @@ from prefork.cli_params import (
     SECONDS,
     SIZE,
     CliError,
+    GroupSpec,
     ListenAddress,
     PositiveSeconds,
+    groups_of,
     import_from_working_directory,
     run_cli,
 )
@@ -46,6 +48,7 @@ from prefork.fleet import (
     registered_fleets,
 )
 from prefork.floor import WarmUpError
+from prefork.groups import host_groups
 from prefork.lock import AlreadyRunning
 from prefork.metrics_process import (
     DEFAULT_INTERVAL,
@@ -90,6 +93,10 @@ def cli() -> None:
               help="... within this many seconds; 0 disables the limit [5 in 60].")
 @click.option("--restart", type=click.Choice(RESTART_POLICIES), default=None,
               help="Restart policy for workers that do not set their own [on-failure].")
+@click.option("--group", "group_specs", type=GroupSpec(), multiple=True,
+              metavar="NAME=WORKER,WORKER",
+              help="Host these async workers in one process, each under its own "
+                   "supervision loop (repeatable); replaces the fleet's own groups.")
 @click.option("--freeze/--no-freeze", default=True, show_default=True,
               help="gc.collect() and gc.freeze() in the master before forking.")
 @click.option("--warm-up/--no-warm-up", default=False, show_default=True,
@@ -151,6 +158,7 @@ def run(
     start_limit_burst: int | None,
     start_limit_interval: float | None,
     restart: str | None,
+    group_specs: tuple[tuple[str, tuple[str, ...]], ...],
     freeze: bool,
     warm_up: bool,
     strict_fork: bool,
@@ -183,6 +191,7 @@ def run(
                        "prefork probe alone)")
 
     metrics = _metrics_options(metrics_listen, metrics_textfile, metrics_interval)
+    groups = groups_of(group_specs) if group_specs else None
 
     try:
         logs.configure(log_level, log_file)
@@ -200,9 +209,12 @@ def run(
             import_module(module, what="preload module")
         fleet = load_fleet(fleet_spec)
         logs.reclaim()  # the floor's logging set-up may have disabled prefork's logger
+        if groups is not None:  # a deploy-time choice: no worker's code changes
+            fleet = dataclasses.replace(fleet, groups=groups)
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart, max_private_memory, max_age,
                                    kernel_workers)
+        fleet = host_groups(fleet)  # one worker per group: what the probe forks too
         probe = None
         if probe_fd is not None:
             from prefork.probe_run import ProbeLink

@@ -112,6 +112,33 @@ class Delta(click.ParamType):
         return delta
 
 
+class GroupSpec(click.ParamType):
+    """``NAME=WORKER,WORKER``: a worker group (:mod:`prefork.groups`), as ``(NAME, names)``;
+    whether those are workers the fleet can host is the fleet's check."""
+
+    name = "name=worker,worker"
+
+    def convert(self, value: object, param: click.Parameter | None,
+                ctx: click.Context | None) -> tuple[str, tuple[str, ...]]:
+        if isinstance(value, tuple):
+            return value  # type: ignore[return-value]
+        name, equals, workers = str(value).partition("=")
+        if not equals or not name.strip():
+            self.fail(f"{value!r} is not NAME=WORKER,WORKER", param, ctx)
+        names = tuple(n.strip() for n in workers.split(",")) if workers.strip() else ()
+        return name.strip(), names
+
+
+def groups_of(specs: tuple[tuple[str, tuple[str, ...]], ...]) -> dict[str, tuple[str, ...]]:
+    """``--group`` options as a fleet's ``groups``; raises CliError for a name given twice."""
+    groups: dict[str, tuple[str, ...]] = {}
+    for name, workers in specs:
+        if name in groups:
+            raise CliError(f"--group {name} is given twice")
+        groups[name] = workers
+    return groups
+
+
 def import_from_working_directory() -> None:
     """Let ``--fleet module:ATTR`` and ``--preload`` find modules in the current directory,
     as gunicorn and ``python -m`` do; the installed ``prefork`` script alone would not."""
