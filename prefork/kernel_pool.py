@@ -50,12 +50,16 @@ LENGTH = struct.Struct("!Q")
 ANSWER = struct.Struct("!BQ")
 RAN, RAISED = 0, 1
 
-_address: str | None = None  # set in the master before its first fork; None: no pool
+# The pool's socket path and the master's pid, set in the master before its first fork.
+_address: tuple[str, int] | None = None
 
 
 def address() -> str | None:
-    """The pool's socket path in a process of a fleet that has a kernel pool, else None."""
-    return _address
+    """The pool's socket path in a worker of a fleet that has a kernel pool, else None:
+    in the master too, whose warm-up runs before any kernel process exists."""
+    if _address is None or _address[1] == os.getpid():
+        return None
+    return _address[0]
 
 
 class KernelPool:
@@ -77,7 +81,7 @@ class KernelPool:
     def open(self) -> None:
         global _address
         self._private.open()
-        _address = str(self._private.path)
+        _address = (str(self._private.path), os.getpid())
 
     def close(self) -> None:
         global _address
