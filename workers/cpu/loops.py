@@ -15,6 +15,10 @@ a second copy of a worker writing to the same database is caught, not doubled.
   data whenever their input moved past their watermark: a new observation can change
   their results anywhere, and their kernels are fast enough to rerun.
 
+The two heaviest kernels, ``cluster_observations`` and ``credential_reuse``, are called
+through :func:`prefork.offload.run_kernel`: in the fleet's kernel pool when it has one
+(``prefork run --fleet cpu --kernel-workers 2``), inline otherwise.
+
 On SIGTERM (or SIGINT), or its group's stop, a worker finishes the batch it is in, then
 ends: its process exits 0.
 """
@@ -32,6 +36,7 @@ from pathlib import Path
 
 import aiosqlite
 
+from prefork.offload import run_kernel
 from prefork_workers.cpu import kernels
 from prefork_workers.cpu.db import BUSY_TIMEOUT, Database, DatabaseError, connect, database_path
 
@@ -193,7 +198,7 @@ async def cluster_step(db: Database, settings: Settings) -> str | None:
         known = dict(await c.execute_fetchall(  # type: ignore[arg-type]
             "SELECT indicator, cluster_id FROM cluster_indicators "
             "JOIN temp.batch_keys ON batch_keys.id = indicator"))
-    update = kernels.cluster_observations(rows, known)
+    update = await run_kernel(kernels.cluster_observations, rows, known)
     touched = set(update.assignments.values()) | set(update.merged.values())
 
     async def write(c: aiosqlite.Connection) -> None:
@@ -344,7 +349,7 @@ async def reuse_step(db: Database, settings: Settings) -> str | None:
             return None
         mark, latest = moved
         uses = await credential_uses(c, latest)
-    findings = kernels.credential_reuse(uses, settings.min_targets)
+    findings = await run_kernel(kernels.credential_reuse, uses, settings.min_targets)
 
     async def write(c: aiosqlite.Connection) -> None:
         await c.execute("DELETE FROM credential_reuse")
