@@ -83,7 +83,7 @@ def serve_b() -> None:
 
     async def main() -> None:
         settings = loops.Settings()
-        await asyncio.gather(*(loops.hosted(name, settings) for name in WORKERS))
+        await asyncio.gather(*(loops.worker(name, settings)() for name in WORKERS))
 
     asyncio.run(main())
 
@@ -146,47 +146,51 @@ def digest(db: Path) -> str:
     return h.hexdigest()[:16]
 
 
+def _catch_up(config: str, proc: subprocess.Popen[bytes], db: Path, started: float,
+              log: str) -> tuple[float, float, list[int]]:
+    """Sample the session's PSS every 250 ms until all four watermarks reach the newest
+    observation: the seconds that took, the session's CPU seconds then, the samples."""
+    samples: list[int] = []
+    next_sample = started
+    while True:
+        now = time.monotonic()
+        if proc.poll() is not None:
+            raise RuntimeError(f"{config}: exited {proc.returncode}; see {log}")
+        if now - started > 600:
+            raise RuntimeError(f"{config}: no catch-up within 600 s; see {log}")
+        if now >= next_sample:
+            samples.append(pss(session_pids(proc.pid)))
+            next_sample += 0.25
+        try:
+            marks, latest = watermarks(db)
+        except sqlite3.Error:
+            marks, latest = {}, 1
+        if all(marks.get(w, 0) >= latest for w in WORKERS):
+            caught_up = time.monotonic() - started
+            return caught_up, cpu_seconds(session_pids(proc.pid)), samples
+        time.sleep(0.05)
+
+
 def run_once(config: str, template: Path, work: Path) -> dict[str, Any]:
     db = work / f"{config.replace(' ', '_')}.sqlite3"
     shutil.copyfile(template, db)
     runtime = Path(tempfile.mkdtemp(prefix="hosting-", dir=work))
     env = {**os.environ, "PREFORK_DB": str(db), "PREFORK_RUNTIME_DIR": str(runtime)}
-    log = open(work / f"{config.replace(' ', '_')}.log", "wb")
-    started = time.monotonic()
-    proc = subprocess.Popen(CONFIGS[config], env=env, stdin=subprocess.DEVNULL, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    samples: list[int] = []
-    next_sample = started
-    try:
-        while True:
-            now = time.monotonic()
-            if proc.poll() is not None:
-                raise RuntimeError(f"{config}: exited {proc.returncode}; see {log.name}")
-            if now - started > 600:
-                raise RuntimeError(f"{config}: no catch-up within 600 s; see {log.name}")
-            if now >= next_sample:
-                samples.append(pss(session_pids(proc.pid)))
-                next_sample += 0.25
-            try:
-                marks, latest = watermarks(db)
-            except sqlite3.Error:
-                marks, latest = {}, 1
-            if all(marks.get(w, 0) >= latest for w in WORKERS):
-                caught_up = time.monotonic() - started
-                pids = session_pids(proc.pid)
-                cpu = cpu_seconds(pids)
-                break
-            time.sleep(0.05)
-        time.sleep(2.0)  # the workers are between polls (every 5 s): idle
-        idle = []
-        for _ in range(5):
-            idle.append(pss(session_pids(proc.pid)))
-            time.sleep(0.2)
-        processes = len(session_pids(proc.pid))
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-        log.close()
+    with open(work / f"{config.replace(' ', '_')}.log", "wb") as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(CONFIGS[config], env=env, stdin=subprocess.DEVNULL,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            caught_up, cpu, samples = _catch_up(config, proc, db, started, log.name)
+            time.sleep(2.0)  # the workers are between polls (every 5 s): idle
+            idle = []
+            for _ in range(5):
+                idle.append(pss(session_pids(proc.pid)))
+                time.sleep(0.2)
+            processes = len(session_pids(proc.pid))
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     return {"config": config, "catch_up_s": caught_up, "cpu_s": cpu,
             "cpu_per_wall": cpu / caught_up, "working_pss_peak": max(samples),
             "working_pss_median": statistics.median(samples),
