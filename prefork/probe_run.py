@@ -33,6 +33,7 @@ from typing import Any, NoReturn
 from prefork import after_fork
 from prefork.child import WorkerContext, current_worker
 from prefork.fleet import Fleet, FleetError, Worker, load_fleet, replica_label
+from prefork.groups import host_groups
 from prefork.heartbeats import heartbeat
 from prefork.probe_measure import MAX_FDS
 
@@ -97,9 +98,10 @@ class ProbeLink:
             if context.name != SLEEPER:  # the user's hook is not prefork's cost
                 user_post_fork(context)  # type: ignore[misc]
 
+        # No kernel pool: the probe measures the workers, and serves their commands itself.
         self.fleet = dataclasses.replace(
             fleet, workers=tuple(workers), restart="never", max_private_memory=None,
-            max_age=None, worker_exit=worker_exit,
+            max_age=None, kernel_workers=0, worker_exit=worker_exit,
             post_fork=None if user_post_fork is None else post_fork).validate()
 
     def before_first_fork(self) -> None:
@@ -213,9 +215,12 @@ def baseline_main() -> None:
     out = os.dup(1)
     os.dup2(2, 1)
     try:
-        fleet = load_fleet(spec)
+        fleet = host_groups(load_fleet(spec))  # a group is one worker, as in the master
         worker = next(w for w in fleet.workers if w.name == name)
-    except (FleetError, StopIteration) as exc:
+    except FleetError as exc:
         os.write(out, f"error: {exc}\n".encode())
+        raise SystemExit(1) from None
+    except StopIteration:
+        os.write(out, f"error: fleet {fleet.name!r} has no worker {name!r}\n".encode())
         raise SystemExit(1) from None
     serve(worker, 0, out)

@@ -92,6 +92,14 @@ def test_private_allocation_shows_as_uss_not_shared(events: Events, runtime_dir:
     assert sorted(e["worker"] for e in events.of("warmup")) == ["calm", "hog"]
 
 
+def test_a_group_is_one_child_and_the_kernel_pool_is_not_measured(events: Events,
+                                                                   runtime_dir: Path) -> None:
+    document = probe_json(events, runtime_dir, "--fleet", "fleets.grouped:pooled",
+                          "--idle", "0")
+    for role in ("child", "baseline"):
+        assert [p["name"] for p in pick(document, role=role, phase="idle")] == ["trio", "solo"]
+
+
 def test_json_has_the_documented_shape(events: Events, runtime_dir: Path) -> None:
     document = probe_json(events, runtime_dir, "--fleet", "fleets.probed:fleet",
                           "--workers", "3", "--idle", "0", "--idle", "0.2", "--bare-fork")

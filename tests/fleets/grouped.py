@@ -55,3 +55,7 @@ fleet = Fleet("grouped", WORKERS, backoff=QUICK,
 
 # The same workers with no groups: `prefork run --group` makes them.
 plain = Fleet("plain", WORKERS, backoff=QUICK)
+
+# A group and a kernel pool: what `prefork probe` measures of them (test_probe).
+pooled = Fleet("grouped-pooled", WORKERS, backoff=QUICK, kernel_workers=2,
+               groups={"trio": ["counter-a", "counter-b", "raiser"]})
