@@ -5,6 +5,7 @@ processes at once."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -163,6 +164,8 @@ def test_samples_are_prepared_in_a_child_not_in_the_caller(
     calls = {"generate": 0, "cluster": 0}
 
     def counting(key: str, real: Callable) -> Callable:
+        # wraps(): found by the real one's name, as prefork.offload.run_kernel requires
+        @functools.wraps(real)
         def wrapper(*args, **kwargs):
             calls[key] += 1  # in the preparing child this wrapper does not exist
             return real(*args, **kwargs)

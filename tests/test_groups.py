@@ -167,9 +167,8 @@ def test_group_option_moves_workers_into_one_process(start_master, events: Event
     assert master.wait_exit() == 0, master.log
 
 
-def test_cpu_fleet_gives_the_same_results_grouped_and_not(start_master, events: Events,
-                                                          runtime_dir: Path,
-                                                          tmp_path: Path) -> None:
+def test_cpu_fleet_gives_the_same_results_grouped_with_a_kernel_pool_and_not(
+        start_master, events: Events, runtime_dir: Path, tmp_path: Path) -> None:
     generated = tmp_path / "generated.sqlite3"
     generate(generated, observations=OBSERVATIONS, sources=300, seed=7)
     results = {}
@@ -178,11 +177,14 @@ def test_cpu_fleet_gives_the_same_results_grouped_and_not(start_master, events: 
         shutil.copyfile(generated, db)
         env = master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path),
                          PREFORK_DB=str(db))
-        args = ["--group", f"analysis={','.join(CPU_WORKERS)}"] if grouped else []
+        # Grouped: design B inside C, the heavy kernels in a pool of 2 (prefork.offload).
+        args = (["--group", f"analysis={','.join(CPU_WORKERS)}", "--kernel-workers", "2"]
+                if grouped else [])
         master = start_master("fleets.cpu_test:fleet", *args, env=env)
         wait_all_caught_up(master, OBSERVATIONS)
         titles = sorted(" ".join(p.cmdline()).strip() for p in master.workers())
-        assert titles == (["prefork: worker analysis [cpu]"] if grouped else
+        assert titles == (["prefork: worker analysis [cpu]", "prefork: worker kernel-pool "
+                           "[cpu]", "prefork: worker kernel-pool.1 [cpu]"] if grouped else
                           sorted(f"prefork: worker {w} [cpu]" for w in CPU_WORKERS))
         master.signal(signal.SIGTERM)
         assert master.wait_exit() == 0, master.log
