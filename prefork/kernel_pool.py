@@ -19,10 +19,16 @@ result or exception. Only our own uid (and root) may call: the file's mode, and
 
 SIGTERM (or SIGINT) lets a kernel process finish the kernel it runs and answer; then it
 exits 0. An idle one exits at once.
+
+After each call a kernel process gives the heap the call freed back to the kernel
+(``malloc_trim``): a kernel's input and result come and go, and glibc would otherwise keep
+their pages. Measured on the cpu fleet's catch-up (300,000 observations): a kernel
+process held 16 MiB private without it, 5 MiB with it.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -120,6 +126,13 @@ class KernelPool:
                 continue
             with conn:
                 _serve_one(conn)
+            _malloc_trim(0)
+
+
+# Resolved in the master, like prefork.prctl's: not once per kernel process.
+_malloc_trim = ctypes.CDLL(None).malloc_trim
+_malloc_trim.argtypes = [ctypes.c_size_t]
+_malloc_trim.restype = ctypes.c_int
 
 
 def _serve_one(conn: socket.socket) -> None:
