@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 FLEET  ?= cpu
 
-.PHONY: install run demo-data feed test lint bench measure clean
+.PHONY: install run demo-data feed test lint bench measure hosting clean
 
 # `make install`: .venv with prefork installed (editable), with the cpu extra that the
 # bundled cpu fleet needs and the metrics extra (`--metrics`), and .venv/bin/prefork on hand.
@@ -56,6 +56,13 @@ bench: install
 # Writes measurements/memory.md, memory.json and memory.png.
 measure: install
 	$(BIN)/python measurements/measure.py $(if $(RUNS),--runs $(RUNS))
+
+# The cpu fleet hosted three ways on the same generated data (one process per worker, a
+# group with a kernel pool, one process with a forkserver pool): memory, catch-up time,
+# CPU against wall time. About 3 minutes; RUNS=n runs each n times (default 3).
+# Writes measurements/hosting.md and hosting.json.
+hosting: install
+	$(BIN)/python measurements/hosting.py $(if $(RUNS),--runs $(RUNS))
 
 clean:
 	rm -rf $(VENV) .venv-measure .pytest_cache .ruff_cache *.egg-info

@@ -172,11 +172,15 @@ def _catch_up(config: str, proc: subprocess.Popen[bytes], db: Path, started: flo
 
 
 def run_once(config: str, template: Path, work: Path) -> dict[str, Any]:
-    db = work / f"{config.replace(' ', '_')}.sqlite3"
+    """One run of ``config`` in a directory of its own: its database copy (with no WAL
+    left by another run), its runtime directory and its log."""
+    work = Path(tempfile.mkdtemp(prefix=config.replace(" ", "_") + "-", dir=work))
+    db = work / "cpu.sqlite3"
     shutil.copyfile(template, db)
-    runtime = Path(tempfile.mkdtemp(prefix="hosting-", dir=work))
+    runtime = work / "run"
+    runtime.mkdir(mode=0o700)
     env = {**os.environ, "PREFORK_DB": str(db), "PREFORK_RUNTIME_DIR": str(runtime)}
-    with open(work / f"{config.replace(' ', '_')}.log", "wb") as log:
+    with open(work / "log", "wb") as log:
         started = time.monotonic()
         proc = subprocess.Popen(CONFIGS[config], env=env, stdin=subprocess.DEVNULL,
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -229,10 +233,10 @@ def render(document: dict[str, Any]) -> str:
                                  f"{digests.pop()})." if len(digests) == 1 else
                                  f"DIFFER between runs: {sorted(digests)}."), ""]
     lines += ["Every run:", "", "| configuration | catch-up | CPU / wall | PSS peak | "
-              "PSS idle |", "|---|---|---|---|---|"]
+              "PSS idle | results digest |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['config']} | {r['catch_up_s']:.2f} s | {r['cpu_per_wall']:.2f} | "
-              f"{r['working_pss_peak'] / MIB:.1f} MiB | {r['idle_pss'] / MIB:.1f} MiB |"
-              for r in runs]
+              f"{r['working_pss_peak'] / MIB:.1f} MiB | {r['idle_pss'] / MIB:.1f} MiB | "
+              f"{r['digest']} |" for r in runs]
     return "\n".join(lines) + "\n"
 
 
