@@ -15,12 +15,15 @@ the demo's 300,000) and its own session. Measured from this process, never from 
   observation (read-only polls of the database every 50 ms);
 - fleet PSS: the sum of ``Pss`` in ``/proc/PID/smaps_rollup`` over every process of the
   run's session, sampled every 250 ms while catching up (the peak is reported) and
-  5 times at 2 s after catch-up (idle: median);
+  5 times from 6 s after catch-up, when each worker has polled once more and found
+  nothing (idle: median);
 - CPU time: ``utime + stime`` (and the children's the run reaped) of every process of the
   session at catch-up, against the wall time: above 1 means the work ran in parallel;
 - results: a digest of every result table, which must be the same for every run.
 
-Configurations are interleaved (C, B in C, B, C, ...) so drift hits all alike; the report
+Two more configurations take B in C apart: ``C + kernel pool`` (one process per worker,
+kernels in a pool of 2) and ``group, kernels inline``. Configurations are interleaved
+(C, B in C, B, C + kernel pool, group, C, ...) so drift hits all alike; the report
 gives medians over ``--runs`` (default 3). Writes ``hosting.md`` and ``hosting.json``.
 """
 
@@ -53,11 +56,17 @@ CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
 PREFORK = [sys.executable, "-m", "prefork", "run", "--fleet", "cpu", "--log-level", "warning"]
+GROUP = ["--group", f"all={','.join(WORKERS)}"]
+POOL = ["--kernel-workers", "2"]
 CONFIGS: dict[str, list[str]] = {
     "C": PREFORK,
-    "B in C": [*PREFORK, "--group", f"all={','.join(WORKERS)}", "--kernel-workers", "2"],
+    "B in C": [*PREFORK, *GROUP, *POOL],
     "B": [sys.executable, str(Path(__file__).resolve()), "--serve-b"],
+    # The two halves of B in C alone: which one costs or saves what.
+    "C + kernel pool": [*PREFORK, *POOL],
+    "group, kernels inline": [*PREFORK, *GROUP],
 }
+IDLE_AFTER = 6.0  # seconds after catch-up: each worker has polled once more (every 5 s)
 
 
 # -- design B, rebuilt: one process, a forkserver pool ----------------------------------
@@ -186,7 +195,7 @@ def run_once(config: str, template: Path, work: Path) -> dict[str, Any]:
                                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             caught_up, cpu, samples = _catch_up(config, proc, db, started, log.name)
-            time.sleep(2.0)  # the workers are between polls (every 5 s): idle
+            time.sleep(IDLE_AFTER)
             idle = []
             for _ in range(5):
                 idle.append(pss(session_pids(proc.pid)))
