@@ -146,20 +146,23 @@ def _serve_one(conn: socket.socket) -> None:
             return
         conn.sendall(PID.pack(os.getpid()))
         (length,) = LENGTH.unpack(_receive(conn, LENGTH.size))
-        request = _receive(conn, length)
-        conn.sendall(_answer(request))
+        kind, body = _answer(_receive(conn, length))
+        conn.sendall(ANSWER.pack(kind, len(body)))
+        conn.sendall(body)  # apart: a header joined to it would copy the whole answer
     except (OSError, EOFError) as exc:  # the caller went away, or timed out
         log.debug("kernel pool: a call broke off: %s", exc)
 
 
-def _answer(request: bytes) -> bytes:
+def _answer(request: bytearray) -> tuple[int, bytes]:
+    """Run the call ``request`` holds: whether it ran, and the pickled result (or
+    exception). The request's bytes are dropped before the kernel runs."""
     try:
         fn, args = pickle.loads(request)
+        request.clear()
         body = pickle.dumps(fn(*args), protocol=pickle.HIGHEST_PROTOCOL)
-        kind = RAN
+        return RAN, body
     except Exception as exc:
-        kind, body = RAISED, _pickled_exception(exc)
-    return ANSWER.pack(kind, len(body)) + body
+        return RAISED, _pickled_exception(exc)
 
 
 def _pickled_exception(exc: Exception) -> bytes:
@@ -174,11 +177,14 @@ def _pickled_exception(exc: Exception) -> bytes:
         return pickle.dumps((None, text), protocol=pickle.HIGHEST_PROTOCOL)
 
 
-def _receive(conn: socket.socket, size: int) -> bytes:
+def _receive(conn: socket.socket, size: int) -> bytearray:
+    """Exactly ``size`` bytes, read into one buffer (no chunks joined: no second copy).
+    Grown as the bytes come, so a length a client announces but never sends costs
+    nothing."""
     data = bytearray()
     while len(data) < size:
         chunk = conn.recv(min(size - len(data), 1 << 20))
         if not chunk:
             raise EOFError(f"the caller closed after {len(data)} of {size} bytes")
         data += chunk
-    return bytes(data)
+    return data

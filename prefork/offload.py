@@ -85,6 +85,7 @@ async def _call(where: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
     try:
         writer.write(LENGTH.pack(len(request)))
         writer.write(request)
+        del request  # the transport holds what it has not sent yet
         await writer.drain()
         (pid,) = PID.unpack(await reader.readexactly(PID.size))
         kind, length = ANSWER.unpack(await reader.readexactly(ANSWER.size))
