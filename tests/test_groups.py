@@ -5,6 +5,7 @@ also without a fork."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -195,35 +196,51 @@ def test_cpu_fleet_gives_the_same_results_grouped_with_a_kernel_pool_and_not(
     assert results[True] == results[False] == expected_results(generated)
 
 
+# Each group the fleet's validation refuses, as --group would set it, and its error line.
 BAD_GROUPS = [
-    (["--group", "g=nope"], "group 'g' names 'nope', which is not a worker of the fleet"),
-    (["--group", "g=a", "--group", "h=a"], "worker 'a' is in two groups, 'g' and 'h'"),
-    (["--group", "g=a,a"], "group 'g' names worker 'a' twice"),
-    (["--group", "a=b"], "group 'a' has the name of a worker"),
-    (["--group", "no good=a"], "group name 'no good' must be letters"),
-    (["--group", "g="], "group 'g' has no workers"),
-    (["--group", "g"], "'g' is not NAME=WORKER,WORKER"),
-    (["--group", "g=a", "--group", "g=b"], "--group g is given twice"),
-    (["--group", "g=a,blocking"], "worker 'blocking' in group 'g' is not an async def worker"),
-    (["--group", "g=twin"], "worker 'twin' in group 'g': replicas and max_replicas count"),
-    (["--group", "g=scalable"], "worker 'scalable' in group 'g': replicas and max_replicas"),
-    (["--group", "g=envy"], "worker 'envy' in group 'g': env is a process setting"),
-    (["--group", "g=niced"], "worker 'niced' in group 'g': nice is a process setting"),
-    (["--group", "g=late"], "worker 'late' in group 'g': after is not supported"),
-    (["--group", "g=b"], "worker 'late': after names 'b', which is hosted in group 'g'"),
-    (["--group", "g=hungry"], "worker 'hungry' in group 'g': max_private_memory recycles"),
-    (["--group", "g=old"], "worker 'old' in group 'g': max_age recycles a whole process"),
+    ({"g": ["nope"]}, "group 'g' names 'nope', which is not a worker of the fleet"),
+    ({"g": ["a"], "h": ["a"]}, "worker 'a' is in two groups, 'g' and 'h'"),
+    ({"g": ["a", "a"]}, "group 'g' names worker 'a' twice"),
+    ({"a": ["b"]}, "group 'a' has the name of a worker"),
+    ({"no good": ["a"]}, "group name 'no good' must be letters"),
+    ({"g": []}, "group 'g' has no workers"),
+    ({"g": ["a", "blocking"]}, "worker 'blocking' in group 'g' is not an async def worker"),
+    ({"g": ["twin"]}, "worker 'twin' in group 'g': replicas and max_replicas count"),
+    ({"g": ["scalable"]}, "worker 'scalable' in group 'g': replicas and max_replicas"),
+    ({"g": ["envy"]}, "worker 'envy' in group 'g': env is a process setting"),
+    ({"g": ["niced"]}, "worker 'niced' in group 'g': nice is a process setting"),
+    ({"g": ["late"]}, "worker 'late' in group 'g': after is not supported"),
+    ({"g": ["b"]}, "worker 'late': after names 'b', which is hosted in group 'g'"),
+    ({"g": ["hungry"]}, "worker 'hungry' in group 'g': max_private_memory recycles"),
+    ({"g": ["old"]}, "worker 'old' in group 'g': max_age recycles a whole process"),
+    (["a"], "groups must map a group name"),
 ]
 
 
+@pytest.mark.parametrize(("groups", "message"), BAD_GROUPS,
+                         ids=[repr(groups) for groups, _ in BAD_GROUPS])
+def test_a_group_that_cannot_be_hosted_is_refused_in_one_line(groups: object,
+                                                              message: str) -> None:
+    from fleets import group_errors
+
+    with pytest.raises(FleetError) as refused:
+        dataclasses.replace(group_errors.fleet, groups=groups).validate()
+    assert message in str(refused.value) and "\n" not in str(refused.value)
+
+
+# The command line's own errors, and one refusal of each origin (--group, the fleet's),
+# through `prefork run`: one line, exit 2, nothing forked.
 @pytest.mark.parametrize(("args", "message"), [
-    *((["--fleet", "fleets.group_errors:fleet", *a], m) for a, m in BAD_GROUPS),
+    (["--group", "g"], "'g' is not NAME=WORKER,WORKER"),
+    (["--group", "g=a", "--group", "g=b"], "--group g is given twice"),
+    (["--group", "g=a,blocking"], "worker 'blocking' in group 'g' is not an async def worker"),
     (["--fleet", "fleets.group_errors:unknown_default"], "group 'g' names 'nope'"),
-    (["--fleet", "fleets.group_errors:not_a_mapping"], "groups must map a group name"),
-], ids=[" ".join(a) for a, _ in BAD_GROUPS] + ["unknown-default", "not-a-mapping"])
+])
 def test_a_group_that_cannot_be_hosted_is_one_line_and_exit_2(
         args: list[str], message: str, events: Events, runtime_dir: Path,
         tmp_path: Path) -> None:
+    if "--fleet" not in args:
+        args = ["--fleet", "fleets.group_errors:fleet", *args]
     result = subprocess.run([sys.executable, "-m", "prefork", "run", *args],
                             capture_output=True, text=True, timeout=30,
                             env=master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path)))

@@ -25,4 +25,3 @@ fleet = Fleet("group-errors", [
 
 # Invalid groups as the fleet's own default.
 unknown_default = Fleet("unknown-default", [Worker("a", idle)], groups={"g": ["nope"]})
-not_a_mapping = Fleet("not-a-mapping", [Worker("a", idle)], groups=["a"])  # type: ignore[arg-type]
