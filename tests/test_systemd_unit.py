@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 import prefork.unit
-from conftest import WAIT, Events, MasterProcess
+from conftest import WAIT, Events, MasterProcess, cli_in_child
 from prefork.metrics_process import MetricsOptions
 from prefork.unit import UnitError, reachability_warnings, render_unit, unit_name
 
@@ -371,7 +371,7 @@ BAD_OPTIONS = [
 @pytest.mark.parametrize(("args", "message"), BAD_OPTIONS,
                          ids=[" ".join(a) for a, _ in BAD_OPTIONS])
 def test_bad_options_are_one_line_and_exit_2(args: list[str], message: str) -> None:
-    result = prefork_systemd(*args)
+    result = cli_in_child(["systemd", *args], dict(os.environ))  # as prefork_systemd answers
     lines = result.stderr.splitlines()
     assert result.returncode == 2, result.stderr
     assert len(lines) == 1, result.stderr
