@@ -168,6 +168,22 @@ def test_group_option_moves_workers_into_one_process(start_master, events: Event
     assert master.wait_exit() == 0, master.log
 
 
+def test_a_group_whose_loop_is_blocked_misses_its_heartbeat_and_is_restarted(
+        start_master, events: Events, tmp_path: Path) -> None:
+    master = start_master("fleets.grouped:hung")
+    first = events.wait_kind("up", worker="blocker")[0]
+    # Five ticks take 1 s, twice the timeout: the loop's beats kept the group alive.
+    events.wait_kind("tick", worker="counter-a", count=5)
+    assert not master.log_matches("no heartbeat")
+    (tmp_path / "block").touch()
+    events.wait_kind("blocking")
+    found = master.wait_log(r"worker pair \(pid (\d+)\) no heartbeat for [\d.]+s "
+                            r"\(timeout 0.5s\): SIGTERM")
+    assert int(found.group(1)) == first["pid"]
+    again = events.wait_kind("up", worker="blocker", count=2)[1]
+    assert again["pid"] != first["pid"]  # the whole group, restarted by the master
+
+
 def test_cpu_fleet_gives_the_same_results_grouped_with_a_kernel_pool_and_not(
         start_master, events: Events, runtime_dir: Path, tmp_path: Path) -> None:
     generated = tmp_path / "generated.sqlite3"

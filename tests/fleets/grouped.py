@@ -59,3 +59,28 @@ plain = Fleet("plain", WORKERS, backoff=QUICK)
 # A group and a kernel pool: what `prefork probe` measures of them (test_probe).
 pooled = Fleet("grouped-pooled", WORKERS, backoff=QUICK, kernel_workers=2,
                groups={"trio": ["counter-a", "counter-b", "raiser"]})
+
+
+def _blocker():
+    """A hosted worker that blocks its group's event loop once told to (a file appears),
+    as a hung synchronous call would: no hosted worker runs, and the loop beats no more."""
+    async def block() -> None:
+        import os
+        import time
+        from pathlib import Path
+
+        emit("up", worker="blocker")
+        flag = Path(os.environ["PREFORK_TEST_DIR"]) / "block"
+        while not flag.exists():
+            await asyncio.sleep(0.02)
+        flag.unlink()
+        emit("blocking", worker="blocker")
+        time.sleep(3600)  # the point: the loop is stuck
+
+    return block
+
+
+# The group's loop beats for its workers; a timeout of 0.5 s on one of them is the group's.
+hung = Fleet("grouped-hung", [Worker("counter-a", _counter("counter-a"), timeout=0.5),
+                              Worker("blocker", _blocker())],
+             backoff=QUICK, groups={"pair": ["counter-a", "blocker"]})
