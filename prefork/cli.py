@@ -121,6 +121,12 @@ def cli() -> None:
               metavar="N", help="Fork N kernel processes from the floor that run the "
               "workers' prefork.offload.run_kernel calls (0: run them inline) [the "
               "fleet's kernel_workers, else 0].")
+@click.option("--offload", metavar="tcp://HOST:PORT", default=None,
+              help="Send the workers' run_kernel calls to this Dask scheduler [the "
+                   "fleet's offload; needs the dask extra].")
+@click.option("--offload-fallback", type=click.Choice(["local", "error"]), default=None,
+              help="While the scheduler cannot be reached, run kernels locally (kernel "
+                   "pool or inline) or fail them [the fleet's, local].")
 @click.option("--memory-check-interval", type=PositiveSeconds(),
               default=DEFAULT_MEMORY_CHECK_INTERVAL, show_default=True,
               help="Seconds between checks of the workers' private memory.")
@@ -167,6 +173,8 @@ def run(
     max_private_memory: int | None,
     max_age: float | None,
     kernel_workers: int | None,
+    offload: str | None,
+    offload_fallback: str | None,
     memory_check_interval: float,
     runtime_dir: Path | None,
     log_level: str,
@@ -213,7 +221,7 @@ def run(
             fleet = dataclasses.replace(fleet, groups=groups)
         fleet = _with_cli_defaults(fleet, max_backoff, backoff_reset, start_limit_burst,
                                    start_limit_interval, restart, max_private_memory, max_age,
-                                   kernel_workers)
+                                   kernel_workers, offload, offload_fallback)
         fleet = host_groups(fleet)  # one worker per group: what the probe forks too
         probe = None
         if probe_fd is not None:
@@ -464,6 +472,8 @@ def _with_cli_defaults(
     max_private_memory: int | None,
     max_age: float | None,
     kernel_workers: int | None,
+    offload: str | None,
+    offload_fallback: str | None,
 ) -> Fleet:
     """``fleet`` with the defaults given on the command line (its workers' own settings
     still win over them)."""
@@ -481,6 +491,8 @@ def _with_cli_defaults(
         max_private_memory=max_private_memory or fleet.max_private_memory,
         max_age=max_age or fleet.max_age,
         kernel_workers=fleet.kernel_workers if kernel_workers is None else kernel_workers,
+        offload=offload or fleet.offload,
+        offload_fallback=offload_fallback or fleet.offload_fallback,
     ).validate()
 
 

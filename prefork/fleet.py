@@ -185,7 +185,10 @@ class Fleet:
     to the ``async def`` workers that one process hosts, each under its own supervision
     loop (:mod:`prefork.groups`); every other worker has a process of its own.
     ``kernel_workers``: the processes of the fleet's kernel pool (:mod:`prefork.kernel_pool`),
-    0 for none; the master adds them as one more worker, ``kernel-pool``.
+    0 for none; the master adds them as one more worker, ``kernel-pool``. ``offload``: a
+    Dask scheduler's address (``tcp://HOST:PORT``) that the workers' kernels go to, and
+    ``offload_fallback`` what a kernel does when it cannot be reached: run ``"local"``
+    (pool or inline) or fail with an ``"error"`` (:mod:`prefork.dask_offload`).
     """
 
     name: str
@@ -196,6 +199,8 @@ class Fleet:
     max_private_memory: int | None = None
     max_age: float | None = None
     kernel_workers: int = 0
+    offload: str | None = None
+    offload_fallback: Literal["local", "error"] = "local"
     # Hooks (see HOOKS), gunicorn's names. A worker is a prefork.WorkerContext.
     on_starting: Callable[[Fleet], object] | None = None
     pre_fork: Callable[[Any], object] | None = None
@@ -243,6 +248,16 @@ class Fleet:
         if self.kernel_workers and POOL_WORKER in seen:
             raise FleetError(f"fleet {self.name!r}: worker {POOL_WORKER!r} has the name of "
                              "the kernel pool's processes; rename it")
+        if self.offload is not None:
+            from prefork.dask_offload import FALLBACKS, address_problem  # fleets that offload
+
+            problem = (address_problem(self.offload) if isinstance(self.offload, str)
+                       else f"offload must be a scheduler address, got {self.offload!r}")
+            if problem is not None:
+                raise FleetError(f"fleet {self.name!r}: {problem}")
+            if self.offload_fallback not in FALLBACKS:
+                raise FleetError(f"fleet {self.name!r}: offload_fallback must be one of "
+                                 f"{', '.join(FALLBACKS)}, got {self.offload_fallback!r}")
         most = sum(w.max_replicas or w.replicas for w in self.workers) + self.kernel_workers
         if most > MAX_WORKERS:
             raise FleetError(f"fleet {self.name!r} may run {most} worker processes (its "

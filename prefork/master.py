@@ -145,6 +145,11 @@ class Master:
         fleet = fleet.validate()
         if fleet.groups:  # from here on each worker group is one worker (prefork.groups)
             fleet = host_groups(fleet).validate()
+        if fleet.offload is not None:  # before any fork: Dask's client, shared
+            from prefork import dask_offload, offload
+
+            dask_offload.import_distributed()
+            offload.use_cluster(dask_offload.DaskOffload(fleet.offload, fleet.offload_fallback))
         directory = runtime_dir or default_runtime_dir()
         self._kernel_pool: KernelPool | None = None
         if fleet.kernel_workers:

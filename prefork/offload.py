@@ -1,4 +1,8 @@
-"""``run_kernel``: run a heavy function in the fleet's kernel pool, or inline without one.
+"""``run_kernel``: run a heavy function on the fleet's Dask cluster, in its kernel pool, or
+inline.
+
+With ``--offload`` (:mod:`prefork.dask_offload`) a call goes to the Dask cluster first,
+and runs locally (pool or inline) when the cluster cannot be reached.
 
 In a worker of a fleet run with a kernel pool (``prefork run --kernel-workers N``,
 ``Fleet(kernel_workers=N)``; :mod:`prefork.kernel_pool`) the call goes to a free kernel
@@ -23,9 +27,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from prefork import kernel_pool
+from prefork.dask_offload import DaskOffload, Unreachable
 from prefork.kernel_pool import ANSWER, LENGTH, PID, RAN
 
 T = TypeVar("T")
+
+_cluster: DaskOffload | None = None  # --offload: the Dask cluster (prefork.dask_offload)
 
 
 class KernelError(Exception):
@@ -37,17 +44,35 @@ class KernelLost(KernelError):
 
 
 async def run_kernel(fn: Callable[..., T], *args: Any, offload_if: bool = True) -> T:
-    """``fn(*args)``, in a kernel process when the fleet has a pool and ``offload_if``
-    holds, else here. ``fn`` must be importable by reference (a module-level function):
-    a lambda, a closure or a bound method raises TypeError, pool or not. An exception
-    ``fn`` raises in a kernel process is raised here, with the kernel's traceback as a
-    note; :class:`KernelLost` if the kernel process died first, :class:`KernelError` if
-    the arguments cannot be pickled or there is no pool to reach."""
+    """``fn(*args)``, when ``offload_if`` holds: on the fleet's Dask cluster if it has one
+    (``--offload``), else in a kernel process if it has a pool, else here. ``fn`` must be
+    importable by reference (a module-level function): a lambda, a closure or a bound
+    method raises TypeError, pool or not. An exception ``fn`` raises in a kernel process
+    is raised here, with the kernel's traceback as a note; :class:`KernelLost` if the
+    kernel process died first, :class:`KernelError` if the arguments cannot be pickled,
+    there is no pool to reach, or the cluster cannot be reached with
+    ``--offload-fallback error``."""
     check_by_reference(fn)
+    if not offload_if:
+        return fn(*args)
+    if _cluster is not None and _cluster.usable:
+        try:
+            return await _cluster.submit(fn, args)
+        except Unreachable as exc:
+            if _cluster.fallback == "error":
+                raise KernelError(f"kernel {fn.__module__}.{fn.__qualname__}: {exc}"
+                                  ) from None
     where = kernel_pool.address()
-    if where is None or not offload_if:
+    if where is None:
         return fn(*args)
     return await _call(where, fn, args)
+
+
+def use_cluster(cluster: DaskOffload | None) -> None:
+    """Send every ``run_kernel`` of this process's future children to ``cluster`` (the
+    master calls it before its first fork, for ``--offload``)."""
+    global _cluster
+    _cluster = cluster
 
 
 def check_by_reference(fn: object) -> None:
