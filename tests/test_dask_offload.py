@@ -29,6 +29,9 @@ def test_kernels_run_locally_until_the_scheduler_is_up_then_on_the_cluster(
         remote = events.wait(lambda e: e["kind"] == "result" and e["kernel_pid"] == worker.pid,
                              what="a kernel run by the Dask worker")
         assert remote["pid"] == local["pid"] and remote["value"] == 10  # the same worker
+        # The kernel's exception, raised on the cluster, is raised in the caller as it is.
+        events.wait(lambda e: e["kind"] == "raised" and e["message"] == f"failed in {worker.pid}",
+                    what="the kernel's ValueError from the Dask worker")
         master.wait_log(rf"offload: scheduler {address} reached again")
         master.signal(signal.SIGTERM)
         assert master.wait_exit() == 0, master.log

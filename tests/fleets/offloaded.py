@@ -4,6 +4,7 @@ process ran it (``test_dask_offload``): its own (inline), or a Dask worker's."""
 from __future__ import annotations
 
 import asyncio
+import os
 
 from fleets.common import emit
 from fleets.kernels import whoami
@@ -11,13 +12,20 @@ from prefork import Fleet, Worker
 from prefork.offload import KernelError, run_kernel
 
 
+def fail_here() -> None:
+    raise ValueError(f"failed in {os.getpid()}")
+
+
 async def caller() -> None:
     while True:
         try:
             kernel_pid, _, value = await run_kernel(whoami, 5)
             emit("result", kernel_pid=kernel_pid, value=value)
+            await run_kernel(fail_here)
         except KernelError as exc:
             emit("failed", message=str(exc))
+        except ValueError as exc:  # the kernel's own exception, wherever it ran
+            emit("raised", message=str(exc))
         await asyncio.sleep(0.1)  # a worker's own pace between two batches
 
 
