@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 FLEET  ?= cpu
 
-.PHONY: install run demo-data feed test lint bench measure hosting clean
+.PHONY: install run demo-data feed test lint bench bench-offload measure hosting clean
 
 # `make install`: .venv with prefork installed (editable), with the cpu extra that the
 # bundled cpu fleet needs and the metrics extra (`--metrics`), and .venv/bin/prefork on hand.
@@ -49,6 +49,13 @@ test: lint
 bench: install
 	$(BIN)/python measurements/bench_master.py
 	$(BIN)/python measurements/bench_kernels.py
+
+# What a run_kernel call costs inline, in the kernel pool and on Dask (a scheduler and a
+# worker on 127.0.0.1); needs the dask extra. About a minute. Writes
+# measurements/offload-bench.md and offload-bench.json.
+bench-offload: install
+	$(PIP) -e '.[cpu,metrics,dask]'
+	$(BIN)/python measurements/bench_offload.py
 
 # Memory of the cpu fleet (8 workers) under prefork, against a baseline of fresh
 # interpreters and gunicorn --preload, on each of Python 3.11-3.13 that pyenv has (venvs in
