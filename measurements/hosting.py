@@ -1,4 +1,5 @@
-"""Three ways to host the cpu fleet, side by side on the same data: ``make hosting``.
+"""The cpu fleet hosted three ways (and two halves of one), side by side on the same data:
+``make hosting``.
 
 1. ``C``: ``prefork run --fleet cpu``: four workers, one process each (kernels inline).
 2. ``B in C``: ``prefork run --fleet cpu --group all=<the four> --kernel-workers 2``: the
@@ -220,7 +221,7 @@ def render(document: dict[str, Any]) -> str:
 
     machine = document["machine"]
     lines = [
-        "# Hosting the cpu fleet three ways (`make hosting`)",
+        "# Hosting the cpu fleet: C, B in C, B, and B in C's two halves (`make hosting`)",
         "",
         f"{machine['date']}, Python {machine['python'].split()[0]}, {machine['cpu']}, "
         f"{machine['nproc']} cores, commit {machine['commit']}; "
