@@ -18,7 +18,8 @@ result or exception. Only our own uid (and root) may call: the file's mode, and
 ``SO_PEERCRED`` on every connection, since what it sends is unpickled.
 
 SIGTERM (or SIGINT) lets a kernel process finish the kernel it runs and answer; then it
-exits 0. An idle one exits at once.
+exits 0. An idle one exits at once. Once every kernel process has failed (its start
+limit), the master closes the socket: calls then fail at once instead of waiting.
 
 After each call a kernel process gives the heap the call freed back to the kernel
 (``malloc_trim``): a kernel's input and result come and go, and glibc would otherwise keep
@@ -38,10 +39,13 @@ import signal
 import socket
 import struct
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 from prefork.control import peer_of
 from prefork.fleet import POOL_WORKER, Fleet, Worker
+from prefork.slot import Slot
+from prefork.states import WorkerState
 from prefork.unix_listener import ListenerError, PrivateListener
 
 log = logging.getLogger("prefork")
@@ -74,6 +78,7 @@ class KernelPool:
 
     def __init__(self, runtime_dir: Path, fleet: str, processes: int) -> None:
         self.processes = processes
+        self._slots: list[Slot] = []
         self._private = PrivateListener(runtime_dir / f"{fleet}.kernels", what="kernel pool socket",
                                         backlog=socket.SOMAXCONN, nonblocking=True,
                                         error=ListenerError)
@@ -83,6 +88,23 @@ class KernelPool:
         # "always": a kernel process that exits 0 (SIGTERM from outside) is still needed.
         pool = Worker(POOL_WORKER, self.serve, replicas=self.processes, restart="always")
         return dataclasses.replace(fleet, workers=(*fleet.workers, pool))
+
+    def watch(self, slots: Sequence[Slot]) -> None:
+        """Watch the pool's ``slots`` (a :class:`prefork.watches.Watch` in the master's
+        loop): once every one has failed, close the socket, so that a call fails with an
+        error instead of waiting in a queue nobody will serve."""
+        self._slots = [slot for slot in slots if slot.worker.name == POOL_WORKER]
+
+    def next_deadline(self) -> None:
+        return None  # only a slot's exit, an event, can make it due
+
+    def due(self, now: float) -> tuple[()]:
+        if self._private.socket is not None and self._slots and all(
+                slot.state is WorkerState.FAILED for slot in self._slots):
+            log.error("kernel pool: every kernel process has failed; its socket is closed, "
+                      "so run_kernel calls fail instead of waiting")
+            self.close()
+        return ()
 
     def open(self) -> None:
         global _address

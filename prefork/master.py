@@ -651,6 +651,9 @@ class Master:
                              self._rolling, self._trees, self._imports, *outside]
         if self._exporter is not None:
             self._supervising.append(self._exporter)  # its restart; none while stopping
+        if self._kernel_pool is not None:
+            self._kernel_pool.watch(self.slots)
+            self._supervising.append(self._kernel_pool)  # closed once all its processes failed
         self._while_stopping = [self._timers, self._trees, *outside]
 
     def _close(self) -> None:

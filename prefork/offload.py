@@ -104,8 +104,8 @@ async def _call(where: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
     try:
         reader, writer = await asyncio.open_unix_connection(where)
     except OSError as exc:
-        raise KernelError(f"kernel {name}: no kernel pool at {where}: {exc.strerror or exc}"
-                          ) from None
+        raise KernelError(f"kernel {name}: no kernel pool at {where} ({exc.strerror or exc}): "
+                          "its processes failed, or the master is gone") from None
     pid = None
     try:
         writer.write(LENGTH.pack(len(request)))

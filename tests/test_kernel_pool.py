@@ -101,6 +101,18 @@ def test_sigterm_lets_a_kernel_process_finish_its_kernel_then_it_is_restarted(
     master.wait_log(r"worker kernel-pool spawned", count=2)  # a pool process always restarts
 
 
+def test_a_pool_whose_processes_all_failed_fails_calls_instead_of_keeping_them_waiting(
+        start_master, events: Events, runtime_dir: Path) -> None:
+    master = start_master("fleets.kernels:failing_pool")
+    master.wait_log(r"worker kernel-pool .*failed")
+    master.wait_log(r"kernel pool: every kernel process has failed; its socket is closed")
+    message = events.wait_kind("failed")[0]["message"]
+    assert message.startswith("kernel fleets.kernels.whoami: ")
+    assert ("died before it answered" in message  # it waited in the queue as it closed
+            or f"no kernel pool at {runtime_dir / 'kfailing.kernels'}" in message), message
+    assert not (runtime_dir / "kfailing.kernels").exists()
+
+
 def test_what_cannot_be_pickled_is_a_clear_error_and_the_pool_goes_on(
         start_master, events: Events) -> None:
     start_master("fleets.kernels:errors_fleet")

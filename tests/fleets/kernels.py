@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from fleets.common import emit, idle_forever
-from prefork import Fleet, Worker
+from prefork import Backoff, Fleet, StartLimit, Worker
 from prefork.offload import KernelError, KernelLost, run_kernel
 
 
@@ -96,3 +96,24 @@ no_pool = Fleet("knopool", [Worker("caller", basic)])
 idle = Fleet("kidle", [Worker("idle", idle_forever)], kernel_workers=1)
 clash = Fleet("kclash", [Worker("kernel-pool", idle_forever)], kernel_workers=1)
 not_a_count = Fleet("kcount", [Worker("idle", idle_forever)], kernel_workers="2")  # type: ignore[arg-type]
+
+
+def _pool_fails(context: object) -> None:
+    if getattr(context, "name", None) == "kernel-pool":
+        raise RuntimeError("this kernel process cannot start")
+
+
+async def failing_pool_caller() -> None:
+    while True:
+        try:
+            await run_kernel(whoami, 1)
+        except KernelError as exc:
+            emit("failed", message=str(exc))
+            return
+        await asyncio.sleep(0.05)
+
+
+failing_pool = Fleet("kfailing", [Worker("caller", failing_pool_caller, restart="never")],
+                     kernel_workers=1, post_fork=_pool_fails,
+                     backoff=Backoff(initial=0.05, maximum=0.1, jitter=0.0),
+                     start_limit=StartLimit(burst=2, interval=60.0))
