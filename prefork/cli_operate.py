@@ -16,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 
@@ -106,40 +106,9 @@ def status(fleet_spec: str | None, as_json: bool, watch: float | None,
     any_uid = runtime_dir is not None  # a directory named on purpose (client.request)
     document = _control_call(lambda: fetch_status(path, any_uid=any_uid))
     if watch is None:
-        click.echo(json.dumps(document, indent=2) if as_json else _format_status(document))
+        click.echo(json.dumps(document, indent=2) if as_json else format_status(document))
         return 0
-    return _watch_status(path, watch, _format_status(document), any_uid=any_uid)
-
-
-# The most characters of a hosted worker's last exception the table shows (--json: all).
-_HOSTED_EXCEPTION_WIDTH = 60
-
-
-def _format_status(document: dict[str, Any]) -> str:
-    """The status table, each worker group's hosted workers as rows of their own right
-    under the group's: no pid nor memory (theirs are the group process's), the in-process
-    restarts, and the last exception as LAST EXIT."""
-    workers: list[dict[str, Any]] = []
-    for worker in document["workers"]:
-        workers.append(worker)
-        hosted = worker.get("hosted")
-        if not isinstance(hosted, list):
-            continue
-        for row in hosted:
-            if not isinstance(row, dict):
-                continue
-            error = row.get("last_exception")
-            if isinstance(error, str) and len(error) > _HOSTED_EXCEPTION_WIDTH:
-                error = error[:_HOSTED_EXCEPTION_WIDTH - 3] + "..."
-            due = row.get("next_start_in")
-            uptime = row.get("uptime")
-            workers.append({
-                "name": f"  {row.get('name', '?')}", "state": row.get("state", "?"),
-                "restarts": row.get("restarts", "-"), "last_exit": error,
-                "uptime": uptime if isinstance(uptime, int | float) else None,
-                "next_start_in": due if isinstance(due, int | float) else None,
-                "reason": f"in group {worker.get('name', '?')}"})
-    return format_status({**document, "workers": workers})
+    return _watch_status(path, watch, format_status(document), any_uid=any_uid)
 
 
 def _watch_status(path: Path, interval: float, first: str, *, any_uid: bool) -> int:
@@ -161,7 +130,7 @@ def _watch_status(path: Path, interval: float, first: str, *, any_uid: bool) -> 
             clear = ""
             time.sleep(interval)
             try:
-                body = _format_status(fetch_status(path, any_uid=any_uid))
+                body = format_status(fetch_status(path, any_uid=any_uid))
             except (NoMaster, ControlError) as exc:
                 body = f"prefork: {exc}"
     except KeyboardInterrupt:

@@ -218,6 +218,37 @@ def _memory_of(pid: int) -> dict[str, int] | None:
         return None  # exited since the master answered, or not ours to read
 
 
+# The most characters of a hosted worker's last exception the table shows (--json: all).
+_HOSTED_EXCEPTION_WIDTH = 60
+
+
+def _with_hosted_rows(document_workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The table's rows: each worker group's hosted workers as rows of their own right
+    under the group's: no pid nor memory (theirs are the group process's), the in-process
+    restarts, and the last exception as LAST EXIT."""
+    workers: list[dict[str, Any]] = []
+    for worker in document_workers:
+        workers.append(worker)
+        hosted = worker.get("hosted")
+        if not isinstance(hosted, list):
+            continue
+        for row in hosted:
+            if not isinstance(row, dict):
+                continue
+            error = row.get("last_exception")
+            if isinstance(error, str) and len(error) > _HOSTED_EXCEPTION_WIDTH:
+                error = error[:_HOSTED_EXCEPTION_WIDTH - 3] + "..."
+            due = row.get("next_start_in")
+            uptime = row.get("uptime")
+            workers.append({
+                "name": f"  {row.get('name', '?')}", "state": row.get("state", "?"),
+                "restarts": row.get("restarts", "-"), "last_exit": error,
+                "uptime": uptime if isinstance(uptime, int | float) else None,
+                "next_start_in": due if isinstance(due, int | float) else None,
+                "reason": f"in group {worker.get('name', '?')}"})
+    return workers
+
+
 def format_status(status: dict[str, Any]) -> str:
     """:func:`fetch_status`'s document as a header line and a table (memory in MiB)."""
     workers = status["workers"]
@@ -238,7 +269,7 @@ def format_status(status: dict[str, Any]) -> str:
     header = ("WORKER", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME", "LAST EXIT",
               "RSS", "USS", "PSS", "SHARED", "AFTER FORK", "REASON")
     rows: list[tuple[str, ...]] = [header]
-    for w in workers:
+    for w in _with_hosted_rows(workers):
         state = str(w.get("state", "?"))
         if w.get("next_start_in") is not None:
             state += f" {w['next_start_in']:.1f}s"
