@@ -34,6 +34,8 @@ from prefork.cli_params import (
     run_cli,
 )
 from prefork.control import ControlError
+from prefork.dask_worker import DEFAULT_TIMEOUT as DASK_TIMEOUT
+from prefork.dask_worker import dask_fleet, scheduler_problem
 from prefork.exits import ExitCode
 from prefork.fleet import (
     DEFAULT_GRACE,
@@ -441,6 +443,116 @@ def systemd(
     for warning in reachability_warnings(venv, user, workdir, metrics_textfile):
         click.echo(f"prefork: warning: {warning}", err=True)
     click.echo(text, nl=False)
+
+
+@cli.command("dask-worker")
+@click.argument("scheduler", metavar="tcp://HOST:PORT")
+@click.option("--fleet", "-f", "fleet_spec", required=True, metavar="NAME|module:ATTR",
+              help="The fleet whose floor (its modules: the kernels) the workers share; "
+                   "its own workers are not run.")
+@click.option("--nworkers", type=int, default=1, show_default=True,
+              help="Dask worker processes to fork.")
+@click.option("--nthreads", type=int, default=1, show_default=True,
+              help="Threads of each Dask worker.")
+@click.option("--name-prefix", default=None, metavar="PREFIX",
+              help="Each worker is named PREFIX-REPLICA [HOSTNAME-FLEET].")
+@click.option("--preload", multiple=True, metavar="MODULE",
+              help="Import MODULE into the floor before forking (repeatable).")
+@click.option("--grace", type=SECONDS, default=DEFAULT_GRACE, show_default=True,
+              help="Seconds between SIGTERM and SIGKILL when stopping.")
+@click.option("--timeout", type=SECONDS, default=DASK_TIMEOUT, show_default=True,
+              help="Replace a worker whose event loop is blocked this long (0: never).")
+@click.option("--max-backoff", type=SECONDS, default=None,
+              help="Cap on a worker's restart delay [the fleet's, 30].")
+@click.option("--start-limit-burst", type=click.IntRange(min=1), default=None,
+              help="Mark a worker failed when it starts more than this many times ...")
+@click.option("--start-limit-interval", type=SECONDS, default=None,
+              help="... within this many seconds; 0 disables the limit [5 in 60].")
+@click.option("--max-private-memory", type=SIZE, default=None, metavar="SIZE",
+              help="Recycle a worker whose private memory (USS) stays above SIZE.")
+@click.option("--max-age", type=PositiveSeconds(), default=None, metavar="SECONDS",
+              help="Replace a worker gracefully once it has run this long.")
+@click.option("--memory-check-interval", type=PositiveSeconds(),
+              default=DEFAULT_MEMORY_CHECK_INTERVAL, show_default=True,
+              help="Seconds between checks of the workers' private memory.")
+@click.option("--runtime-dir", type=click.Path(file_okay=False), default=None,
+              callback=absolute_runtime_dir, help="Where the fleet's lock lives.")
+@click.option("--log-level", type=click.Choice(logs.LEVELS, case_sensitive=False),
+              default="info", show_default=True, help="prefork's and Dask's.")
+@click.option("--log-file", default=None, metavar="PATH",
+              help="Append the master's log to PATH [stderr].")
+@click.option("--metrics", "metrics_listen", type=ListenAddress(), default=None,
+              metavar="HOST:PORT", help="Serve the fleet's metrics at http://HOST:PORT/metrics.")
+@click.option("--metrics-textfile", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, metavar="PATH", help="Write the metrics to PATH (.prom).")
+@click.option("--metrics-interval", type=PositiveSeconds(), default=DEFAULT_INTERVAL,
+              show_default=True, help="Seconds between two writes of --metrics-textfile.")
+def dask_worker(
+    scheduler: str,
+    fleet_spec: str,
+    nworkers: int,
+    nthreads: int,
+    name_prefix: str | None,
+    preload: tuple[str, ...],
+    grace: float,
+    timeout: float,
+    max_backoff: float | None,
+    start_limit_burst: int | None,
+    start_limit_interval: float | None,
+    max_private_memory: int | None,
+    max_age: float | None,
+    memory_check_interval: float,
+    runtime_dir: Path | None,
+    log_level: str,
+    log_file: str | None,
+    metrics_listen: tuple[str, int] | None,
+    metrics_textfile: Path | None,
+    metrics_interval: float,
+) -> int:
+    """Fork Dask workers from a fleet's floor, connected to the scheduler at
+    tcp://HOST:PORT; prefork is their nanny."""
+    from prefork.master import Master
+
+    # Everything that needs no import first: a bad address forks nothing and imports nothing.
+    problem = scheduler_problem(scheduler)
+    if problem is not None:
+        raise CliError(problem)
+    for what, value in (("--nworkers", nworkers), ("--nthreads", nthreads)):
+        if not 1 <= value <= MAX_WORKERS:
+            raise CliError(f"{what} must be 1 to {MAX_WORKERS}, got {value}")
+    if importlib.util.find_spec("distributed") is None:
+        raise CliError("dask-worker needs distributed: pip install 'prefork[dask]'")
+    metrics = _metrics_options(metrics_listen, metrics_textfile, metrics_interval)
+    try:
+        logs.configure(log_level, log_file)
+    except OSError as exc:
+        raise CliError(f"--log-file {log_file}: {exc.strerror}") from None
+    import_from_working_directory()
+    started = time.perf_counter()
+    try:
+        for module in preload:
+            import_module(module, what="preload module")
+        floor = _with_cli_defaults(load_fleet(fleet_spec), max_backoff, None,
+                                   start_limit_burst, start_limit_interval, None,
+                                   max_private_memory, max_age, None)
+        fleet = dask_fleet(floor, scheduler, nworkers=nworkers, nthreads=nthreads,
+                           name_prefix=name_prefix, timeout=timeout or None)
+        logs.reclaim()  # the floor's (and Dask's) logging set-up may have disabled ours
+        logging.getLogger("distributed").setLevel(log_level.upper())
+        master = Master(fleet, grace=grace, runtime_dir=runtime_dir,
+                        memory_check_interval=memory_check_interval, metrics=metrics)
+        master.lock.acquire()
+    except (FleetError, RuntimeDirError) as exc:
+        raise CliError(str(exc)) from None
+    except AlreadyRunning as exc:
+        raise CliError(str(exc), ExitCode.ALREADY_RUNNING) from None
+    log.info("prefork %s on Python %s: floor of fleet %s and distributed imported in %.0f "
+             "ms; %d Dask workers for %s", __version__, sys.version.split()[0], floor.name,
+             (time.perf_counter() - started) * 1000, nworkers, scheduler)
+    try:
+        return master.run()
+    except (ControlError, RuntimeDirError, MetricsError, ListenerError) as exc:
+        raise CliError(str(exc)) from None  # before any fork
 
 
 def _metrics_options(listen: tuple[str, int] | None, textfile: Path | None,
