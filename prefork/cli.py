@@ -61,7 +61,13 @@ from prefork.metrics_process import (
 )
 from prefork.paths import RuntimeDirError, default_runtime_dir
 from prefork.threads import ThreadsAtFork
-from prefork.unit import UnitError, default_venv, reachability_warnings, render_unit
+from prefork.unit import (
+    DaskUnit,
+    UnitError,
+    default_venv,
+    reachability_warnings,
+    render_unit,
+)
 from prefork.unix_listener import ListenerError
 from prefork.version import __version__
 from prefork.worker_logs import WorkerLogError, check_directory
@@ -401,6 +407,13 @@ def fleets() -> None:
               show_default=True, help="The master's --metrics-interval.")
 @click.option("--learn-floor/--no-learn-floor", default=False, show_default=True,
               help="The master's --learn-floor (its file in the unit's StateDirectory=).")
+@click.option("--dask-scheduler", metavar="tcp://HOST:PORT", default=None,
+              help="Run `prefork dask-worker tcp://HOST:PORT` on the fleet's floor instead "
+                   "of the fleet (unit prefork-NAME-dask.service, network open).")
+@click.option("--nworkers", type=int, default=None,
+              help="dask-worker's --nworkers [1] (needs --dask-scheduler).")
+@click.option("--nthreads", type=int, default=None,
+              help="dask-worker's --nthreads [1] (needs --dask-scheduler).")
 def systemd(
     fleet_spec: str,
     user: str | None,
@@ -417,6 +430,9 @@ def systemd(
     metrics_textfile: Path | None,
     metrics_interval: float,
     learn_floor: bool,
+    dask_scheduler: str | None,
+    nworkers: int | None,
+    nthreads: int | None,
 ) -> None:
     """Print a hardened systemd unit that runs the fleet's master.
 
@@ -427,11 +443,21 @@ def systemd(
     if metrics_listen is not None or metrics_textfile is not None:
         metrics = MetricsOptions(listen=metrics_listen, textfile=metrics_textfile,
                                  interval=metrics_interval)
+    dask = None
+    if dask_scheduler is not None:
+        dask = DaskUnit(dask_scheduler, 1 if nworkers is None else nworkers,
+                        1 if nthreads is None else nthreads)
+    elif nworkers is not None or nthreads is not None:
+        raise CliError("--nworkers and --nthreads are dask-worker's: they need "
+                       "--dask-scheduler tcp://HOST:PORT")
     try:
         text = render_unit(fleet_spec, venv=venv, user=user, group=group, workdir=workdir,
                            conflicts=conflicts, grace=grace, memory_max=memory_max,
                            watchdog=watchdog, network=network, metrics=metrics,
-                           metrics_allow=metrics_allow, learn_floor=learn_floor)
+                           metrics_allow=metrics_allow, learn_floor=learn_floor, dask=dask)
+        if (dask is not None and os.path.abspath(venv) == sys.prefix
+                and importlib.util.find_spec("distributed") is None):
+            raise CliError("--dask-scheduler needs distributed: pip install 'prefork[dask]'")
         # Only this interpreter's venv can be asked cheaply; another venv is the user's word.
         if (metrics is not None and os.path.abspath(venv) == sys.prefix
                 and importlib.util.find_spec("prometheus_client") is None):

@@ -16,11 +16,14 @@ import re
 import stat
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from string import Template
 
-from prefork.fleet import DEFAULT_GRACE
+from prefork.dask_worker import SUFFIX as DASK_SUFFIX
+from prefork.dask_worker import scheduler_problem
+from prefork.fleet import DEFAULT_GRACE, MAX_WORKERS
 from prefork.metrics_process import DEFAULT_INTERVAL, MetricsOptions
 from prefork.paths import name_for_spec, spec_problem
 from prefork.version import __version__
@@ -54,13 +57,28 @@ _TEXTFILE_PATH = re.compile(r"/[A-Za-z0-9_@+=:,./-]*")
 _IP_WORDS = ("any", "localhost", "link-local", "multicast")
 
 
+@dataclass(frozen=True)
+class DaskUnit:
+    """``prefork dask-worker``'s arguments for a unit that runs Dask workers on a fleet's
+    floor instead of the fleet's own workers."""
+
+    scheduler: str
+    nworkers: int = 1
+    nthreads: int = 1
+
+
 class UnitError(Exception):
     """An option cannot make a working unit. ``str()`` is one line for the user."""
 
 
-def unit_name(fleet: str) -> str:
-    """The file name to install the unit as: ``prefork-NAME.service``."""
-    return f"prefork-{name_for_spec(fleet)}.service"
+def unit_name(fleet: str, dask: DaskUnit | None = None) -> str:
+    """The file name to install the unit as: ``prefork-NAME.service``, or
+    ``prefork-NAME-dask.service`` for its Dask workers."""
+    return f"prefork-{_dir_name(fleet, dask)}.service"
+
+
+def _dir_name(fleet: str, dask: DaskUnit | None) -> str:
+    return name_for_spec(fleet) + ("" if dask is None else DASK_SUFFIX)
 
 
 def render_unit(
@@ -78,6 +96,7 @@ def render_unit(
     metrics: MetricsOptions | None = None,
     metrics_allow: Sequence[str] = (),
     learn_floor: bool = False,
+    dask: DaskUnit | None = None,
 ) -> str:
     """The unit text for running ``fleet`` (a registered name or ``module:ATTR``).
 
@@ -122,11 +141,17 @@ def render_unit(
             raise UnitError(f"path {str(path)!r} contains a control character")
     metrics_allow = list(dict.fromkeys(metrics_allow))  # drop repeats, keep the order
     _check_metrics(metrics, metrics_allow)
+    if dask is not None:
+        _check_dask(dask, learn_floor)
+        network = True  # the scheduler, its clients and the other workers connect over IP
     listen = None if metrics is None else metrics.listen
     textfile = None if metrics is None else metrics.textfile
     network_lines = _network(network) if listen is None else _metrics_network(
         listen, metrics_allow, network)
-    if network:
+    if dask is not None:
+        network_summary = ("IPv4 and IPv6: the Dask workers connect to the scheduler and "
+                           "listen for it, its clients and the other workers")
+    elif network:
         network_summary = "IPv4 and IPv6 for the workers, and local sockets"
     elif listen is not None:
         network_summary = "the metrics listener, and local sockets"
@@ -134,12 +159,21 @@ def render_unit(
         network_summary = ("none: local sockets only (the notify socket and the journal "
                            "are AF_UNIX)")
 
+    if dask is None:
+        command = ["run", "--fleet", fleet]
+        description = f"fleet {fleet}"
+    else:
+        command = ["dask-worker", dask.scheduler, "--fleet", fleet, "--nworkers",
+                   str(dask.nworkers), *(["--nthreads", str(dask.nthreads)]
+                                         if dask.nthreads != 1 else [])]
+        description = f"Dask workers for {dask.scheduler} on the floor of fleet {fleet}"
     values = {
-        "unit_name": unit_name(fleet),
+        "unit_name": unit_name(fleet, dask),
         "fleet": fleet,
-        "dir_name": name_for_spec(fleet),
+        "description": description,
+        "dir_name": _dir_name(fleet, dask),
         "version": __version__,
-        "exec_start": " ".join([_exec_path(str(prefork)), "run", "--fleet", fleet,
+        "exec_start": " ".join([_exec_path(str(prefork)), *command,
                                 "--grace", _number(grace), *_metrics_arguments(metrics),
                                 *(["--learn-floor"] if learn_floor else [])]),
         "grace": _number(grace),
@@ -215,6 +249,18 @@ def _check_fleet(fleet: str) -> None:
     if spec_problem(fleet) is not None or ".." in fleet:
         raise UnitError(f"fleet {fleet!r} cannot go into a unit: use a registered name or "
                         "module:ATTR (letters, digits, '.', '_', '-', ':')")
+
+
+def _check_dask(dask: DaskUnit, learn_floor: bool) -> None:
+    problem = scheduler_problem(dask.scheduler)
+    if problem is not None:
+        raise UnitError(problem)
+    for what, value in (("--nworkers", dask.nworkers), ("--nthreads", dask.nthreads)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            raise UnitError(f"{what} must be 1 to {MAX_WORKERS}, got {value!r}")
+    if learn_floor:
+        raise UnitError("--learn-floor is for `prefork run`: prefork dask-worker imports "
+                        "what a Dask worker needs into the floor itself")
 
 
 def _check_seconds(what: str, value: float) -> None:

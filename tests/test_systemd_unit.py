@@ -31,7 +31,7 @@ import pytest
 import prefork.unit
 from conftest import WAIT, Events, MasterProcess, cli_in_child
 from prefork.metrics_process import MetricsOptions
-from prefork.unit import UnitError, reachability_warnings, render_unit, unit_name
+from prefork.unit import DaskUnit, UnitError, reachability_warnings, render_unit, unit_name
 
 VENV = Path(sys.prefix)  # verify checks that ExecStart= exists: use the real venv
 MAX_EXPOSURE = 2.0
@@ -205,6 +205,31 @@ def test_a_textfile_alone_keeps_the_network_private() -> None:
     assert "--metrics-interval" not in unit["ExecStart"][0]  # the default is not repeated
 
 
+def test_dask_workers_on_the_floor_of_a_fleet_are_a_unit_of_their_own() -> None:
+    text = render_unit("cpu", venv=VENV, dask=DaskUnit("tcp://10.0.0.5:8786", nworkers=4))
+    unit = directives(text)
+    assert text.startswith("# prefork-cpu-dask.service: ")
+    assert unit_name("cpu", DaskUnit("tcp://10.0.0.5:8786")) == "prefork-cpu-dask.service"
+    assert unit["Description"] == ["prefork Dask workers for tcp://10.0.0.5:8786 on the "
+                                   "floor of fleet cpu"]
+    assert unit["ExecStart"] == [f"{VENV}/bin/prefork dask-worker tcp://10.0.0.5:8786 "
+                                 "--fleet cpu --nworkers 4 --grace 15"]
+    # Beside a `prefork run --fleet cpu` unit on the same host: directories of its own.
+    assert unit["RuntimeDirectory"] == ["prefork/cpu-dask"]
+    assert unit["StateDirectory"] == ["prefork/cpu-dask"]
+    # The workers reach the scheduler, and it, its clients and the other workers reach
+    # them: IP in and out, once the network is up.
+    assert unit["RestrictAddressFamilies"] == ["AF_UNIX AF_INET AF_INET6"]
+    assert "PrivateNetwork" not in unit and "IPAddressDeny" not in unit
+    assert unit["Wants"] == ["network-online.target"]
+    assert unit["After"] == ["network-online.target"]
+    assert "\n\n\n" not in text and "${" not in text
+    threads = directives(render_unit("m.od:floor", venv=VENV, dask=DaskUnit(
+        "tcp://[fd00::5]:8786", nworkers=2, nthreads=3)))
+    assert threads["ExecStart"] == [f"{VENV}/bin/prefork dask-worker tcp://[fd00::5]:8786 "
+                                    "--fleet m.od:floor --nworkers 2 --nthreads 3 --grace 15"]
+
+
 def test_a_dynamic_user_is_warned_about_a_textfile_directory_it_cannot_write(
         tmp_path: Path) -> None:
     directory = tmp_path / "textfiles"
@@ -238,6 +263,10 @@ def test_a_dynamic_user_is_warned_about_a_textfile_directory_it_cannot_write(
      "--metrics-interval must be a finite number of seconds > 0"),
     ("demo", {"metrics": MetricsOptions(textfile=Path("/dev/shm/f.prom"))},
      "PrivateDevices=yes"),
+    ("cpu", {"dask": DaskUnit("10.0.0.5:8786")}, "is not tcp://HOST:PORT"),
+    ("cpu", {"dask": DaskUnit("tcp://10.0.0.5:8786", nworkers=0)}, "--nworkers must be 1"),
+    ("cpu", {"dask": DaskUnit("tcp://h:1", nthreads=True)}, "--nthreads must be 1"),
+    ("cpu", {"dask": DaskUnit("tcp://h:1"), "learn_floor": True}, "--learn-floor is for"),
 ])
 def test_render_unit_refuses(fleet: str, options: dict[str, object], message: str) -> None:
     with pytest.raises(UnitError, match=re.escape(message)):
@@ -276,6 +305,11 @@ UNITS: dict[str, Callable[[Path], str]] = {
     "metrics for a Prometheus server": lambda tmp: render_unit(
         "demo", venv=VENV, metrics=MetricsOptions(listen=("::", 9100)),
         metrics_allow=["192.0.2.10", "2001:db8::/32"]),
+    "dask workers": lambda tmp: render_unit(
+        "cpu", venv=VENV, dask=DaskUnit("tcp://10.0.0.5:8786", nworkers=4, nthreads=2)),
+    "dask workers with metrics on loopback": lambda tmp: render_unit(
+        "demo", venv=VENV, dask=DaskUnit("tcp://127.0.0.1:8786"),
+        metrics=MetricsOptions(listen=("127.0.0.1", 9100))),
     "metrics with --network": lambda tmp: render_unit(
         "cpu", venv=VENV, user="prefork", network=True,
         metrics=MetricsOptions(listen=("0.0.0.0", 0), textfile=tmp / "cpu.prom")),
@@ -327,6 +361,15 @@ def test_the_command_renders_the_metrics_options() -> None:
     assert all(line.startswith("prefork: warning: ") for line in result.stderr.splitlines())
 
 
+def test_the_command_renders_a_unit_of_dask_workers() -> None:
+    result = prefork_systemd("--fleet", "cpu", "--dask-scheduler", "tcp://10.0.0.5:8786",
+                             "--nworkers", "4")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == render_unit("cpu", venv=VENV,
+                                        dask=DaskUnit("tcp://10.0.0.5:8786", nworkers=4))
+    assert all(line.startswith("prefork: warning: ") for line in result.stderr.splitlines())
+
+
 BAD_OPTIONS = [
     (["--fleet", "nosuchfleet"], "unknown fleet 'nosuchfleet' (known: "),
     (["--fleet", "demo", "--venv", "/"], "venv / has no executable bin/prefork"),
@@ -365,6 +408,14 @@ BAD_OPTIONS = [
      "/no/such/dir is not a directory"),
     (["--fleet", "demo", "--metrics-textfile", "/var/lib/x.prom", "--metrics-interval", "0"],
      "'0' must be more than 0 seconds"),
+    (["--fleet", "cpu", "--nworkers", "4"], "they need --dask-scheduler tcp://HOST:PORT"),
+    (["--fleet", "cpu", "--dask-scheduler", "10.0.0.5:8786"], "is not tcp://HOST:PORT"),
+    (["--fleet", "cpu", "--dask-scheduler", "tcp://10.0.0.5:8786", "--nworkers", "0"],
+     "--nworkers must be 1 to 1024, got 0"),
+    (["--fleet", "cpu", "--dask-scheduler", "tcp://10.0.0.5:8786", "--learn-floor"],
+     "--learn-floor is for `prefork run`"),
+    (["--fleet", "nosuchfleet", "--dask-scheduler", "tcp://10.0.0.5:8786"],
+     "unknown fleet 'nosuchfleet'"),
 ]
 
 
@@ -627,4 +678,33 @@ def test_the_exporter_listens_and_writes_under_the_units_sandbox(
     assert 'prefork_up{fleet="demo"} 1.0' in scraped, scraped
     # Its last write, as the fleet stopped: the exporter had the directory to write in.
     assert 'prefork_up{fleet="demo"}' in textfile.read_text(), master.log
+    assert_no_trouble(master.log)
+
+
+@needs_systemd_analyze
+def test_dask_workers_run_under_the_units_seccomp_filters(tmp_path: Path, events: Events
+                                                          ) -> None:
+    """MemoryDenyWriteExecute=, the system call filter and the address families leave a
+    Dask worker all it needs: it connects to a scheduler on loopback and stops cleanly."""
+    pytest.importorskip("distributed")
+    from test_dask_worker import start_scheduler
+
+    scheduler = start_scheduler(tmp_path)
+    try:
+        unit = directives(render_unit("demo", venv=VENV,
+                                      dask=DaskUnit(scheduler.address, nworkers=2)))
+        master, notify = start_under_unit(unit, tmp_path, events)
+        try:
+            master.wait_log(r"Registered to: +" + re.escape(scheduler.address), count=2)
+            received: list[str] = []
+            while "READY=1" not in received:
+                assert select.select([notify], [], [], WAIT)[0], f"no READY=1, only {received}"
+                received += notify.recv(4096).decode().splitlines()
+            master.signal(signal.SIGTERM)
+            assert master.wait_exit() == 0, master.log
+        finally:
+            master.close()
+            notify.close()
+    finally:
+        scheduler.stop()
     assert_no_trouble(master.log)
