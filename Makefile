@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 FLEET  ?= cpu
 
-.PHONY: install run demo-data feed test lint bench bench-offload measure hosting clean
+.PHONY: install run demo-data feed test lint bench bench-offload bench-dask measure hosting clean
 
 # `make install`: .venv with prefork installed (editable), with the cpu extra that the
 # bundled cpu fleet needs and the metrics extra (`--metrics`), and .venv/bin/prefork on hand.
@@ -70,6 +70,13 @@ measure: install
 # Writes measurements/hosting.md and hosting.json.
 hosting: install
 	$(BIN)/python measurements/hosting.py $(if $(RUNS),--runs $(RUNS))
+
+# Dask workers forked by `prefork dask-worker` against Dask's own `dask worker` (a nanny
+# that spawns each worker), on the cpu fleet's floor: private memory per worker and time
+# until N workers are connected, against a scheduler on 127.0.0.1. About a minute; RUNS=n
+# runs each n times (default 3). Writes measurements/dask-bench.md and dask-bench.json.
+bench-dask: $(VENV)/.installed-test
+	$(BIN)/python measurements/bench_dask.py $(if $(RUNS),--runs $(RUNS))
 
 clean:
 	rm -rf $(VENV) .venv-measure .pytest_cache .ruff_cache *.egg-info
