@@ -22,7 +22,6 @@ import asyncio
 import logging
 import os
 import pickle
-import re
 import time
 from collections.abc import Callable
 from typing import Any, Literal
@@ -36,20 +35,9 @@ FALLBACKS: tuple[Fallback, ...] = ("local", "error")
 CONNECT_TIMEOUT = 2.0
 RETRY_INTERVAL = 5.0  # seconds after a failed connection before the next call tries again
 
-_ADDRESS = re.compile(r"(tcp|tls)://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})")
-
 
 class Unreachable(Exception):
     """The scheduler cannot be reached now. ``str()`` is one line."""
-
-
-def address_problem(address: str) -> str | None:
-    """Why ``address`` is no scheduler address we take (``tcp://HOST:PORT``, or ``tls://``),
-    or None."""
-    match = _ADDRESS.fullmatch(address)
-    if match is None or not 0 < int(match.group(3)) < 65536:
-        return f"offload {address!r} is not tcp://HOST:PORT"
-    return None
 
 
 def import_distributed() -> None:

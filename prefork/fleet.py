@@ -249,12 +249,13 @@ class Fleet:
             raise FleetError(f"fleet {self.name!r}: worker {POOL_WORKER!r} has the name of "
                              "the kernel pool's processes; rename it")
         if self.offload is not None:
-            from prefork.dask_offload import FALLBACKS, address_problem  # fleets that offload
+            from prefork.dask_offload import FALLBACKS  # fleets that offload only
+            from prefork.dask_worker import scheduler_problem
 
-            problem = (address_problem(self.offload) if isinstance(self.offload, str)
-                       else f"offload must be a scheduler address, got {self.offload!r}")
+            problem = (scheduler_problem(self.offload) if isinstance(self.offload, str)
+                       else f"a scheduler address, got {self.offload!r}")
             if problem is not None:
-                raise FleetError(f"fleet {self.name!r}: {problem}")
+                raise FleetError(f"fleet {self.name!r}: offload: {problem}")
             if self.offload_fallback not in FALLBACKS:
                 raise FleetError(f"fleet {self.name!r}: offload_fallback must be one of "
                                  f"{', '.join(FALLBACKS)}, got {self.offload_fallback!r}")

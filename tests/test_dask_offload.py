@@ -16,14 +16,15 @@ from prefork_workers.cpu.demo_data import generate
 
 
 def test_kernels_run_locally_until_the_scheduler_is_up_then_on_the_cluster(
-        start_master, events: Events) -> None:
+        start_master, events: Events, tmp_path: Path) -> None:
     port = free_port()
     master = start_master("fleets.offloaded:fleet", "--offload", f"tcp://127.0.0.1:{port}")
     local = events.wait_kind("result")[0]
     assert local["kernel_pid"] == local["pid"] and local["value"] == 10  # inline, at once
     master.wait_log(rf"offload: scheduler tcp://127.0.0.1:{port} unreachable \(.+\); "
                     r"kernels run locally, and it is tried again every 5s")
-    scheduler, address = start_scheduler(port)
+    scheduler = start_scheduler(tmp_path, port)
+    address = scheduler.address
     worker = start_worker(address)
     try:
         remote = events.wait(lambda e: e["kind"] == "result" and e["kernel_pid"] == worker.pid,
@@ -57,7 +58,8 @@ def test_cpu_fleet_results_with_offload_equal_the_kernels_run_directly(
     generate(generated, observations=OBSERVATIONS, sources=300, seed=7)
     db = tmp_path / "offloaded.sqlite3"
     shutil.copyfile(generated, db)
-    scheduler, address = start_scheduler()
+    scheduler = start_scheduler(tmp_path)
+    address = scheduler.address
     worker = start_worker(address)
     try:
         env = master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path), PREFORK_DB=str(db))
@@ -73,8 +75,9 @@ def test_cpu_fleet_results_with_offload_equal_the_kernels_run_directly(
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    (["--offload", "127.0.0.1:8786"], "offload '127.0.0.1:8786' is not tcp://HOST:PORT"),
-    (["--offload", "tcp://127.0.0.1:99999"], "is not tcp://HOST:PORT"),
+    (["--offload", "127.0.0.1:8786"], "offload: scheduler address '127.0.0.1:8786' is not "
+                                      "tcp://HOST:PORT"),
+    (["--offload", "tcp://127.0.0.1:99999"], "the port must be 1 to 65535"),
     (["--offload", "tcp://127.0.0.1:8786", "--offload-fallback", "maybe"],
      "'--offload-fallback'"),
 ])
