@@ -16,6 +16,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
@@ -71,6 +72,9 @@ from prefork.unit import (
 from prefork.unix_listener import ListenerError
 from prefork.version import __version__
 from prefork.worker_logs import WorkerLogError, check_directory
+
+if TYPE_CHECKING:
+    from prefork.master import Master
 
 __all__ = ["cli", "main", "run_cli"]
 
@@ -252,12 +256,17 @@ def run(
         raise CliError(str(exc)) from None
     log.info("prefork %s on Python %s: floor of fleet %s imported in %.0f ms", __version__,
              sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
+    return _run_master(master)
+
+
+def _run_master(master: Master) -> int:
+    """``master.run()``, with what it raises before any fork as one line."""
     try:
         return master.run()
     except (ControlError, RuntimeDirError, WarmUpError, MetricsError,
-            ListenerError) as exc:  # before any fork
+            ListenerError) as exc:
         raise CliError(str(exc)) from None
-    except ThreadsAtFork as exc:  # before any fork
+    except ThreadsAtFork as exc:
         raise CliError(f"--strict-fork: {exc}") from None
 
 
@@ -560,7 +569,7 @@ def dask_worker(
             import_module(module, what="preload module")
         floor = _with_cli_defaults(load_fleet(fleet_spec), max_backoff, None,
                                    start_limit_burst, start_limit_interval, None,
-                                   max_private_memory, max_age, None)
+                                   max_private_memory, max_age)
         fleet = dask_fleet(floor, scheduler, nworkers=nworkers, nthreads=nthreads,
                            name_prefix=name_prefix, timeout=timeout or None)
         logs.reclaim()  # the floor's (and Dask's) logging set-up may have disabled ours
@@ -575,10 +584,7 @@ def dask_worker(
     log.info("prefork %s on Python %s: floor of fleet %s and distributed imported in %.0f "
              "ms; %d Dask workers for %s", __version__, sys.version.split()[0], floor.name,
              (time.perf_counter() - started) * 1000, nworkers, scheduler)
-    try:
-        return master.run()
-    except (ControlError, RuntimeDirError, MetricsError, ListenerError) as exc:
-        raise CliError(str(exc)) from None  # before any fork
+    return _run_master(master)
 
 
 def _metrics_options(listen: tuple[str, int] | None, textfile: Path | None,
@@ -609,9 +615,9 @@ def _with_cli_defaults(
     restart: str | None,
     max_private_memory: int | None,
     max_age: float | None,
-    kernel_workers: int | None,
-    offload: str | None,
-    offload_fallback: str | None,
+    kernel_workers: int | None = None,
+    offload: str | None = None,
+    offload_fallback: str | None = None,
 ) -> Fleet:
     """``fleet`` with the defaults given on the command line (its workers' own settings
     still win over them)."""
