@@ -1,6 +1,6 @@
-"""A Dask scheduler and workers on 127.0.0.1, started by a test as subprocesses (Dask's own
-``dask scheduler`` and ``dask worker``), waited for through their log lines, never by
-sleeping."""
+"""A Dask scheduler and workers on 127.0.0.1, started by a test as subprocesses: the
+scheduler (``fleets.dask_scheduler``) says its address on stdout once it listens; Dask's own
+``dask worker`` is waited for through its log lines. Never by sleeping."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import WAIT, LineReader
@@ -62,11 +63,42 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_scheduler(port: int = 0) -> tuple[DaskProcess, str]:
-    scheduler = DaskProcess(["distributed.cli.dask_scheduler", "--host", "127.0.0.1",
-                             "--port", str(port), "--no-dashboard"])
-    address = scheduler.wait_log(r"Scheduler at:\s+(tcp://\S+)").group(1)
-    return scheduler, address
+@dataclass
+class Scheduler:
+    proc: subprocess.Popen[bytes]
+    address: str
+
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=WAIT)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+
+
+def start_scheduler(tmp_path: Path, port: int = 0) -> Scheduler:
+    """A scheduler on 127.0.0.1:``port``; returns once it listens (it prints its address)."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+        filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
+    with open(tmp_path / f"scheduler-{time.monotonic_ns()}.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "fleets.dask_scheduler", str(port)],
+                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=log, env=env)
+    assert proc.stdout is not None
+    reader = LineReader(proc.stdout.fileno())
+    deadline = time.monotonic() + WAIT
+    while time.monotonic() < deadline and not reader.eof:
+        for line in reader.read(deadline - time.monotonic()):
+            if line.startswith(b"tcp://"):
+                return Scheduler(proc, line.decode().strip())
+    proc.kill()
+    proc.wait()
+    proc.stdout.close()
+    raise AssertionError("the scheduler did not say its address")
 
 
 def start_worker(address: str) -> DaskProcess:

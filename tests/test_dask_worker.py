@@ -24,50 +24,14 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import WAIT, Events, LineReader, MasterProcess, cli_in_child, master_env, wait_gone
+from conftest import WAIT, Events, MasterProcess, cli_in_child, master_env, wait_gone
 
 distributed = pytest.importorskip("distributed")
 
+from dask_cluster import Scheduler, start_scheduler  # noqa: E402 - after the skip
+
 FLOOR = "fleets.dask_kernels:fleet"
 TESTS = Path(__file__).resolve().parent
-
-
-@dataclass
-class Scheduler:
-    proc: subprocess.Popen[bytes]
-    address: str
-
-    @property
-    def port(self) -> int:
-        return int(self.address.rsplit(":", 1)[1])
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(timeout=WAIT)
-        assert self.proc.stdout is not None
-        self.proc.stdout.close()
-
-
-def start_scheduler(tmp_path: Path, port: int = 0) -> Scheduler:
-    """A scheduler on 127.0.0.1:``port``; returns once it listens (it prints its address)."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        filter(None, [str(TESTS), os.environ.get("PYTHONPATH")])))
-    with open(tmp_path / f"scheduler-{time.monotonic_ns()}.log", "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "fleets.dask_scheduler", str(port)],
-                                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=log, env=env)
-    assert proc.stdout is not None
-    reader = LineReader(proc.stdout.fileno())
-    deadline = time.monotonic() + WAIT
-    while time.monotonic() < deadline and not reader.eof:
-        for line in reader.read(deadline - time.monotonic()):
-            if line.startswith(b"tcp://"):
-                return Scheduler(proc, line.decode().strip())
-    proc.kill()
-    proc.wait()
-    proc.stdout.close()
-    raise AssertionError("the scheduler did not say its address")
 
 
 @dataclass
