@@ -53,8 +53,7 @@ bench: install
 # What a run_kernel call costs inline, in the kernel pool and on Dask (a scheduler and a
 # worker on 127.0.0.1); needs the dask extra. About a minute. Writes
 # measurements/offload-bench.md and offload-bench.json.
-bench-offload: install
-	$(PIP) -e '.[cpu,metrics,dask]'
+bench-offload: $(VENV)/.installed-test
 	$(BIN)/python measurements/bench_offload.py
 
 # Memory of the cpu fleet (8 workers) under prefork, against a baseline of fresh

@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from hosting import session_pids
 from machine import describe_machine
 
 HERE = Path(__file__).resolve().parent
@@ -73,19 +74,6 @@ def rollup(pid: int) -> dict[str, int]:
         key, _, value = line.partition(":")
         fields[key] = int(value.split()[0]) * 1024
     return {"uss": fields["Private_Clean"] + fields["Private_Dirty"], "pss": fields["Pss"]}
-
-
-def session_pids(sid: int) -> list[int]:
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[3]) == sid and fields[0] != "Z":
-                pids.append(int(entry))
-    return pids
 
 
 def worker_count(client: Any) -> int:
