@@ -5,13 +5,15 @@ from __future__ import annotations
 
 import shutil
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from dask_cluster import free_port, start_scheduler, start_worker
 from test_cpu_fleet import OBSERVATIONS, expected_results, stored_results, wait_all_caught_up
 
-from conftest import Events, cli_in_child, master_env
+from conftest import Events, MasterProcess, cli_in_child, master_env
 from prefork_workers.cpu.demo_data import generate
 
 
@@ -54,23 +56,36 @@ def test_with_fallback_error_an_unreachable_scheduler_fails_the_kernel(
 
 def test_cpu_fleet_results_with_offload_equal_the_kernels_run_directly(
         start_master, events: Events, runtime_dir: Path, tmp_path: Path) -> None:
+    """The cluster: two `prefork dask-worker --fleet cpu` masters, standing for two hosts,
+    2 Dask workers each, forked from the cpu fleet's floor."""
     generated = tmp_path / "generated.sqlite3"
     generate(generated, observations=OBSERVATIONS, sources=300, seed=7)
     db = tmp_path / "offloaded.sqlite3"
     shutil.copyfile(generated, db)
     scheduler = start_scheduler(tmp_path)
-    address = scheduler.address
-    worker = start_worker(address)
+    hosts: list[MasterProcess] = []
     try:
+        for host in ("hostA", "hostB"):
+            runtime = tmp_path / f"run-{host}"
+            runtime.mkdir(mode=0o700)
+            hosts.append(MasterProcess(subprocess.Popen(
+                [sys.executable, "-m", "prefork", "dask-worker", scheduler.address, "--fleet",
+                 "cpu", "--nworkers", "2", "--name-prefix", host, "--runtime-dir",
+                 str(runtime)], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE, env=master_env(events, runtime)), events))
         env = master_env(events, runtime_dir, PREFORK_TEST_DIR=str(tmp_path), PREFORK_DB=str(db))
-        master = start_master("fleets.cpu_test:fleet", "--offload", address, env=env)
+        master = start_master("fleets.cpu_test:fleet", "--offload", scheduler.address, env=env)
         wait_all_caught_up(master, OBSERVATIONS)
         master.signal(signal.SIGTERM)
         assert master.wait_exit() == 0, master.log
         assert not master.log_matches("offload: scheduler")  # never fell back
         assert stored_results(db) == expected_results(generated)
     finally:
-        worker.stop()
+        for host in hosts:
+            if host.proc.poll() is None:
+                host.signal(signal.SIGTERM)
+                assert host.wait_exit() == 0, host.log
+            host.close()
         scheduler.stop()
 
 
