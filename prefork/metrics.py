@@ -49,6 +49,7 @@ CLIENT_TIMEOUT = 10.0  # seconds an HTTP client has for each read or write of it
 MEMORY_TYPES = ("uss", "pss", "rss", "swap")
 # Every state a worker row can show: the states, and "starting" (running, not beaten yet).
 STATES = (*(str(s) for s in WorkerState), "starting")
+HOSTED_STATES = tuple(str(s) for s in WorkerState)  # a hosted worker's slot: no "starting"
 RECYCLE_REASONS = ("age", "heartbeat", "memory", "reload")
 UP = "1 if the fleet's master answered, else 0."
 
@@ -205,7 +206,32 @@ def worker_families(status: dict[str, Any], fleet: str) -> list[Metric]:
         if isinstance(report, dict) and isinstance(report.get("count"), int):
             imported.add_metric(key, report["count"])
     return [up, state, restarts, recycles, exit_code, exit_signal, beat, started, pid, memory,
-            imported]
+            imported, *_hosted_families(status, fleet)]
+
+
+def _hosted_families(status: dict[str, Any], fleet: str) -> list[Metric]:
+    """A worker group's hosted workers (:mod:`prefork.groups`): their state and their
+    restarts inside the group's process; labels fleet, group, worker. Their process's
+    series are the group's."""
+    labels = ["fleet", "group", "worker"]
+    state = GaugeMetricFamily("prefork_hosted_worker_state", "1 for the state a worker "
+                              "hosted in a group is in, 0 for the others.",
+                              labels=[*labels, "state"])
+    restarts = CounterMetricFamily("prefork_hosted_worker_restarts", "Times the group's "
+                                   "process started a hosted worker again.", labels=labels)
+    for group in status["workers"]:
+        hosted = group.get("hosted")
+        if not isinstance(hosted, list):
+            continue
+        for row in hosted:
+            if not isinstance(row, dict):
+                continue
+            key = [fleet, str(group.get("name", "?")), str(row.get("name", "?"))]
+            for name in HOSTED_STATES:
+                state.add_metric([*key, name], int(row.get("state") == name))
+            if isinstance(row.get("restarts"), int):
+                restarts.add_metric(key, row["restarts"])
+    return [state, restarts]
 
 
 def labelled(families: Iterable[Metric], **labels: str) -> list[Metric]:

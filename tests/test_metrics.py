@@ -404,7 +404,12 @@ def status_document() -> dict[str, Any]:
               "recycles": {"age": 1, "heartbeat": 0, "memory": 2, "reload": 0},
               "memory": {"uss": 1, "pss": 2, "rss": 3, "swap": 4, "shared": 2},
               "imported_after_fork": {"count": 7, "modules": [], "preload": [], "dropped": 0,
-                                      "uss": 5}}
+                                      "uss": 5},
+              # w is a worker group's process: its hosted workers (prefork.groups).
+              "hosted": [{"name": "a", "state": "backoff", "restarts": 4, "uptime": None,
+                          "next_start_in": 0.5, "last_exception": "ValueError: no"},
+                         {"name": "b", "state": "running", "restarts": 0, "uptime": 9.0,
+                          "next_start_in": None, "last_exception": None}]}
     gone = {"name": "g", "replica": 0, "pid": None, "state": "failed", "restarts": 0,
             "exit_code": None, "exit_signal": 9, "heartbeat_age": None, "started": None,
             "recycles": {}, "memory": None}
@@ -443,6 +448,13 @@ def test_every_status_field_becomes_its_series() -> None:
     assert pick(samples, "prefork_floor_bytes", type="pss") == 20
     assert pick(samples, "prefork_reloads_total") == 2
     assert pick(samples, "prefork_last_reload_success") == 1
+    hosted = {"fleet": "f", "group": "w"}
+    assert pick(samples, "prefork_hosted_worker_restarts_total", **hosted, worker="a") == 4
+    assert pick(samples, "prefork_hosted_worker_state", **hosted, worker="a",
+                state="backoff") == 1
+    assert pick(samples, "prefork_hosted_worker_state", **hosted, worker="b",
+                state="backoff") == 0
+    assert pick(samples, "prefork_hosted_worker_state", worker="g") is None  # no group
     states = {s.labels["state"] for s in samples if s.name == "prefork_worker_state"}
     assert states == {str(s) for s in WorkerState} | {"starting"}
 
