@@ -36,7 +36,7 @@ from prefork.cli_params import (
 )
 from prefork.control import ControlError
 from prefork.dask_worker import DEFAULT_TIMEOUT as DASK_TIMEOUT
-from prefork.dask_worker import dask_fleet, scheduler_problem
+from prefork.dask_worker import counts_problem, dask_fleet, scheduler_problem
 from prefork.exits import ExitCode
 from prefork.fleet import (
     DEFAULT_GRACE,
@@ -552,9 +552,9 @@ def dask_worker(
     problem = scheduler_problem(scheduler)
     if problem is not None:
         raise CliError(problem)
-    for what, value in (("--nworkers", nworkers), ("--nthreads", nthreads)):
-        if not 1 <= value <= MAX_WORKERS:
-            raise CliError(f"{what} must be 1 to {MAX_WORKERS}, got {value}")
+    problem = counts_problem(nworkers, nthreads)
+    if problem is not None:
+        raise CliError(problem)
     if importlib.util.find_spec("distributed") is None:
         raise CliError("dask-worker needs distributed: pip install 'prefork[dask]'")
     metrics = _metrics_options(metrics_listen, metrics_textfile, metrics_interval)

@@ -31,7 +31,7 @@ import re
 import socket
 from dataclasses import dataclass
 
-from prefork.fleet import Fleet, FleetError, Worker
+from prefork.fleet import MAX_WORKERS, Fleet, FleetError, Worker
 
 log = logging.getLogger("prefork")
 
@@ -54,6 +54,14 @@ def scheduler_problem(address: str) -> str | None:
                 "(e.g. tcp://10.0.0.5:8786)")
     if not 0 < int(match.group(2)) < 65536:
         return f"scheduler address {address!r}: the port must be 1 to 65535"
+    return None
+
+
+def counts_problem(nworkers: object, nthreads: object) -> str | None:
+    """Why ``--nworkers`` or ``--nthreads`` cannot be used, or None."""
+    for what, value in (("--nworkers", nworkers), ("--nthreads", nthreads)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
+            return f"{what} must be 1 to {MAX_WORKERS}, got {value!r}"
     return None
 
 
@@ -128,9 +136,9 @@ def dask_fleet(floor: Fleet, scheduler: str, *, nworkers: int, nthreads: int = 1
     problem = scheduler_problem(scheduler)
     if problem is not None:
         raise FleetError(problem)
-    for what, value in (("--nworkers", nworkers), ("--nthreads", nthreads)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise FleetError(f"{what} must be an integer >= 1, got {value!r}")
+    problem = counts_problem(nworkers, nthreads)
+    if problem is not None:
+        raise FleetError(problem)
     if name_prefix is not None and (not name_prefix or not name_prefix.isprintable()
                                     or any(c.isspace() for c in name_prefix)):
         raise FleetError(f"--name-prefix {name_prefix!r} must be printable, without "

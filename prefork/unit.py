@@ -22,8 +22,8 @@ from pathlib import Path
 from string import Template
 
 from prefork.dask_worker import SUFFIX as DASK_SUFFIX
-from prefork.dask_worker import scheduler_problem
-from prefork.fleet import DEFAULT_GRACE, MAX_WORKERS
+from prefork.dask_worker import counts_problem, scheduler_problem
+from prefork.fleet import DEFAULT_GRACE
 from prefork.metrics_process import DEFAULT_INTERVAL, MetricsOptions
 from prefork.paths import name_for_spec, spec_problem
 from prefork.version import __version__
@@ -255,9 +255,9 @@ def _check_dask(dask: DaskUnit, learn_floor: bool) -> None:
     problem = scheduler_problem(dask.scheduler)
     if problem is not None:
         raise UnitError(problem)
-    for what, value in (("--nworkers", dask.nworkers), ("--nthreads", dask.nthreads)):
-        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
-            raise UnitError(f"{what} must be 1 to {MAX_WORKERS}, got {value!r}")
+    problem = counts_problem(dask.nworkers, dask.nthreads)
+    if problem is not None:
+        raise UnitError(problem)
     if learn_floor:
         raise UnitError("--learn-floor is for `prefork run`: prefork dask-worker imports "
                         "what a Dask worker needs into the floor itself")
