@@ -627,6 +627,17 @@ def assert_no_trouble(log: str) -> None:
         assert trouble not in log, log
 
 
+def ready_then_stopped(master: MasterProcess, notify: socket.socket) -> None:
+    """READY=1 arrives (Type=notify: without it through the AF_UNIX-only filter, the start
+    would time out), then SIGTERM stops the master cleanly."""
+    received: list[str] = []
+    while "READY=1" not in received:
+        assert select.select([notify], [], [], WAIT)[0], f"no READY=1, only {received}"
+        received += notify.recv(4096).decode().splitlines()
+    master.signal(signal.SIGTERM)
+    assert master.wait_exit() == 0, master.log
+
+
 @needs_systemd_analyze
 @pytest.mark.parametrize(("fleet", "ready"), [("demo", r"worker \S+ spawned"),
                                               ("cpu", r": polling \S+ every")])
@@ -636,13 +647,7 @@ def test_the_fleet_runs_under_the_units_seccomp_filters(
     master, notify = start_under_unit(unit, tmp_path, events)
     try:
         master.wait_log(ready, count=4)
-        # Type=notify: without READY=1 through the AF_UNIX-only filter, the start times out.
-        received: list[str] = []
-        while "READY=1" not in received:
-            assert select.select([notify], [], [], WAIT)[0], f"no READY=1, only {received}"
-            received += notify.recv(4096).decode().splitlines()
-        master.signal(signal.SIGTERM)
-        assert master.wait_exit() == 0, master.log
+        ready_then_stopped(master, notify)
     finally:
         master.close()
         notify.close()
@@ -696,12 +701,7 @@ def test_dask_workers_run_under_the_units_seccomp_filters(tmp_path: Path, events
         master, notify = start_under_unit(unit, tmp_path, events)
         try:
             master.wait_log(r"Registered to: +" + re.escape(scheduler.address), count=2)
-            received: list[str] = []
-            while "READY=1" not in received:
-                assert select.select([notify], [], [], WAIT)[0], f"no READY=1, only {received}"
-                received += notify.recv(4096).decode().splitlines()
-            master.signal(signal.SIGTERM)
-            assert master.wait_exit() == 0, master.log
+            ready_then_stopped(master, notify)
         finally:
             master.close()
             notify.close()
