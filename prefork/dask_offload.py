@@ -23,7 +23,6 @@ import logging
 import os
 import pickle
 import time
-from collections.abc import Callable
 from typing import Any, Literal
 
 log = logging.getLogger("prefork")
@@ -69,15 +68,15 @@ class DaskOffload:
     def usable(self) -> bool:
         return os.getpid() != self._master
 
-    async def submit(self, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
-        """``fn(*args)`` on the cluster. Raises :class:`Unreachable` when it cannot be
-        reached now (the caller runs it locally or fails, as ``fallback`` says)."""
+    async def submit(self, call: bytes) -> Any:
+        """The pickled ``(fn, args)`` ``call`` run on the cluster: its result. Raises
+        :class:`Unreachable` when it cannot be reached now (the caller runs it locally or
+        fails, as ``fallback`` says)."""
         client = await self._connected()
         try:
             # One opaque bytes argument: Dask walks the arguments it is given, looking for
             # futures to wait for (0.5 s for 100,000 tuples); bytes it sends as they are.
-            payload = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
-            future = client.submit(run_pickled, payload, pure=False)
+            future = client.submit(run_pickled, call, pure=False)
         except Exception as exc:  # the client closed between our check and the submit
             raise self._lost(exc) from None
         try:

@@ -57,11 +57,10 @@ async def run_kernel(fn: Callable[..., T], *args: Any, offload_if: bool = True) 
         return fn(*args)
     if _cluster is not None and _cluster.usable:
         try:
-            return await _cluster.submit(fn, args)
+            return await _cluster.submit(_pickled(fn, args))  # type: ignore[no-any-return]
         except Unreachable as exc:
             if _cluster.fallback == "error":
-                raise KernelError(f"kernel {fn.__module__}.{fn.__qualname__}: {exc}"
-                                  ) from None
+                raise KernelError(f"kernel {_name(fn)}: {exc}") from None
     where = kernel_pool.address()
     if where is None:
         return fn(*args)
@@ -95,12 +94,23 @@ def check_by_reference(fn: object) -> None:
                         "another process; pass a function defined at a module's top level")
 
 
-async def _call(where: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-    name = f"{fn.__module__}.{fn.__qualname__}"
+def _name(fn: Callable[..., Any]) -> str:
+    return f"{fn.__module__}.{fn.__qualname__}"
+
+
+def _pickled(fn: Callable[..., Any], args: tuple[Any, ...]) -> bytes:
+    """The call as the pool and the cluster take it; KernelError if it cannot be pickled
+    (the caller's arguments, not a fault of where it was to run)."""
     try:
-        request = pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
+        return pickle.dumps((fn, args), protocol=pickle.HIGHEST_PROTOCOL)
     except Exception as exc:
-        raise KernelError(f"kernel {name}: its arguments cannot be pickled: {exc}") from None
+        raise KernelError(f"kernel {_name(fn)}: its arguments cannot be pickled: {exc}"
+                          ) from None
+
+
+async def _call(where: str, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+    name = _name(fn)
+    request = _pickled(fn, args)
     try:
         reader, writer = await asyncio.open_unix_connection(where)
     except OSError as exc:

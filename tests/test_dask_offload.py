@@ -36,6 +36,12 @@ def test_kernels_run_locally_until_the_scheduler_is_up_then_on_the_cluster(
         events.wait(lambda e: e["kind"] == "raised" and e["message"] == f"failed in {worker.pid}",
                     what="the kernel's ValueError from the Dask worker")
         master.wait_log(rf"offload: scheduler {address} reached again")
+        # Arguments that cannot be pickled are the caller's error, not an outage.
+        unpicklable = events.wait(lambda e: e["kind"] == "unpicklable" and e["t"] > remote["t"],
+                                  what="an unpicklable call with the cluster up")
+        assert unpicklable["message"] == ("kernel fleets.kernels.whoami: its arguments cannot "
+                                          "be pickled: this argument cannot be pickled")
+        assert len(master.log_matches("offload: scheduler .* unreachable")) == 1  # the first
         master.signal(signal.SIGTERM)
         assert master.wait_exit() == 0, master.log
     finally:

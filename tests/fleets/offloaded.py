@@ -7,7 +7,7 @@ import asyncio
 import os
 
 from fleets.common import emit
-from fleets.kernels import whoami
+from fleets.kernels import _Unpicklable, whoami
 from prefork import Fleet, Worker
 from prefork.offload import KernelError, run_kernel
 
@@ -21,6 +21,10 @@ async def caller() -> None:
         try:
             kernel_pid, _, value = await run_kernel(whoami, 5)
             emit("result", kernel_pid=kernel_pid, value=value)
+            try:
+                await run_kernel(whoami, _Unpicklable())
+            except KernelError as exc:  # the caller's fault, wherever the kernel would run
+                emit("unpicklable", message=str(exc))
             await run_kernel(fail_here)
         except KernelError as exc:
             emit("failed", message=str(exc))
