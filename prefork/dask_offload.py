@@ -25,6 +25,8 @@ import pickle
 import time
 from typing import Any, Literal
 
+from prefork.fleet import FleetError, exception_line
+
 log = logging.getLogger("prefork")
 
 Fallback = Literal["local", "error"]
@@ -45,8 +47,6 @@ def import_distributed() -> None:
     try:
         import distributed  # noqa: F401
     except ImportError:
-        from prefork.fleet import FleetError
-
         raise FleetError("--offload needs Dask: pip install 'prefork[dask]'") from None
 
 
@@ -133,12 +133,12 @@ class DaskOffload:
         if not self._warned:
             self._warned = True
             log.warning("offload: scheduler %s unreachable (%s); kernels %s, and it is "
-                        "tried again every %gs", self.address, _one_line(exc), where,
+                        "tried again every %gs", self.address, exception_line(exc), where,
                         RETRY_INTERVAL)
         client, self._client = self._client, None
         if client is not None:
             asyncio.get_running_loop().create_task(_close_quietly(client))
-        return Unreachable(f"scheduler {self.address} unreachable: {_one_line(exc)}")
+        return Unreachable(f"scheduler {self.address} unreachable: {exception_line(exc)}")
 
 
 def run_pickled(payload: bytes) -> bytes:
@@ -160,7 +160,3 @@ async def _close_quietly(client: Any) -> None:
     except Exception:  # closing what is already gone
         pass
 
-
-def _one_line(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

@@ -565,13 +565,18 @@ def _is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and value == value
 
 
-def _describe(exc: BaseException) -> str:
-    """``Type: message (at file:line)`` for the innermost frame: one line, no traceback."""
+def exception_line(exc: BaseException) -> str:
+    """``Type: message`` on one line, whatever the exception's ``__str__`` does."""
     try:
         message = " ".join(str(exc).split())
     except Exception:  # its __str__ fails too
         message = "(its message cannot be shown)"
-    text = f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def _describe(exc: BaseException) -> str:
+    """``Type: message (at file:line)`` for the innermost frame: one line, no traceback."""
+    text = exception_line(exc)
     frames = traceback.extract_tb(exc.__traceback__)
     user_frames = [f for f in frames if "importlib" not in f.filename]
     if user_frames:

@@ -35,7 +35,14 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from prefork.child import WorkerContext, current_worker, hosted_worker
-from prefork.fleet import Fleet, FleetError, Worker, asyncio_worker, coroutine_of
+from prefork.fleet import (
+    Fleet,
+    FleetError,
+    Worker,
+    asyncio_worker,
+    coroutine_of,
+    exception_line,
+)
 from prefork.paths import MAX_NAME, name_problem
 from prefork.policy import ExitStatus
 from prefork.slot import Slot
@@ -254,7 +261,7 @@ class GroupHost:
                 self._errors[name] = message
         except Exception as exc:
             status, exc_info = ExitStatus(code=1), exc
-            self._errors[name] = _one_line(exc)
+            self._errors[name] = _clip(exception_line(exc))
             how = f"exception {self._errors[name]}"
         if task is not None and task.cancelling():  # it ended while the group stops
             log.log(logging.WARNING if status.failed else logging.INFO,
@@ -280,14 +287,6 @@ def _system_exit(exc: SystemExit) -> tuple[ExitStatus, str | None]:
     if isinstance(exc.code, int):
         return ExitStatus(code=exc.code & 0xFF), None
     return ExitStatus(code=1), _clip(str(exc.code))
-
-
-def _one_line(exc: BaseException) -> str:
-    try:
-        message = str(exc)
-    except Exception:  # its __str__ fails too
-        message = "(its message cannot be shown)"
-    return _clip(f"{type(exc).__name__}: {message}" if message else type(exc).__name__)
 
 
 def _clip(text: str) -> str:
