@@ -222,6 +222,15 @@ def _memory_of(pid: int) -> dict[str, int] | None:
 _HOSTED_EXCEPTION_WIDTH = 60
 
 
+def hosted_of(worker: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of the workers a status entry's group hosts (:mod:`prefork.groups`): none
+    for a worker of its own, and none that is not a mapping."""
+    hosted = worker.get("hosted")
+    if not isinstance(hosted, list):
+        return []
+    return [row for row in hosted if isinstance(row, dict)]
+
+
 def _with_hosted_rows(document_workers: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The table's rows: each worker group's hosted workers as rows of their own right
     under the group's: no pid nor memory (theirs are the group process's), the in-process
@@ -229,12 +238,7 @@ def _with_hosted_rows(document_workers: list[dict[str, Any]]) -> list[dict[str, 
     workers: list[dict[str, Any]] = []
     for worker in document_workers:
         workers.append(worker)
-        hosted = worker.get("hosted")
-        if not isinstance(hosted, list):
-            continue
-        for row in hosted:
-            if not isinstance(row, dict):
-                continue
+        for row in hosted_of(worker):
             error = row.get("last_exception")
             if isinstance(error, str) and len(error) > _HOSTED_EXCEPTION_WIDTH:
                 error = error[:_HOSTED_EXCEPTION_WIDTH - 3] + "..."

@@ -37,7 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 
 from prefork import logs
-from prefork.client import NoMaster, fetch_status
+from prefork.client import NoMaster, fetch_status, hosted_of
 from prefork.control import ControlError
 from prefork.states import WorkerState
 
@@ -220,12 +220,7 @@ def _hosted_families(status: dict[str, Any], fleet: str) -> list[Metric]:
     restarts = CounterMetricFamily("prefork_hosted_worker_restarts", "Times the group's "
                                    "process started a hosted worker again.", labels=labels)
     for group in status["workers"]:
-        hosted = group.get("hosted")
-        if not isinstance(hosted, list):
-            continue
-        for row in hosted:
-            if not isinstance(row, dict):
-                continue
+        for row in hosted_of(group):
             key = [fleet, str(group.get("name", "?")), str(row.get("name", "?"))]
             for name in HOSTED_STATES:
                 state.add_metric([*key, name], int(row.get("state") == name))
