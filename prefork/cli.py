@@ -36,7 +36,7 @@ from prefork.cli_params import (
 )
 from prefork.control import ControlError
 from prefork.dask_worker import DEFAULT_TIMEOUT as DASK_TIMEOUT
-from prefork.dask_worker import counts_problem, dask_fleet, scheduler_problem
+from prefork.dask_worker import arguments_problem, dask_fleet
 from prefork.exits import ExitCode
 from prefork.fleet import (
     DEFAULT_GRACE,
@@ -549,10 +549,7 @@ def dask_worker(
     from prefork.master import Master
 
     # Everything that needs no import first: a bad address forks nothing and imports nothing.
-    problem = scheduler_problem(scheduler)
-    if problem is not None:
-        raise CliError(problem)
-    problem = counts_problem(nworkers, nthreads)
+    problem = arguments_problem(scheduler, nworkers, nthreads)
     if problem is not None:
         raise CliError(problem)
     if importlib.util.find_spec("distributed") is None:

@@ -57,8 +57,12 @@ def scheduler_problem(address: str) -> str | None:
     return None
 
 
-def counts_problem(nworkers: object, nthreads: object) -> str | None:
-    """Why ``--nworkers`` or ``--nthreads`` cannot be used, or None."""
+def arguments_problem(scheduler: str, nworkers: object, nthreads: object) -> str | None:
+    """Why dask-worker's scheduler address, ``--nworkers`` or ``--nthreads`` cannot be
+    used, or None."""
+    problem = scheduler_problem(scheduler)
+    if problem is not None:
+        return problem
     for what, value in (("--nworkers", nworkers), ("--nthreads", nthreads)):
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_WORKERS:
             return f"{what} must be 1 to {MAX_WORKERS}, got {value!r}"
@@ -133,10 +137,7 @@ def dask_fleet(floor: Fleet, scheduler: str, *, nworkers: int, nthreads: int = 1
     none). Imports ``distributed`` here, in the master, so the workers share it. Raises
     :class:`FleetError` with one line for anything invalid.
     """
-    problem = scheduler_problem(scheduler)
-    if problem is not None:
-        raise FleetError(problem)
-    problem = counts_problem(nworkers, nthreads)
+    problem = arguments_problem(scheduler, nworkers, nthreads)
     if problem is not None:
         raise FleetError(problem)
     if name_prefix is not None and (not name_prefix or not name_prefix.isprintable()

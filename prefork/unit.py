@@ -22,7 +22,7 @@ from pathlib import Path
 from string import Template
 
 from prefork.dask_worker import SUFFIX as DASK_SUFFIX
-from prefork.dask_worker import counts_problem, scheduler_problem
+from prefork.dask_worker import arguments_problem
 from prefork.fleet import DEFAULT_GRACE
 from prefork.metrics_process import DEFAULT_INTERVAL, MetricsOptions
 from prefork.paths import name_for_spec, spec_problem
@@ -252,10 +252,7 @@ def _check_fleet(fleet: str) -> None:
 
 
 def _check_dask(dask: DaskUnit, learn_floor: bool) -> None:
-    problem = scheduler_problem(dask.scheduler)
-    if problem is not None:
-        raise UnitError(problem)
-    problem = counts_problem(dask.nworkers, dask.nthreads)
+    problem = arguments_problem(dask.scheduler, dask.nworkers, dask.nthreads)
     if problem is not None:
         raise UnitError(problem)
     if learn_floor:
