@@ -76,13 +76,23 @@ class Command:
     check: Check | None = None
 
 
-def command_table(*, status: Handler, scale: Handler) -> dict[str, Command]:
+def command_table(*, status: Handler, scale: Handler, reload: Handler
+                  ) -> dict[str, Command]:
     """Every command the master answers, bound to its handlers: the one list of them.
 
         {"command": "status"}                              -> the fleet's status
         {"command": "scale", "worker": NAME, "delta": 1}   -> delta is 1 or -1
+        {"command": "reload", "workers_only": false}       -> {"fleet": NAME, "reload": ID,
+                                                               "queued": BOOL}
+
+    ``reload`` imports the fleet's code afresh and rolls every worker over to it; with
+    ``workers_only`` (optional, false by default) it only restarts the workers from the
+    code already loaded. Its reply comes at once: the reload has ended when the status's
+    ``reloads.last_result.id`` is ``ID`` or more; ``queued`` says it waits for the reload
+    in progress. Any command may be answered ``{"error": "one line"}`` instead.
     """
-    return {"status": Command(status), "scale": Command(scale, _check_scale)}
+    return {"status": Command(status), "scale": Command(scale, _check_scale),
+            "reload": Command(reload, _check_reload)}
 
 
 def _check_scale(request: dict[str, Any]) -> str | None:
@@ -91,6 +101,13 @@ def _check_scale(request: dict[str, Any]) -> str | None:
         return 'scale needs a "worker" name'
     if not is_scale_delta(delta):
         return f'scale needs a "delta" of 1 or -1, got {shown(delta)}'
+    return None
+
+
+def _check_reload(request: dict[str, Any]) -> str | None:
+    workers_only = request.get("workers_only", False)
+    if not isinstance(workers_only, bool):
+        return f'reload\'s "workers_only" must be true or false, got {shown(workers_only)}'
     return None
 
 

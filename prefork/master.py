@@ -208,7 +208,8 @@ class Master:
         self._supervising: list[Watch] = []  # the loop's watches, made by _open()
         self._while_stopping: list[Watch] = []
         self._control = (ControlServer(socket_path(directory, fleet.name), command_table(
-            status=lambda _request: self.status(), scale=self._scale_request))
+            status=lambda _request: self.status(), scale=self._scale_request,
+            reload=lambda _request: {"error": "not yet"}))  # stub: the lead's own
             if control else None)
         # Each worker's stdout/stderr through a pipe into its own file (prefork.worker_logs);
         # raises WorkerLogError for an unusable directory, before anything forks.

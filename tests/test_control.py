@@ -76,7 +76,7 @@ class Recorder:
 
 def answering(handler: Callable[[dict[str, Any]], dict[str, Any]]) -> dict[str, Command]:
     """The master's command table with ``handler`` answering every command."""
-    return command_table(status=handler, scale=handler)
+    return command_table(status=handler, scale=handler, reload=handler)
 
 
 def requests_of(server: ControlServer) -> list[dict[str, Any]]:
@@ -423,10 +423,14 @@ BAD_REQUESTS = [
     (b"\xff\xfe\n", "request is not JSON"),
     (b"[1, 2]\n", "a request must be a JSON object"),
     (b"{}\n", 'a request needs a "command"'),
-    (b'{"command": "frobnicate"}\n', "unknown command 'frobnicate' (known: scale, status)"),
+    (b'{"command": "frobnicate"}\n', "unknown command 'frobnicate' (known: reload, scale, status)"),
     (b'{"command": "scale", "delta": 1}\n', 'scale needs a "worker" name'),
     (b'{"command": "scale", "worker": "w", "delta": 2}\n', 'scale needs a "delta" of 1 or -1'),
     (b'{"command": "scale", "worker": "w", "delta": true}\n', 'needs a "delta" of 1 or -1'),
+    (b'{"command": "reload", "workers_only": 1}\n',
+     'reload\'s "workers_only" must be true or false, got 1'),
+    (b'{"command": "reload", "workers_only": null}\n', '"workers_only" must be true or false'),
+    (b'{"command": "reload", "workers_only": "yes"}\n', "must be true or false, got 'yes'"),
 ]
 
 
@@ -436,6 +440,14 @@ def test_bad_request_gets_an_error_line(server: ControlServer, raw: bytes, messa
     assert reply.endswith(b"\n") and reply.count(b"\n") == 1
     assert message in json.loads(reply)["error"]
     assert requests_of(server) == []
+
+
+@pytest.mark.parametrize("raw", [b'{"command": "reload"}\n',
+                                 b'{"command": "reload", "workers_only": false}\n',
+                                 b'{"command": "reload", "workers_only": true}\n'])
+def test_reload_request_reaches_its_handler(server: ControlServer, raw: bytes) -> None:
+    assert json.loads(ask(server, raw)) == {"ok": True}
+    assert requests_of(server) == [json.loads(raw)]
 
 
 def test_handler_exception_is_an_error_reply_and_the_server_goes_on(runtime_dir: Path) -> None:
@@ -484,7 +496,7 @@ HOSTILE_REQUESTS = [
     (b'{"command": ["status"]}', 'a request needs a "command"'),
     (b'{"command": {"status": 1}}', 'a request needs a "command"'),
     (b'{"command": "' + b"x" * 60000 + b'"}', "unknown command '" + "x" * 36 + "..."),
-    (b'{"command": "\\ud800"}', "unknown command '\\ud800' (known: scale, status)"),
+    (b'{"command": "\\ud800"}', "unknown command '\\ud800' (known: reload, scale, status)"),
     # Given bytes, json.loads would take these for UTF-16 and UTF-32 and run the command.
     ('{"command": "status"}'.encode("utf-16-le"), "request is not JSON"),
     ('{"command": "status"}'.encode("utf-32"), "request is not JSON"),

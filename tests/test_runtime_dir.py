@@ -186,7 +186,7 @@ def test_the_socket_is_made_in_the_directory_checked(swapped: tuple[Path, Path],
                                                       tmp_path: Path) -> None:
     runtime_dir, victim = swapped
     control = ControlServer(socket_path(runtime_dir, "f"),
-                            command_table(status=dict, scale=dict))
+                            command_table(status=dict, scale=dict, reload=dict))
     control.open()
     try:
         assert runtime_dir.is_symlink(), "the attacker's swap did not happen"
