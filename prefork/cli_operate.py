@@ -2,8 +2,8 @@
 
 These never import the fleet's floor (a name is the socket's; a master started with
 ``module:ATTR`` says so in its status reply), nor the master. Exit codes: 0 done; 1 the
-master did not answer properly; 2 bad input, or the master refused; 3 no master of the
-fleet is running.
+master did not answer properly (and for ``reload``: the reload failed or did not end in
+time); 2 bad input, or the master refused; 3 no master of the fleet is running.
 """
 
 from __future__ import annotations
@@ -30,13 +30,15 @@ from prefork.cli_params import (
 )
 from prefork.client import (
     NoMaster,
+    ReloadResult,
+    ended_reload,
     exchange,
     fetch_status,
     format_status,
     masters_in,
     request,
 )
-from prefork.control import ControlError
+from prefork.control import ControlError, one_line, shown
 from prefork.exits import ExitCode
 from prefork.fleet import FleetError, load_fleet
 from prefork.metrics_process import (
@@ -137,35 +139,88 @@ def _watch_status(path: Path, interval: float, first: str, *, any_uid: bool) -> 
         return 0
 
 
+RELOAD_TIMEOUT = 600.0  # seconds `prefork reload` waits for the end, unless --timeout
+_RELOAD_POLL = 0.2  # seconds between two status requests while it waits
+_STATUS_TIMEOUT = 5.0  # seconds one of those requests may take
+
+
 @click.command()
 @_control_fleet_option
 @_control_runtime_dir_option
-def reload(fleet_spec: str | None, runtime_dir: Path | None) -> int:
-    """Send the fleet's master SIGHUP: a rolling restart of its workers.
+@click.option("--workers-only", is_flag=True,
+              help="Only restart the workers, from the code the master already loaded.")
+@click.option("--no-wait", is_flag=True, help="Ask for the reload and return at once.")
+@click.option("--timeout", type=PositiveSeconds(), default=RELOAD_TIMEOUT, show_default=True,
+              help="Seconds to wait for the reload to end.")
+def reload(fleet_spec: str | None, runtime_dir: Path | None, workers_only: bool,
+           no_wait: bool, timeout: float) -> int:
+    """Load the fleet's code afresh from disk and restart every worker on it, one at a
+    time; the master keeps its pid, and new code that fails to load changes nothing.
 
-    The master's pid comes from its control socket; exit codes as for `prefork status`.
+    Waits for the reload to end unless --no-wait. Exit codes: 0 done (or asked, with
+    --no-wait); 1 the reload failed or did not end within --timeout, or the master did
+    not answer properly; 2 bad input, or the master refused; 3 no master of the fleet is
+    running.
     """
 
     path = _control_socket(fleet_spec, runtime_dir)
-    reply, peer = _control_call(lambda: exchange(path, {"command": "status"},
-                                                 any_uid=runtime_dir is not None))
+    any_uid = runtime_dir is not None
+    # SO_PEERCRED names the master: the one process that listens, whatever its reply says.
+    reply, peer = _control_call(lambda: exchange(
+        path, {"command": "reload", "workers_only": workers_only}, any_uid=any_uid))
     if "error" in reply:
-        raise CliError(f"the master refused status: {reply['error']}", ExitCode.CONTROL_FAILED)
-    pid, fleet = reply.get("master_pid"), reply.get("fleet") or path.stem
-    # Signal only the process that really listens on the socket, whatever its reply says.
-    if pid != peer.pid:
-        raise CliError(f"the reply on {path} names master pid {pid!r}, but pid {peer.pid} "
-                       "listens there; not sending SIGHUP", ExitCode.CONTROL_FAILED)
-    try:
-        os.kill(pid, signal.SIGHUP)
-    except ProcessLookupError:
-        raise CliError(f"no master of fleet {fleet!r} is running (pid {pid} exited)",
-                       ExitCode.NO_MASTER) from None
-    except PermissionError:
-        raise CliError(f"not allowed to signal master {pid}: run as its user or as root",
-                       ExitCode.CONTROL_FAILED) from None
-    click.echo(f"sent SIGHUP to master {pid} (fleet {fleet})")
-    return 0
+        raise CliError(f"the master refused the reload: {one_line(str(reply['error']))}")
+    ident = reply.get("reload")
+    if not isinstance(ident, int) or isinstance(ident, bool):
+        raise CliError(f"the master's reply to reload is not understood: reload id "
+                       f"{shown(ident)}", ExitCode.CONTROL_FAILED)
+    fleet = reply.get("fleet") or path.stem
+    queued = ", queued after the reload in progress" if reply.get("queued") is True else ""
+    click.echo(f"reload {ident} of fleet {fleet} asked (master pid {peer.pid}{queued})")
+    if no_wait:
+        return 0
+    return _wait_for_reload(path, ident, fleet, timeout, any_uid=any_uid)
+
+
+def _wait_for_reload(path: Path, ident: int, fleet: str, timeout: float, *,
+                     any_uid: bool) -> int:
+    """Ask the master's status every ``_RELOAD_POLL`` seconds until reload ``ident`` has
+    ended (0 it succeeded, 1 it failed) or ``timeout`` (1). While the master re-execs its
+    socket accepts but does not answer, or a request fails: it is asked again."""
+
+    deadline = time.monotonic() + timeout
+    trouble = ""  # why the last request failed, for the line at the timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        try:
+            document = request(path, {"command": "status"},
+                               max(0.05, min(_STATUS_TIMEOUT, remaining)), any_uid=any_uid)
+        except (NoMaster, ControlError) as exc:
+            document, trouble = None, f" (last try: {exc})"
+        else:
+            trouble = ""
+        result = None if document is None else ended_reload(document, ident)
+        if result is not None:
+            return _reload_outcome(ident, result)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            click.echo(f"prefork: reload {ident} of fleet {fleet} did not end within "
+                       f"{timeout:g}s{trouble}", err=True)
+            return ExitCode.CONTROL_FAILED
+        time.sleep(min(_RELOAD_POLL, remaining))
+
+
+def _reload_outcome(ident: int, result: ReloadResult) -> int:
+    """Print the one line that says how reload ``ident`` ended; its exit code."""
+    later = "" if result.id == ident else f" (reload {result.id} followed it)"
+    if not result.ok:
+        click.echo(f"prefork: reload {ident} failed{later}: {result.error}", err=True)
+        return ExitCode.CONTROL_FAILED
+    what = {"code": "new code loaded", "workers": "workers restarted"}.get(result.kind,
+                                                                          "done")
+    generation = "?" if result.generation is None else result.generation
+    click.echo(f"reload {ident} done{later}: {what}, code generation {generation}")
+    return ExitCode.OK
 
 
 def _not_an_option(ctx: click.Context, param: click.Parameter, value: str) -> str:

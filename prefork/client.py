@@ -15,7 +15,7 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from prefork.control import ControlError, Peer, one_line, peer_of
 from prefork.memory import MIB, MemoryUnavailable, measure
@@ -293,6 +293,36 @@ def format_status(status: dict[str, Any]) -> str:
         lines += ["To import them into the floor instead, add to `prefork run` "
                   "(or run it with --learn-floor):", f"  {preload}"]
     return "\n".join(lines)
+
+
+class ReloadResult(NamedTuple):
+    """How a reload ended, from a status document's ``reloads``."""
+
+    id: int
+    kind: str | None  # "code" or "workers"
+    ok: bool
+    error: str | None  # one line, when not ok
+    generation: int | None  # the code generation running since
+
+
+def ended_reload(status: dict[str, Any], ident: int) -> ReloadResult | None:
+    """The last reload's result if reload ``ident`` has ended (the last result's id is
+    ``ident`` or more), else None; None too for a document without that part."""
+    reloads = status.get("reloads")
+    last = reloads.get("last_result") if isinstance(reloads, dict) else None
+    if not isinstance(last, dict) or not _is_count(last.get("id")) or last["id"] < ident:
+        return None
+    assert isinstance(reloads, dict)
+    ok = last.get("ok") is True
+    kind, generation = last.get("kind"), reloads.get("generation")
+    return ReloadResult(
+        last["id"], kind if isinstance(kind, str) else None, ok,
+        None if ok else one_line(str(last.get("error") or "no reason given")),
+        generation if _is_count(generation) else None)
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _imported(report: object) -> str:

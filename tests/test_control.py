@@ -843,6 +843,19 @@ def test_bad_input_is_one_line_and_exit_2(args: list[str], message: str, runtime
     assert message in err
 
 
+def reloads(last_id: int | None = None, ok: bool = True, **more: Any) -> dict[str, Any]:
+    """A status document's ``reloads``: none in progress, and the last result's ``id``."""
+    last = None if last_id is None else {
+        "id": last_id, "kind": "code", "ok": ok, "at": time.time(),
+        "error": None if ok else "SyntaxError: invalid syntax (app.py, line 3)"}
+    return {"total": last_id or 0, "last": None, "in_progress": False, "phase": None,
+            "kind": None, "pending": False, "generation": 0, "code_loaded": time.time() - 60,
+            "last_result": last, **more}
+
+
+IN_PROGRESS = {"in_progress": True, "phase": "rolling", "kind": "code"}
+
+
 def canned_status(test_pid: int, gone_pid: int) -> Callable[[dict[str, Any]], dict[str, Any]]:
     """A master's status reply: the server process is the master; one worker is this test
     process (alive), one a reaped pid, one waits in backoff."""
@@ -945,30 +958,144 @@ def test_status_watch_redraws_until_ctrl_c(runtime_dir: Path) -> None:
         assert frame.endswith(b"\x1b[J")
 
 
-def test_reload_sends_sighup_to_the_master(runtime_dir: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
-    answer = canned_status(os.getpid(), dead_pid())
-    with served(socket_path(runtime_dir, "demo"), answer) as master:
+def reloading_master(statuses: list[dict[str, Any]], reply: dict[str, Any] | None = None
+                     ) -> Callable[[dict[str, Any]], dict[str, Any]]:
+    """A fake master: answers the reload request ``reply`` (reload 3 asked), then each
+    status request with the next of ``statuses``' ``reloads`` (the last one over again)."""
+    answered = 0
+
+    def answer(message: dict[str, Any]) -> dict[str, Any]:
+        nonlocal answered
+        if message["command"] == "reload":
+            return reply or {"fleet": "demo", "reload": 3, "queued": False}
+        answered += 1
+        return {"fleet": "demo", "master_pid": os.getpid(), "workers": [],
+                "reloads": statuses[min(answered, len(statuses)) - 1]}
+    return answer
+
+
+def test_reload_asks_the_master_then_waits_for_its_result(
+        runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    # An earlier reload's result (id 2) does not end the wait for reload 3.
+    statuses = [reloads(2, ok=False, **IN_PROGRESS), reloads(2, ok=False),
+                reloads(3, generation=4)]
+    elsewhere = dead_pid()  # a pid in the reply is not taken: the listener's is
+    with served(socket_path(runtime_dir, "demo"), reloading_master(
+            statuses, {"fleet": "demo", "reload": 3, "master_pid": elsewhere})) as master:
         code, out, err = prefork(capsys, "reload", "--fleet", "demo", "--runtime-dir",
                                  str(runtime_dir))
         assert (code, err) == (0, "")
-        assert out == f"sent SIGHUP to master {master.pid} (fleet demo)\n"
-        assert json.loads(master.report()) == {"command": "status"}
-        assert master.report() == "SIGHUP"
+        assert out == (f"reload 3 of fleet demo asked (master pid {master.pid})\n"
+                       "reload 3 done: new code loaded, code generation 4\n")
+        assert json.loads(master.report()) == {"command": "reload", "workers_only": False}
+        for _ in statuses:
+            assert json.loads(master.report()) == {"command": "status"}
 
 
-def test_reload_signals_only_the_process_that_listens(
+def test_reload_that_failed_is_one_line_and_exit_1(
         runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    elsewhere = dead_pid()  # if the check failed, the kill would find no one: never harmful
+    reply = {"fleet": "demo", "reload": 3, "queued": True}
+    with served(socket_path(runtime_dir, "demo"),
+                reloading_master([reloads(3, ok=False)], reply)) as master:
+        code, out, err = prefork(capsys, "reload", "--workers-only", "--runtime-dir",
+                                 str(runtime_dir))
+        assert json.loads(master.report()) == {"command": "reload", "workers_only": True}
+    assert code == 1
+    assert out == (f"reload 3 of fleet demo asked (master pid {master.pid}, queued after "
+                   "the reload in progress)\n")
+    assert err == "prefork: reload 3 failed: SyntaxError: invalid syntax (app.py, line 3)\n"
 
-    def lying(message: dict[str, Any]) -> dict[str, Any]:
-        return {"fleet": "demo", "master_pid": elsewhere, "workers": []}
 
-    with served(socket_path(runtime_dir, "demo"), lying) as master:
+def test_reload_followed_by_another_says_so(runtime_dir: Path,
+                                            capsys: pytest.CaptureFixture[str]) -> None:
+    done = reloads(4, generation=2)
+    done["last_result"]["kind"] = "workers"
+    with served(socket_path(runtime_dir, "demo"), reloading_master([done])):
         code, out, err = prefork(capsys, "reload", "--runtime-dir", str(runtime_dir))
-    assert (code, out) == (1, "")
-    assert err == (f"prefork: error: the reply on {runtime_dir}/demo.sock names master pid "
-                   f"{elsewhere}, but pid {master.pid} listens there; not sending SIGHUP\n")
+    assert (code, err) == (0, "")
+    assert out.splitlines()[1] == ("reload 3 done (reload 4 followed it): workers restarted, "
+                                   "code generation 2")
+
+
+def test_reload_that_never_ends_times_out(runtime_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with served(socket_path(runtime_dir, "demo"),
+                reloading_master([reloads(2, **IN_PROGRESS)])):
+        began = time.monotonic()
+        code, out, err = prefork(capsys, "reload", "--timeout", "0.5", "--runtime-dir",
+                                 str(runtime_dir))
+        waited = time.monotonic() - began
+    assert code == 1 and out.startswith("reload 3 of fleet demo asked")
+    assert err == "prefork: reload 3 of fleet demo did not end within 0.5s\n"
+    assert 0.5 <= waited < WAIT
+
+
+def test_reload_no_wait_returns_once_asked(runtime_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    # With the reload never ending, a command that waited would time out: exit 1.
+    with served(socket_path(runtime_dir, "demo"),
+                reloading_master([reloads(2, **IN_PROGRESS)])) as master:
+        code, out, err = prefork(capsys, "reload", "--no-wait", "--timeout", "0.5",
+                                 "--runtime-dir", str(runtime_dir))
+        assert json.loads(master.report())["command"] == "reload"
+    assert (code, out, err) == (0, f"reload 3 of fleet demo asked (master pid {master.pid})\n",
+                                "")
+
+
+@pytest.mark.parametrize(("reply", "expected"), [
+    ({"error": "the fleet is stopping"},
+     (2, "prefork: error: the master refused the reload: the fleet is stopping\n")),
+    ({"fleet": "demo", "reload": "3"},
+     (1, "prefork: error: the master's reply to reload is not understood: reload id '3'\n")),
+])
+def test_reload_refused_or_not_understood(reply: dict[str, Any], expected: tuple[int, str],
+                                          runtime_dir: Path,
+                                          capsys: pytest.CaptureFixture[str]) -> None:
+    with served(socket_path(runtime_dir, "demo"), lambda message: reply):
+        code, out, err = prefork(capsys, "reload", "--runtime-dir", str(runtime_dir))
+    assert (code, err) == expected and out == ""
+
+
+def test_reload_waits_through_a_master_that_does_not_answer(
+        runtime_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # While the master re-execs, a status request fails in every way; each is tried again.
+    path = socket_path(runtime_dir, "demo")
+    answers: list[Any] = [NoMaster("gone"), ControlError("did not answer within 5s"),
+                          {"error": "internal error"}, {"workers": []},
+                          {"reloads": reloads(3)}]
+    asked: list[dict[str, Any]] = []
+
+    def polled(at: Path, message: dict[str, Any], timeout: float = 5.0, *,
+               any_uid: bool = False) -> dict[str, Any]:
+        assert at == path and 0 < timeout <= 5.0
+        asked.append(message)
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    monkeypatch.setattr("prefork.cli_operate.request", polled)
+    with served(path, reloading_master([])):
+        code, out, err = prefork(capsys, "reload", "--runtime-dir", str(runtime_dir))
+    assert (code, err) == (0, ""), err
+    assert out.endswith("reload 3 done: new code loaded, code generation 0\n")
+    assert asked == [{"command": "status"}] * 5 and answers == []
+
+
+def test_reload_timeout_says_why_the_last_request_failed(
+        runtime_dir: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    def gone(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        raise NoMaster("no master of fleet 'demo' is running (stale socket)")
+
+    monkeypatch.setattr("prefork.cli_operate.request", gone)
+    with served(socket_path(runtime_dir, "demo"), reloading_master([])):
+        code, _, err = prefork(capsys, "reload", "--timeout", "0.3", "--runtime-dir",
+                               str(runtime_dir))
+    assert code == 1
+    assert err == ("prefork: reload 3 of fleet demo did not end within 0.3s (last try: no "
+                   "master of fleet 'demo' is running (stale socket))\n")
 
 
 def test_scale_sends_the_request_and_shows_the_answer(
