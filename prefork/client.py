@@ -254,7 +254,8 @@ def _with_hosted_rows(document_workers: list[dict[str, Any]]) -> list[dict[str, 
 
 
 def format_status(status: dict[str, Any]) -> str:
-    """:func:`fetch_status`'s document as a header line and a table (memory in MiB)."""
+    """:func:`fetch_status`'s document as a header line, a line about reloads when there
+    is something to say (:func:`reload_line`), and a table (memory in MiB)."""
     workers = status["workers"]
     with_pid = [w for w in workers if w.get("pid") is not None]
     measured = [w for w in with_pid if w.get("memory") is not None]
@@ -270,6 +271,9 @@ def format_status(status: dict[str, Any]) -> str:
     who += f" + {counted} worker{'' if len(with_pid) == 1 else 's'}"
     parts.append(f"total PSS {status['total_pss'] / MIB:.1f} MiB ({who})")
     lines = [f"fleet {status.get('fleet', '?')}: {', '.join(parts)}"]
+    reloads = reload_line(status)
+    if reloads is not None:
+        lines.append(reloads)
     header = ("WORKER", "REPLICA", "PID", "STATE", "RESTARTS", "UPTIME", "LAST EXIT",
               "RSS", "USS", "PSS", "SHARED", "AFTER FORK", "REASON")
     rows: list[tuple[str, ...]] = [header]
@@ -319,6 +323,43 @@ def ended_reload(status: dict[str, Any], ident: int) -> ReloadResult | None:
         last["id"], kind if isinstance(kind, str) else None, ok,
         None if ok else one_line(str(last.get("error") or "no reason given")),
         generation if _is_count(generation) else None)
+
+
+_PHASES = {"trial": "trial of the new code", "rolling": "rolling the workers"}
+
+
+def reload_line(status: dict[str, Any]) -> str | None:
+    """The status's line about reloads, if there is something to say: one in progress, the
+    last one failed, or the code generation running after a code reload. None for a
+    fleet never reloaded, and for an older master's document that has none of it."""
+    reloads = status.get("reloads")
+    if not isinstance(reloads, dict):
+        return None
+    if reloads.get("in_progress") is True:
+        phase = reloads.get("phase")
+        phase = _PHASES.get(phase) if isinstance(phase, str) else None
+        queued = " (another one queued)" if reloads.get("pending") is True else ""
+        return f"reload in progress{f': {phase}' if phase else ''}{queued}"
+    last = reloads.get("last_result")
+    if isinstance(last, dict) and last.get("ok") is False:
+        error = one_line(str(last.get("error") or "no reason given"))
+        return f"reload failed{_at(last.get('at'))}: {error}"
+    generation = reloads.get("generation")
+    if _is_count(generation) and generation > 0:
+        return f"code generation {generation}, loaded{_at(reloads.get('code_loaded'))}"
+    return None
+
+
+def _at(when: object) -> str:
+    """`` at 14:03:07`` for a Unix time (with the date unless today), or ""."""
+    if not isinstance(when, int | float) or isinstance(when, bool):
+        return ""
+    try:
+        moment, today = time.localtime(when), time.localtime()
+    except (OverflowError, OSError, ValueError):  # out of range, or NaN
+        return ""
+    same_day = moment[:3] == today[:3]
+    return f" at {time.strftime('%H:%M:%S' if same_day else '%Y-%m-%d %H:%M:%S', moment)}"
 
 
 def _is_count(value: object) -> bool:

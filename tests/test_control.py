@@ -35,7 +35,7 @@ import pytest
 
 from conftest import Events, MasterProcess
 from prefork.cli import main
-from prefork.client import NoMaster, exchange, format_duration, request
+from prefork.client import NoMaster, exchange, format_duration, format_status, request
 from prefork.control import (
     MAX_CONNECTIONS,
     MAX_REQUEST,
@@ -903,6 +903,52 @@ def test_status_table(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> 
     assert preload == "  --preload a.b --preload c --preload d"  # each once, as first seen
     # The columns line up: every row is as wide as the header before its free-text reason.
     assert alpha.index(str(os.getpid())) + len(str(os.getpid())) == columns.index("PID") + 3
+
+
+def clock(when: float) -> str:
+    """How the status shows a Unix time: with its date unless that is today."""
+    moment = time.localtime(when)
+    today = moment[:3] == time.localtime()[:3]
+    return time.strftime("%H:%M:%S" if today else "%Y-%m-%d %H:%M:%S", moment)
+
+
+NOW = time.time()
+FAILED = {"id": 2, "kind": "code", "ok": False, "at": NOW - 5,
+          "error": "ModuleNotFoundError: No module named 'app'"}
+RELOAD_LINES = [  # the status's reloads, and the line under the header (None: no line)
+    (None, None),  # an older master: no reloads at all
+    ({"total": 0, "last": None, "in_progress": False}, None),  # an older master's
+    ({"total": 1, "last": NOW, "in_progress": True}, "reload in progress"),  # ...mid-restart
+    (reloads(), None),  # never reloaded
+    (reloads(1, generation=0, total=1), None),  # only workers restarts, all fine
+    (reloads(**{**IN_PROGRESS, "phase": "trial"}), "reload in progress: trial of the new code"),
+    (reloads(2, **IN_PROGRESS, pending=True, last_result=FAILED),
+     "reload in progress: rolling the workers (another one queued)"),
+    (reloads(2, generation=3, last_result=FAILED),
+     f"reload failed at {clock(NOW - 5)}: ModuleNotFoundError: No module named 'app'"),
+    (reloads(2, generation=3, last_result={**FAILED, "at": None, "error": "a\n  b"}),
+     "reload failed: a b"),
+    (reloads(4, generation=3, code_loaded=NOW - 7), f"code generation 3, loaded at "
+                                                      f"{clock(NOW - 7)}"),
+    (reloads(4, generation=1, code_loaded=1e300), "code generation 1, loaded"),
+    (reloads(4, generation=1, code_loaded=NOW - 3 * 86400),
+     f"code generation 1, loaded at {clock(NOW - 3 * 86400)}"),
+    ("not an object", None), ({"in_progress": "yes", "generation": True}, None),
+]
+
+
+@pytest.mark.parametrize(("reloads_", "line"), RELOAD_LINES)
+def test_status_says_how_reloads_went(reloads_: object, line: str | None) -> None:
+    document: dict[str, Any] = {"fleet": "demo", "master_pid": 4321, "workers": [],
+                                "memory": None, "total_pss": 0}
+    if reloads_ is not None:
+        document["reloads"] = reloads_
+    header, second, *_ = format_status(document).splitlines()
+    assert header.startswith("fleet demo: master 4321")
+    if line is None:
+        assert second.split()[:2] == ["WORKER", "REPLICA"]  # the table comes next
+    else:
+        assert second == line
 
 
 def test_status_json(runtime_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
