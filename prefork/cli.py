@@ -61,6 +61,14 @@ from prefork.metrics_process import (
     resolve,
 )
 from prefork.paths import RuntimeDirError, default_runtime_dir
+from prefork.reload import (
+    ADOPT_OPTION,
+    TRIAL_OPTION,
+    HandoverError,
+    floorless_fleet,
+    master_command,
+    read_handover,
+)
 from prefork.threads import ThreadsAtFork
 from prefork.unit import (
     DaskUnit,
@@ -167,6 +175,8 @@ def cli() -> None:
 @click.option("--probe-fd", type=click.IntRange(min=3), default=None, hidden=True)
 @click.option("--probe-workers", type=click.IntRange(min=1), default=None, hidden=True)
 @click.option("--probe-bare", is_flag=True, hidden=True)
+@click.option(TRIAL_OPTION, "reload_trial", is_flag=True, hidden=True)
+@click.option(ADOPT_OPTION, "adopt_fd", type=click.IntRange(min=0), default=None, hidden=True)
 def run(
     fleet_spec: str,
     preload: tuple[str, ...],
@@ -198,8 +208,11 @@ def run(
     probe_fd: int | None,
     probe_workers: int | None,
     probe_bare: bool,
+    reload_trial: bool,
+    adopt_fd: int | None,
 ) -> int:
-    """Run a fleet until SIGTERM or SIGINT (Ctrl-C)."""
+    """Run a fleet until SIGTERM or SIGINT (Ctrl-C); SIGHUP or `prefork reload` imports
+    its code afresh from disk and replaces the workers one at a time."""
     from prefork.master import Master  # here: the other commands never need it
 
     if learn_floor and not report_imports_after:
@@ -212,6 +225,15 @@ def run(
 
     metrics = _metrics_options(metrics_listen, metrics_textfile, metrics_interval)
     groups = groups_of(group_specs) if group_specs else None
+    # Given by the master's own re-exec (prefork.reload): what the image before handed over.
+    handover = None
+    if adopt_fd is not None:
+        try:
+            handover = read_handover(adopt_fd)
+        except HandoverError as exc:
+            raise CliError(str(exc)) from None
+    # The probe's master is the probe's: a reload restarts its workers only.
+    command = master_command() if probe_fd is None else None
 
     try:
         logs.configure(log_level, log_file)
@@ -246,10 +268,29 @@ def run(
                         strict_fork=strict_fork, worker_log_dir=worker_log_dir,
                         metrics=metrics, learn_floor=learn_floor,
                         report_imports_after=report_imports_after, spec=fleet_spec,
-                        before_first_fork=None if probe is None else probe.before_first_fork)
+                        before_first_fork=None if probe is None else probe.before_first_fork,
+                        reload_command=command, handover=handover)
+        if reload_trial:
+            return _run_trial(master)
+        if handover is not None:
+            master.lock.adopt(handover["lock"])
         master.lock.acquire()
     except (FleetError, WorkerLogError) as exc:
-        raise CliError(str(exc)) from None
+        if reload_trial:  # the master logs the trial's output: the whole traceback first
+            import traceback
+
+            traceback.print_exception(exc.__cause__ or exc.__context__ or exc)
+        if handover is None:
+            raise CliError(str(exc)) from None
+        # The trial passed, yet the code changed again before the exec: no floor to fork
+        # from. Keep the workers running; a reload that passes brings the floor back.
+        log.exception("reload: the new code failed after the re-exec; the running workers "
+                      "are kept, but none can be restarted until a reload succeeds")
+        master = Master(floorless_fleet(handover), grace=grace, runtime_dir=runtime_dir,
+                        metrics=metrics, spec=fleet_spec, reload_command=command,
+                        handover=handover, reload_error=str(exc))
+        master.lock.adopt(handover["lock"])
+        return _run_master(master)
     except AlreadyRunning as exc:
         raise CliError(str(exc), ExitCode.ALREADY_RUNNING) from None
     except RuntimeDirError as exc:
@@ -257,6 +298,15 @@ def run(
     log.info("prefork %s on Python %s: floor of fleet %s imported in %.0f ms", __version__,
              sys.version.split()[0], fleet.name, (time.perf_counter() - started) * 1000)
     return _run_master(master)
+
+
+def _run_trial(master: Master) -> int:
+    """The trial of a reload (prefork.reload): the floor prepared, each worker's post_fork
+    and warm-up tried; the errors of :func:`_run_master` as one line."""
+    try:
+        return master.trial()
+    except WarmUpError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _run_master(master: Master) -> int:

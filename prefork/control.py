@@ -208,15 +208,18 @@ class ControlServer:
 
     # -- lifecycle -------------------------------------------------------------------
 
-    def open(self) -> None:
+    def open(self, handed: dict[str, int] | None = None) -> None:
         """Listen at ``path``; replace a stale socket file left there by a dead master.
+        ``handed``: the listener a re-executed master kept (:meth:`handed`), with the
+        requests queued in it meanwhile.
 
         Raises ``RuntimeDirError`` for an unsafe directory and :class:`ControlError` when
         the socket cannot be created (path too long, not a socket in the way, ...).
         """
         if self._listener is not None:
             return
-        self._listener = self._private.open()
+        self._listener = (self._private.open() if handed is None
+                          else self._private.adopt(handed))
         if self._selector is not None:
             self._selector.register(self._listener.fileno(), selectors.EVENT_READ, self)
 
@@ -231,6 +234,11 @@ class ControlServer:
         self._unwatch(self._listener.fileno())
         self._private.close()
         self._listener = None
+
+    def handed(self) -> dict[str, int] | None:
+        """The listener, kept across the master's re-exec (prefork.reload); connections
+        being read are dropped (their clients see EOF and may ask again)."""
+        return self._private.handed()
 
     def attach(self, selector: selectors.BaseSelector) -> None:
         """Keep ``selector`` registered for exactly ``fds()`` from now on, each with

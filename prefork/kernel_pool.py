@@ -106,15 +106,23 @@ class KernelPool:
             self.close()
         return ()
 
-    def open(self) -> None:
+    def open(self, handed: dict[str, int] | None = None) -> None:
+        """Listen; ``handed``: the socket a re-executed master kept (prefork.reload),
+        whose queue the running kernel processes go on serving."""
         global _address
-        self._private.open()
+        if handed is None:
+            self._private.open()
+        else:
+            self._private.adopt(handed)
         _address = (str(self._private.path), os.getpid())
 
     def close(self) -> None:
         global _address
         self._private.close()
         _address = None
+
+    def handed(self) -> dict[str, int] | None:
+        return self._private.handed()
 
     def fds(self) -> list[int]:
         """The listening socket: what every child but a kernel process closes."""

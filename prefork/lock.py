@@ -80,6 +80,20 @@ class FleetLock:
             os.close(directory)
         self.fd = fd
 
+    def handed(self) -> list[int]:
+        """The lock's descriptors, kept open across the master's re-exec (prefork.reload):
+        the flock and the guard go on being held by the same process."""
+        for fd in self.fds():
+            os.set_inheritable(fd, True)
+        return self.fds()
+
+    def adopt(self, fds: list[int]) -> None:
+        """Hold the lock through the descriptors :meth:`handed` kept."""
+        self.fd, guard = fds
+        self._guard = socket.socket(fileno=guard)
+        for fd in fds:
+            os.set_inheritable(fd, False)
+
     def _lock_file(self, directory: int) -> int:
         """The lock file, opened in ``directory`` and flocked."""
         # No O_TRUNC: the running master's pid must survive a refused second master.

@@ -16,6 +16,7 @@ is a child subreaper, and what a worker leaves behind is stopped too (:mod:`pref
 from __future__ import annotations
 
 import _signal
+import contextlib
 import logging
 import os
 import random
@@ -35,7 +36,7 @@ from prefork.after_fork import DEFAULT_REPORT_AFTER, ImportReports
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.control import ControlServer, command_table
 from prefork.exits import ExitCode
-from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, POOL_WORKER, Fleet
+from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, POOL_WORKER, Fleet, Worker
 from prefork.floor import prepare_floor
 from prefork.groups import GroupHost, host_groups
 from prefork.heartbeats import HeartbeatTable
@@ -45,9 +46,18 @@ from prefork.notify import SystemdReporter
 from prefork.paths import default_runtime_dir, socket_path
 from prefork.policy import ExitStatus
 from prefork.readiness import StartOrder
+from prefork.reload import (
+    HANDOVER_VERSION,
+    ReloadState,
+    Trial,
+    reexec,
+    removed_worker,
+    run_trial,
+    write_handover,
+)
 from prefork.scaling import plan_scale, replicas
 from prefork.signals import IGNORED, STOP, SignalInbox, signal_name
-from prefork.slot import Next, Slot, StopReason, slots_for, summary
+from prefork.slot import Next, Slot, StopReason, new_slot, slots_for, summary
 from prefork.states import ACTIVE, ALIVE, WorkerState
 from prefork.threads import ThreadCheck
 from prefork.trees import WorkerTrees, become_subreaper, send, signal_tree
@@ -141,6 +151,9 @@ class Master:
         report_imports_after: float = DEFAULT_REPORT_AFTER,
         spec: str | None = None,
         before_first_fork: Callable[[], None] | None = None,
+        reload_command: tuple[list[str], str] | None = None,
+        handover: dict[str, Any] | None = None,
+        reload_error: str | None = None,
     ) -> None:
         fleet = fleet.validate()
         if fleet.groups:  # from here on each worker group is one worker (prefork.groups)
@@ -177,8 +190,18 @@ class Master:
         self._started = time.monotonic()
         self._stop_started = 0.0
         self._killed_at_stop = 0
-        self._reloads = 0  # SIGHUPs that began (or extended) a rolling restart
-        self._last_reload: float | None = None  # when the last began, as a Unix time
+        # A code reload (prefork.reload) runs this command line again: first as a trial,
+        # then in place of this image; None (a master not started by `prefork run`): a
+        # reload restarts the workers from the floor already loaded.
+        self._reload_command = reload_command
+        self._handover = handover  # what the image before the exec handed over
+        self._reload = ReloadState() if handover is None else ReloadState.adopted(
+            handover["reloads"])
+        self._reload_error = reload_error  # the new code failed after the exec: no floor
+        self._trial: Trial | None = None
+        self._reexec_due = False  # the trial passed: re-execute at the loop's next turn
+        if handover is not None:
+            self._started = time.monotonic() - (time.time() - handover["started"])
         self._signals = SignalInbox()
         # The inbox's signals, blocked across each fork. Through _signal, the C function
         # signal.pthread_sigmask wraps: its conversion of the returned mask to enums cost
@@ -204,7 +227,7 @@ class Master:
             metrics, fleet=fleet.name, runtime_dir=directory, backoff=fleet.backoff)
         if self._exporter is not None and not control:
             raise ValueError("metrics need the control socket: the exporter asks it")
-        self._trees = WorkerTrees(self._by_pid.__contains__, is_own=self._is_exporter)
+        self._trees = WorkerTrees(self._by_pid.__contains__, is_own=self._is_own_child)
         self._supervising: list[Watch] = []  # the loop's watches, made by _open()
         self._while_stopping: list[Watch] = []
         self._control = (ControlServer(socket_path(directory, fleet.name), command_table(
@@ -226,21 +249,33 @@ class Master:
 
                 self._imports.learn = learn(self.fleet.name)
             self._open()
+            if self._handover is not None:  # blocked across the exec: what came is due now
+                _signal.pthread_sigmask(signal.SIG_UNBLOCK, self._blocked)
             setproctitle(titles.master(self.fleet.name))
-            self._run_hook("on_starting", self.fleet)
+            if self._handover is None:
+                self._run_hook("on_starting", self.fleet)
             prepare_floor(self.fleet, freeze=self.freeze, warm_up=self.warm_up)
             self._threads.check()  # strict: ThreadsAtFork, before any fork
             log.info("master %d: fleet %s, %d workers: %s", self._pid, self.fleet.name,
                      len(self.slots), ", ".join(s.label for s in self.slots))
+            # Before the signals: a stop asked for across the exec stops the adopted too.
+            adopted = [] if self._handover is None else self._adopt_workers(self._handover)
             self._handle_signals()  # a stop asked for during the import forks nothing
+            if not self.stopping and self._reload_error is None:
+                self._spawn_all([slot for slot in list(self.slots)
+                                 if slot.state is WorkerState.STOPPED and not self._waits(slot)])
             if not self.stopping:
-                self._spawn_all([slot for slot in list(self.slots) if not self._waits(slot)])
-            if not self.stopping:
-                if self._exporter is not None:
+                if self._exporter is not None and self._exporter.pid is None:
                     self._exporter.start(time.monotonic())
-                self._observe("ready", None)
-                if self._systemd is not None:
-                    self._systemd.ready()
+                if self._handover is None:
+                    self._observe("ready", None)
+                    if self._systemd is not None:
+                        self._systemd.ready()
+                elif self._reload_error is not None:
+                    self._end_reload(self._reload_error)
+                else:
+                    log.info("reload: new code imported; replacing %d workers, one at a time",
+                             self._roll(adopted))
             while True:
                 if not self._workers_busy():
                     if self._exporter is not None:
@@ -257,6 +292,10 @@ class Master:
                 for watch in self._watches():
                     for action in watch.due(now):
                         self._act(action, now)
+                if self._reload.phase == "rolling" and not self._rolling.in_progress:
+                    self._end_reload(None)
+                if self._reexec_due:
+                    self._reexec()  # returns only if a signal must be handled first, or failed
             return self._summarize()
         except BaseException:  # the master itself failed: leave no child, and no zombie
             self._kill_and_reap()
@@ -267,8 +306,10 @@ class Master:
             self.lock.release()
 
     def _watches(self) -> list[Watch]:
-        """While the fleet stops: only grace periods, the control socket and systemd."""
-        return self._while_stopping if self.stopping else self._supervising
+        """While the fleet stops: only grace periods, the control socket and systemd (and
+        the deadline of a reload's trial, to the end)."""
+        watches = self._while_stopping if self.stopping else self._supervising
+        return watches if self._trial is None else [*watches, self._trial]
 
     def _wait(self) -> None:
         assert self._selector is not None
@@ -286,6 +327,9 @@ class Master:
                 self._imports.read(key.fd)  # what a worker imported after the fork
             elif isinstance(key.data, WorkerLogs):
                 key.data.read(key.fd)  # one bounded read: every pipe gets a turn
+            elif isinstance(key.data, Trial):
+                if not key.data.read():  # EOF: its exit ends it (self._reap)
+                    self._selector.unregister(key.fd)
             else:
                 self._signals.drain()
 
@@ -323,9 +367,7 @@ class Master:
             elif self.stopping:  # nothing but stopping while the fleet stops
                 log.info("%s: ignored while the fleet stops", name)
             elif signum == signal.SIGHUP:
-                self._reloads, self._last_reload = self._reloads + 1, time.time()
-                log.info("SIGHUP: rolling restart of %d workers, one at a time",
-                         self._rolling.begin())
+                self.reload(workers_only=False, cause="SIGHUP")
             elif signum in (signal.SIGTTIN, signal.SIGTTOU):
                 self._scale_all(+1 if signum == signal.SIGTTIN else -1, name)
         for signum, count in ignored.items():  # one line for a burst, not one per signal
@@ -345,6 +387,9 @@ class Master:
                 return
             slot = self._by_pid.pop(pid, None)
             now = time.monotonic()
+            if slot is None and self._trial is not None and pid == self._trial.pid:
+                self._trial_ended(ExitStatus.from_wait_status(wait_status))
+                continue
             if slot is None and self._is_exporter(pid):
                 assert self._exporter is not None
                 self._exporter.exited(ExitStatus.from_wait_status(wait_status), now)
@@ -532,6 +577,8 @@ class Master:
         if self._systemd is not None:
             self._systemd.stopping()
         self._rolling.cancel()
+        if self._trial is not None:
+            self._trial.kill()  # its exit ends the reload (self._trial_ended)
         for slot in self.slots:
             slot.shut_down()
         log.info("stopping on %s: SIGTERM to %d workers, grace %gs", cause,
@@ -582,6 +629,166 @@ class Master:
         log.info("worker %s removed", slot.label)
         self._observe("removed", slot)
 
+    # -- reload: new code from disk (prefork.reload), or the workers again ---------------
+
+    def reload(self, *, workers_only: bool, cause: str) -> tuple[int, bool]:
+        """Begin a reload, or queue it behind the one under way: its id, and whether it
+        was queued. ``workers_only``, or a master without a command line to run again:
+        replace the workers from the floor already loaded. Raises ValueError (one line)
+        while the fleet stops."""
+        if self.stopping or self._trees.ending:
+            raise ValueError("the fleet is stopping: it reloads no more")
+        kind = "workers" if workers_only or self._reload_command is None else "code"
+        reload_id, queued = self._reload.ask(kind)
+        if queued:
+            log.info("%s: a reload is under way; another follows it", cause)
+        else:
+            self._begin_reload(kind, cause)
+        return reload_id, queued
+
+    def _begin_reload(self, kind: str, cause: str) -> None:
+        if self._systemd is not None:
+            self._systemd.reloading()
+        if kind == "workers":
+            self._reload.begin(kind, "rolling")
+            if self._reload_command is None and not cause.endswith("workers only"):
+                log.info("%s: no command line to import new code with (a master not run by "
+                         "`prefork run`): the workers restart from the floor loaded", cause)
+            log.info("%s: rolling restart of %d workers, one at a time", cause, self._roll())
+            return
+        assert self._reload_command is not None and self._selector is not None
+        self._reload.begin(kind, "trial")
+        argv, cwd = self._reload_command
+        try:
+            self._trial = Trial(argv, cwd, self._blocked, time.monotonic())
+        except OSError as exc:
+            self._end_reload(f"cannot start the trial of the new code: {exc.strerror}")
+            return
+        self._selector.register(self._trial.output_fd, selectors.EVENT_READ, self._trial)
+        log.info("%s: reload: importing the code from disk in a trial process (pid %d)",
+                 cause, self._trial.pid)
+
+    def _roll(self, only: list[Slot] | None = None) -> int:
+        """Begin a rolling restart (of ``only``): its first worker is stopped now, the
+        next ones as each comes back (:class:`RollingRestart`). Returns how many."""
+        queued, now = self._rolling.begin(only), time.monotonic()
+        for action in self._rolling.due(now):
+            self._act(action, now)
+        return queued
+
+    def _trial_ended(self, status: ExitStatus) -> None:
+        trial, self._trial = self._trial, None
+        assert trial is not None and self._selector is not None
+        with contextlib.suppress(KeyError):
+            self._selector.unregister(trial.output_fd)
+        output = trial.output().rstrip()
+        trial.close()
+        if self.stopping:
+            self._end_reload("the fleet stopped")
+        elif status.failed or trial.timed_out:
+            log.error("reload: the new code failed its trial (%s); the fleet runs on, "
+                      "unchanged. Its output:\n%s", status.describe(), output or "(none)")
+            self._end_reload(trial.error_line(status.describe()))
+        else:
+            log.info("reload: the new code passed its trial; re-executing the master "
+                     "(pid %d stays)", self._pid)
+            self._reexec_due = True
+
+    def _reexec(self) -> None:
+        """Hand over and exec (:mod:`prefork.reload`); returns only while a signal taken
+        but not yet handled must be handled first, or when the exec failed."""
+        assert self._reload_command is not None
+        # Blocked from here: one that comes now waits for the new image's handlers.
+        _signal.pthread_sigmask(signal.SIG_BLOCK, self._blocked)
+        if self._signals.queued():
+            _signal.pthread_sigmask(signal.SIG_UNBLOCK, self._blocked)
+            return  # the loop handles it first (SIGTERM: no exec at all)
+        self._reexec_due = False
+        if self.stopping:
+            _signal.pthread_sigmask(signal.SIG_UNBLOCK, self._blocked)
+            return
+        env = dict(os.environ)
+        if self._systemd is not None:
+            env.update(self._systemd.environment())
+        handover_fd = write_handover(self._handed())
+        argv, cwd = self._reload_command
+        flush_stdio()
+        try:
+            reexec(argv, cwd, handover_fd, env)
+        except OSError as exc:
+            os.close(handover_fd)
+            _signal.pthread_sigmask(signal.SIG_UNBLOCK, self._blocked)
+            self._end_reload(f"cannot re-execute {argv[0]}: {exc.strerror}")
+
+    def _handed(self) -> dict[str, Any]:
+        """What the image after the exec needs (:func:`prefork.reload.read_handover`)."""
+        now, wall_now = time.monotonic(), time.time()
+        workers = [{"name": slot.worker.name, "replica": slot.replica, "pid": slot.pid,
+                    "started": wall_now - (now - slot.started_at), "restarts": slot.restarts,
+                    "recycles": slot.recycles, "ready": slot.ready,
+                    "kill_in": None if slot.kill_at is None else max(slot.kill_at - now, 0.0)}
+                   for slot in self.slots if slot.pid is not None]
+        return {"version": HANDOVER_VERSION, "fleet": self.fleet.name,
+                "started": wall_now - (now - self._started), "reloads": self._reload.handed(),
+                "workers": workers, "lock": self.lock.handed(),
+                "control": None if self._control is None else self._control.handed(),
+                "kernels": None if self._kernel_pool is None else self._kernel_pool.handed(),
+                "exporter": None if self._exporter is None else self._exporter.handed(),
+                "worker_logs": [] if self._worker_logs is None else self._worker_logs.handed()}
+
+    def _adopt_workers(self, handover: dict[str, Any]) -> list[Slot]:
+        """The workers the image before the exec ran, as slots of this one's fleet: the
+        ones to replace; one whose worker or replica is gone is stopped now, for good."""
+        now, wall_now = time.monotonic(), time.time()
+        free = {(slot.worker.name, slot.replica): slot for slot in self.slots}
+        adopted: list[Slot] = []
+        for entry in handover["workers"]:
+            slot = free.pop((entry["name"], entry["replica"]), None)
+            removed = slot is None
+            if slot is None:
+                slot = new_slot(self.fleet, Worker(entry["name"], removed_worker,
+                                                   restart="never"), entry["replica"])
+                self.slots.append(slot)
+            pid = entry["pid"]
+            slot.started(pid, now - max(wall_now - entry["started"], 0.0), count_start=False)
+            slot.restarts, slot.recycles = entry["restarts"], dict(entry["recycles"])
+            self._by_pid[pid] = slot
+            log.info("worker %s (pid %d): adopted, running the code from before the reload",
+                     slot.label, pid)
+            if entry["ready"]:
+                self._start_order.adopt_ready(slot)
+            if removed:
+                self._stop(slot, StopReason.REMOVED, "not in the reloaded fleet", now)
+            elif entry["kill_in"] is not None:  # SIGTERM sent before the exec
+                slot.stopping(StopReason.ROLLING_RESTART, "stopping across the reload",
+                              now + entry["kill_in"])
+            else:
+                adopted.append(slot)
+        return adopted
+
+    def _end_reload(self, error: str | None) -> None:
+        follow = self._reload.end(error)
+        if error is None:
+            log.info("reload done: code generation %d", self._reload.generation)
+        else:
+            log.error("reload failed: %s", error)
+        if self._systemd is not None and not self.stopping:
+            self._systemd.ready()
+        if follow is not None and not self.stopping:
+            self._begin_reload(follow, "queued reload")
+
+    def trial(self) -> int:
+        """In a reload's trial process (``--reload-trial``): prepare the floor as
+        :meth:`run` would, then try each worker's ``post_fork`` and warm-up in a forked
+        child. Returns the exit code (:func:`prefork.reload.run_trial`)."""
+        if self._learn_floor:
+            from prefork.learned_floor import learn
+
+            learn(self.fleet.name)
+        prepare_floor(self.fleet, freeze=self.freeze, warm_up=self.warm_up)
+        return run_trial(self.fleet.workers, self.fleet.post_fork, lambda worker: WorkerContext(
+            self.fleet.name, worker.name, 0, self._pid, os.getpid()))
+
     # -- what the control socket answers -----------------------------------------------
 
     def _scale_request(self, request: dict[str, Any]) -> dict[str, Any]:
@@ -605,8 +812,7 @@ class Master:
             "python": sys.version.split()[0],
             "modules": len(sys.modules),  # the floor's size in modules
             "stopping": self.stopping,
-            "reloads": {"total": self._reloads, "last": self._last_reload,
-                        "in_progress": self._rolling.in_progress},
+            "reloads": self._reload.as_status(),
             "workers": [self._worker_status(s, now, wall_now) for s in self.slots],
         }
 
@@ -627,18 +833,23 @@ class Master:
         self._blocked = self._signals.handled()
         self._selector = selectors.DefaultSelector()
         self._selector.register(self._signals.wake_r, selectors.EVENT_READ)
+        handed = self._handover or {}
         if self._control is not None:
             self._control.attach(self._selector)
-            self._control.open()
+            self._control.open(handed.get("control"))
         if self._exporter is not None:
-            self._exporter.open()  # MetricsError for a port in use, before any fork
+            if handed.get("exporter"):
+                self._exporter.adopt(handed["exporter"], time.monotonic())
+            else:
+                self._exporter.open()  # MetricsError for a port in use, before any fork
         self._start_order.attach(self._selector)
         self._imports.attach(self._selector)
         if self._worker_logs is not None:
             self._worker_logs.attach(self._selector)
+            self._worker_logs.adopt(handed.get("worker_logs", []))
         self._heartbeats.open()
         if self._kernel_pool is not None:
-            self._kernel_pool.open()  # ListenerError, before any fork
+            self._kernel_pool.open(handed.get("kernels"))  # ListenerError, before any fork
         become_subreaper()
         self._memory.start(time.monotonic())
         if self._systemd_notify:
@@ -698,6 +909,11 @@ class Master:
 
     def _is_exporter(self, pid: int) -> bool:
         return self._exporter is not None and self._exporter.owns(pid)
+
+    def _is_own_child(self, pid: int) -> bool:
+        """The master's children that are not workers: the metrics exporter, the trial of a
+        reload."""
+        return self._is_exporter(pid) or (self._trial is not None and pid == self._trial.pid)
 
     def _context(self, slot: Slot, pid: int | None = None) -> WorkerContext:
         return WorkerContext(self.fleet.name, slot.worker.name, slot.replica, self._pid, pid)

@@ -141,6 +141,22 @@ class ExporterProcess:
             self._listener.set_inheritable(True)  # the exporter's; every worker closes it
             log.info("metrics on %s", listen_url(self._listener))
 
+    def handed(self) -> dict[str, object]:
+        """The listening socket and the running exporter, kept across the master's
+        re-exec (prefork.reload): the exporter goes on serving, a child of the same pid."""
+        if self._listener is not None:
+            self._listener.set_inheritable(True)
+        return {"listen_fd": None if self._listener is None else self._listener.fileno(),
+                "pid": self.pid}
+
+    def adopt(self, handed: dict[str, object], now: float) -> None:
+        fd, pid = handed["listen_fd"], handed["pid"]
+        if isinstance(fd, int):
+            self._listener = socket.socket(fileno=fd)
+            self._listener.set_inheritable(True)  # the exporter's; every worker closes it
+        self.pid = pid if isinstance(pid, int) else None
+        self._started_at = now
+
     def fds(self) -> list[int]:
         """What a forked worker closes."""
         return [] if self._listener is None else [self._listener.fileno()]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+import time
 from collections.abc import Callable, MutableMapping
 
 log = logging.getLogger("prefork")
@@ -93,6 +94,20 @@ class SystemdReporter:
 
     def stopping(self) -> None:
         self.notifier.send("STOPPING=1")
+
+    def reloading(self) -> None:
+        """A reload begins (``Type=notify-reload``); :meth:`ready` says when it ended."""
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        self.notifier.send("RELOADING=1", f"MONOTONIC_USEC={usec}")
+
+    def environment(self) -> dict[str, str]:
+        """The variables that made this reporter, for the master's re-exec
+        (prefork.reload): the new image reports to the same systemd."""
+        env = {"NOTIFY_SOCKET": self.notifier.address.replace("\0", "@", 1)}
+        if self.notifier.watchdog_interval is not None:
+            env["WATCHDOG_USEC"] = str(round(self.notifier.watchdog_interval * 1_000_000))
+            env["WATCHDOG_PID"] = str(os.getpid())
+        return env
 
     def next_deadline(self) -> float | None:
         return self._next_ping

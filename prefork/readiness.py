@@ -258,6 +258,10 @@ class StartOrder:
         elif slot.state is WorkerState.FAILED:
             self._explain()
 
+    def adopt_ready(self, slot: Slot) -> None:
+        """``slot``'s worker, adopted across a reload's exec, had been ready."""
+        self._mark_ready(slot, "was ready before the reload")
+
     def released(self) -> list[Slot]:
         """The WAITING slots whose dependencies are all ready now (to start)."""
         if not self._changed:

@@ -107,6 +107,10 @@ class SignalInbox:
         except BlockingIOError:
             pass
 
+    def queued(self) -> bool:
+        """A signal other than SIGCHLD was caught and not taken yet."""
+        return any(signum != signal.SIGCHLD for signum in self._queue)
+
     def take(self) -> Iterator[int]:
         """Each queued signal, oldest first, including any that arrive meanwhile."""
         while self._queue:

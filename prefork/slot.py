@@ -50,6 +50,7 @@ class StopReason(Enum):
     OVER_MEMORY = ("over memory", After.FAIL, logging.ERROR)  # ... from its start, every time
     ROLLING_RESTART = ("rolling restart", After.REPLACE, logging.INFO)  # SIGHUP
     SCALED_DOWN = ("scaled down", After.REMOVE, logging.INFO)  # SIGTTOU, `prefork scale -1`
+    REMOVED = ("removed by a reload", After.REMOVE, logging.INFO)  # gone from the new code
     SHUTDOWN = ("shutdown", After.STAY_STOPPED, logging.DEBUG)  # the fleet stops
 
     def __init__(self, label: str, after: After, level: int) -> None:

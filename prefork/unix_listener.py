@@ -50,6 +50,22 @@ class PrivateListener:
         self._inode = (info.st_dev, info.st_ino)
         return self.socket
 
+    def handed(self) -> dict[str, int] | None:
+        """The listening socket, kept open across the master's re-exec (prefork.reload):
+        its descriptor and the file it is bound to, for :meth:`adopt`."""
+        if self.socket is None or self._inode is None:
+            return None
+        self.socket.set_inheritable(True)
+        return {"fd": self.socket.fileno(), "dev": self._inode[0], "ino": self._inode[1]}
+
+    def adopt(self, handed: dict[str, int]) -> socket.socket:
+        """The socket :meth:`handed` kept, in the re-executed master: connections
+        queued meanwhile are still there."""
+        self.socket = socket.socket(fileno=handed["fd"])
+        self.socket.set_inheritable(False)
+        self._inode = (handed["dev"], handed["ino"])
+        return self.socket
+
     def _bind(self, here: str) -> tuple[socket.socket, os.stat_result]:
         where = f"{self._what} {self.path}"
         if len(os.fsencode(self.path)) >= MAX_PATH:

@@ -301,10 +301,10 @@ class RollingRestart:
         self._queue: deque[Slot] = deque()
         self._replacing: Slot | None = None
 
-    def begin(self) -> int:
-        """Queue every running or backing-off worker not queued yet; returns the queue's
-        length."""
-        self._queue.extend(s for s in self.slots
+    def begin(self, only: Sequence[Slot] | None = None) -> int:
+        """Queue every running or backing-off worker (of ``only``, if given) not queued
+        yet; returns the queue's length."""
+        self._queue.extend(s for s in (self.slots if only is None else only)
                            if s.state in (WorkerState.RUNNING, WorkerState.BACKOFF)
                            and s not in self._queue and s is not self._replacing)
         return len(self._queue)

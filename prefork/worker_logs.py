@@ -121,6 +121,34 @@ class WorkerLogs:
             self._selector.register(read_end, selectors.EVENT_READ, self)
         return write_end
 
+    def handed(self) -> list[dict[str, object]]:
+        """Every pipe still open, kept across the master's re-exec (prefork.reload) with
+        the label it feeds and the start of a line not ended yet: the running workers
+        write on into the same files."""
+        handed = []
+        for fd, pipe in self._pipes.items():
+            os.set_inheritable(fd, True)
+            handed.append({"fd": fd, "label": pipe.label,
+                           "partial": pipe.partial.decode("latin-1")})
+        return handed
+
+    def adopt(self, handed: list[dict[str, object]]) -> None:
+        """Read on the pipes :meth:`handed` kept, into their workers' files."""
+        for entry in handed:
+            fd, label = entry["fd"], entry["label"]
+            assert isinstance(fd, int) and isinstance(label, str)
+            os.set_inheritable(fd, False)
+            pipe = self._pipes[fd] = _Pipe(label)
+            pipe.partial = str(entry["partial"]).encode("latin-1")
+            if self._selector is not None:
+                self._selector.register(fd, selectors.EVENT_READ, self)
+            try:
+                self._file(label)
+            except OSError as exc:
+                log.error("worker %s: cannot open %s (%s) after the reload: its output "
+                          "is lost", label, self._path(label), exc.strerror)
+                self._forget(fd)
+
     def fds(self) -> list[int]:
         """The master's descriptors here, which a forked child closes."""
         return [*self._pipes, *self._files.values()]
