@@ -232,7 +232,7 @@ class Master:
         self._while_stopping: list[Watch] = []
         self._control = (ControlServer(socket_path(directory, fleet.name), command_table(
             status=lambda _request: self.status(), scale=self._scale_request,
-            reload=lambda _request: {"error": "not yet"}))  # stub: the lead's own
+            reload=self._reload_request))
             if control else None)
         # Each worker's stdout/stderr through a pipe into its own file (prefork.worker_logs);
         # raises WorkerLogError for an unusable directory, before anything forks.
@@ -639,6 +639,9 @@ class Master:
         if self.stopping or self._trees.ending:
             raise ValueError("the fleet is stopping: it reloads no more")
         kind = "workers" if workers_only or self._reload_command is None else "code"
+        if not workers_only and self._reload_command is None:
+            log.info("%s: no command line to import new code with (a master not run by "
+                     "`prefork run`): the workers restart from the floor loaded", cause)
         reload_id, queued = self._reload.ask(kind)
         if queued:
             log.info("%s: a reload is under way; another follows it", cause)
@@ -651,9 +654,6 @@ class Master:
             self._systemd.reloading()
         if kind == "workers":
             self._reload.begin(kind, "rolling")
-            if self._reload_command is None and not cause.endswith("workers only"):
-                log.info("%s: no command line to import new code with (a master not run by "
-                         "`prefork run`): the workers restart from the floor loaded", cause)
             log.info("%s: rolling restart of %d workers, one at a time", cause, self._roll())
             return
         assert self._reload_command is not None and self._selector is not None
@@ -799,6 +799,16 @@ class Master:
             return {"error": str(exc)}
         return {"fleet": self.fleet.name, "worker": name,
                 "replicas": len(replicas(self.slots, name))}
+
+    def _reload_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        workers_only = request.get("workers_only", False)
+        try:
+            reload_id, queued = self.reload(
+                workers_only=workers_only,
+                cause="prefork reload" + (" --workers-only" if workers_only else ""))
+        except ValueError as exc:
+            return {"error": str(exc)}
+        return {"fleet": self.fleet.name, "reload": reload_id, "queued": queued}
 
     def status(self) -> dict[str, Any]:
         """The master and every worker slot, as `prefork status` and the metrics show them

@@ -1,0 +1,341 @@
+"""Code reload: import the fleet's code afresh from disk, keep the master's pid.
+
+A reload (SIGHUP, ``prefork reload``, systemd's ``ExecReload=``) goes in three steps:
+
+1. A *trial*: the master starts its own command line again as a separate process with
+   ``--reload-trial``. It imports the fleet from disk exactly as the master would, checks
+   it, prepares the floor, and calls each worker's ``post_fork`` and warm-up in a forked
+   child; then it exits. Anything that fails there fails the reload and touches nothing:
+   its last line is the error, its whole output goes to the master's log.
+2. The master re-executes itself in place (``execve``: same pid, same children, same
+   parent), handing over in a memfd what it must keep (:class:`Handover`): its workers'
+   pids and counters, the fleet's lock, its listening sockets, the workers' log pipes.
+   The signals it handles stay blocked across the exec, so none is lost or fatal.
+3. The new image imports the new code, adopts the running workers and replaces them one
+   at a time with the rolling restart (:class:`prefork.watches.RollingRestart`).
+
+Why a re-exec and not a second "mold" process that forks the new generation: the master
+itself holds the floor it forks from, so a mold would leave the master's old floor in
+memory for good; the exec drops every page of the old image at once, and once the last
+old worker has exited nothing holds the old code. See the README's design section.
+"""
+
+from __future__ import annotations
+
+import _signal
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import time
+import traceback
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from prefork.fleet import Fleet, Worker
+from prefork.prctl import PR_SET_PDEATHSIG, prctl
+
+log = logging.getLogger("prefork")
+
+TRIAL_OPTION = "--reload-trial"
+ADOPT_OPTION = "--adopt-fd"
+HANDOVER_VERSION = 1
+# Seconds a trial may take (the floor's import, the warm-ups) before it is killed and the
+# reload fails: far beyond a real floor's import, short enough that a hung warm-up is told.
+TRIAL_TIMEOUT = 300.0
+MAX_TRIAL_OUTPUT = 64 * 1024  # bytes of the trial's output kept for the log: the tail
+MAX_HANDOVER = 16 * 1024 * 1024
+
+
+class HandoverError(Exception):
+    """What a re-executed master was handed cannot be used. ``str()`` is one line."""
+
+
+def master_command() -> tuple[list[str], str]:
+    """The command line this process was started with, without the reload's own options,
+    and the working directory it was started in: what a trial and a re-exec run."""
+    argv = [sys.executable, *_without_reload_options(sys.orig_argv[1:])]
+    return argv, os.getcwd()
+
+
+def _without_reload_options(args: Sequence[str]) -> list[str]:
+    kept: list[str] = []
+    skip = False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg == TRIAL_OPTION or arg.startswith(ADOPT_OPTION + "="):
+            pass
+        elif arg == ADOPT_OPTION:
+            skip = True
+        else:
+            kept.append(arg)
+    return kept
+
+
+# -- what status shows --------------------------------------------------------------------
+
+
+@dataclass
+class ReloadState:
+    """The reloads of one master, as ``status`` shows them (the README lists the fields).
+
+    A request gets an id; requests that come while a reload runs are coalesced into the
+    one that follows it (``pending``): a deploy during a reload is never lost, and never
+    reloaded twice. ``last_result["id"] >= id`` tells a client its reload has ended.
+    """
+
+    total: int = 0
+    last: float | None = None
+    phase: str | None = None  # "trial" | "rolling"
+    kind: str | None = None  # "code" | "workers"
+    pending: str | None = None  # the kind of the reload that follows, if one was asked for
+    generation: int = 0
+    code_loaded: float = field(default_factory=time.time)
+    last_result: dict[str, Any] | None = None
+
+    @property
+    def in_progress(self) -> bool:
+        return self.phase is not None
+
+    def ask(self, kind: str) -> tuple[int, bool]:
+        """A reload of ``kind`` is asked for: its id, and whether it waits for the one in
+        progress (True) or the caller must begin it now (False)."""
+        if not self.in_progress:
+            return self.total + 1, False
+        if self.pending != "code":  # a code reload restarts the workers too
+            self.pending = kind
+        return self.total + 1, True
+
+    def begin(self, kind: str, phase: str) -> int:
+        self.total, self.last = self.total + 1, time.time()
+        self.kind, self.phase = kind, phase
+        return self.total
+
+    def end(self, error: str | None) -> str | None:
+        """The reload in progress ended (``error``: why it failed); returns the kind of
+        the reload that must begin next, if one was asked for meanwhile."""
+        self.last_result = {"id": self.total, "kind": self.kind, "ok": error is None,
+                            "error": error, "at": round(time.time(), 3)}
+        self.phase = self.kind = None
+        follow, self.pending = self.pending, None
+        return follow
+
+    def as_status(self) -> dict[str, Any]:
+        return {"total": self.total, "last": self.last, "in_progress": self.in_progress,
+                "phase": self.phase, "kind": self.kind, "pending": self.pending is not None,
+                "generation": self.generation, "code_loaded": round(self.code_loaded, 3),
+                "last_result": self.last_result}
+
+    def handed(self) -> dict[str, Any]:
+        return {"total": self.total, "last": self.last, "pending": self.pending,
+                "generation": self.generation, "last_result": self.last_result}
+
+    @classmethod
+    def adopted(cls, data: dict[str, Any]) -> ReloadState:
+        """The state handed over by the image before the exec: its code reload goes on,
+        now rolling, as generation + 1."""
+        return cls(total=data["total"], last=data["last"], phase="rolling", kind="code",
+                   pending=data["pending"], generation=data["generation"] + 1,
+                   last_result=data["last_result"])
+
+
+# -- the trial ---------------------------------------------------------------------------
+
+
+class Trial:
+    """The master's side of one trial process: its pid, its output (a pipe the loop
+    reads) and its deadline (a watch of the loop: SIGKILL to its process group)."""
+
+    def __init__(self, argv: list[str], cwd: str, blocked: Sequence[int],
+                 now: float, timeout: float = TRIAL_TIMEOUT) -> None:
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        self.output_fd = read_end
+        self.deadline: float | None = now + timeout
+        self.timed_out = False
+        self._output = bytearray()
+        try:
+            self.pid = os.fork()
+        except OSError:
+            os.close(read_end)
+            os.close(write_end)
+            raise
+        if self.pid == 0:  # pragma: no cover - replaced by exec at once
+            _become_trial([*argv, TRIAL_OPTION], cwd, write_end, blocked)
+        os.close(write_end)
+        os.set_blocking(read_end, False)
+
+    def read(self) -> bool:
+        """Take what the pipe holds; False at EOF."""
+        while True:
+            try:
+                chunk = os.read(self.output_fd, 65536)
+            except BlockingIOError:
+                return True
+            except OSError:
+                return False
+            if not chunk:
+                return False
+            self._output += chunk
+            del self._output[:-MAX_TRIAL_OUTPUT]
+
+    def output(self) -> str:
+        self.read()  # what it wrote before its exit
+        return self._output.decode(errors="replace")
+
+    def error_line(self, failed_how: str) -> str:
+        """The last line it wrote, without the ``prefork: `` of a CLI error, or how it
+        ended when it wrote nothing."""
+        if self.timed_out:
+            return f"the trial of the new code took more than {TRIAL_TIMEOUT:g}s: killed"
+        lines = [line.strip() for line in self.output().splitlines() if line.strip()]
+        if not lines:
+            return f"the trial of the new code {failed_how}"
+        return lines[-1].removeprefix("prefork: ").removeprefix("error: ")
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self.output_fd >= 0:
+            os.close(self.output_fd)
+            self.output_fd = -1
+
+    def next_deadline(self) -> float | None:
+        return self.deadline
+
+    def due(self, now: float) -> tuple[()]:
+        if self.deadline is not None and now >= self.deadline:
+            self.deadline, self.timed_out = None, True
+            self.kill()
+        return ()
+
+
+def _become_trial(argv: list[str], cwd: str, output: int, blocked: Sequence[int]) -> NoReturn:
+    """In the forked child: a process group of its own (so a timeout kills what it
+    started), killed if the master dies, its output into the pipe, the master's blocked
+    signals unblocked, exec."""
+    try:
+        os.setsid()
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+        os.chdir(cwd)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.dup2(output, 1)
+        os.dup2(output, 2)
+        _signal.pthread_sigmask(signal.SIG_UNBLOCK, list(blocked))
+        os.execv(argv[0], argv)
+    except BaseException as exc:  # nothing may return into the master's code
+        with contextlib.suppress(OSError):
+            os.write(2, f"cannot start the trial: {exc}\n".encode())
+    os._exit(127)
+
+
+def run_trial(workers: Sequence[Any], post_fork: Callable[[Any], object] | None,
+              context: Callable[[Any], Any]) -> int:
+    """In the trial process, once the floor is imported and prepared: call ``post_fork``
+    and the warm-up of each worker in a forked child, one worker at a time. Returns 0, or
+    1 with the failure's traceback written and its one line last."""
+    for worker in workers:
+        if post_fork is None and worker.warmup is None:
+            continue
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            code, step = 1, "post_fork"
+            try:
+                if post_fork is not None:
+                    post_fork(context(worker))
+                step = "warm-up"
+                if worker.warmup is not None:
+                    worker.warmup()
+                code = 0
+            except BaseException as exc:  # told, as one line, at the end
+                traceback.print_exc()
+                print(f"worker {worker.name}: {step} failed: {type(exc).__name__}: {exc}",
+                      file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        if status != 0:
+            if os.WIFSIGNALED(status):
+                print(f"worker {worker.name}: post_fork or warm-up killed by signal "
+                      f"{os.WTERMSIG(status)}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def removed_worker() -> None:
+    """The target of a worker adopted across a reload that the new code no longer has: it
+    is only stopped, never started."""
+    raise RuntimeError("this worker was removed from the fleet by a reload")
+
+
+def no_code_loaded() -> None:
+    """The target of every worker of :func:`floorless_fleet`."""
+    raise RuntimeError("no code loaded: the reload's new code failed to import after the "
+                       "master re-executed; reload again once it is fixed")
+
+
+def floorless_fleet(handover: dict[str, Any]) -> Fleet:
+    """The fleet of a master whose new code failed to import after the exec (it changed
+    on disk after the trial): the workers it was handed, which it keeps running and
+    cannot restart."""
+    replicas: dict[str, int] = {}
+    for entry in handover["workers"]:
+        replicas[entry["name"]] = max(replicas.get(entry["name"], 0), entry["replica"] + 1)
+    return Fleet(handover["fleet"], tuple(Worker(name, no_code_loaded, replicas=count)
+                                          for name, count in replicas.items()),
+                 restart="never")
+
+
+# -- the handover across the exec ----------------------------------------------------------
+
+
+def write_handover(data: dict[str, Any]) -> int:
+    """``data`` as JSON in a memfd that the exec keeps open; returns its descriptor."""
+    fd = os.memfd_create("prefork-handover", os.MFD_CLOEXEC)
+    payload = json.dumps(data).encode()
+    view = memoryview(payload)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    os.set_inheritable(fd, True)
+    return fd
+
+
+def read_handover(fd: int) -> dict[str, Any]:
+    """What the previous image handed over through descriptor ``fd``, which is closed.
+    Raises :class:`HandoverError` (one line) for anything that is not a handover."""
+    try:
+        info = os.fstat(fd)
+        if info.st_size > MAX_HANDOVER:
+            raise HandoverError(f"{ADOPT_OPTION} {fd}: {info.st_size} bytes is no handover")
+        data = os.pread(fd, info.st_size, 0)
+    except OSError as exc:
+        raise HandoverError(f"{ADOPT_OPTION} {fd}: {exc.strerror}") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    try:
+        handover = json.loads(data)
+    except ValueError:
+        raise HandoverError(f"{ADOPT_OPTION} {fd}: not a handover of a prefork master "
+                            "(it is for prefork's own re-exec)") from None
+    if not isinstance(handover, dict) or handover.get("version") != HANDOVER_VERSION:
+        raise HandoverError(f"{ADOPT_OPTION} {fd}: not a handover of this prefork version")
+    return handover
+
+
+def reexec(argv: list[str], cwd: str, handover_fd: int, env: dict[str, str]) -> None:
+    """Replace this process's image with ``argv`` + the handover; returns only if the
+    exec failed (OSError raised)."""
+    for handler in logging.getLogger().handlers + log.handlers:
+        with contextlib.suppress(Exception):
+            handler.flush()
+    os.chdir(cwd)
+    os.execve(argv[0], [*argv, ADOPT_OPTION, str(handover_fd)], env)
