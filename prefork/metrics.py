@@ -136,16 +136,19 @@ def fleet_families(status: dict[str, Any], fleet: str) -> list[Metric]:
         families += [
             _one(CounterMetricFamily, "prefork_reloads", "Reloads (SIGHUP, prefork reload) the "
                  "master began.", fleet, reloads.get("total", 0)),
-            _one(GaugeMetricFamily, "prefork_reload_in_progress", "1 while a reload replaces "
-                 "workers.", fleet, int(in_progress))]
+            _one(GaugeMetricFamily, "prefork_reload_in_progress", "1 while a reload tries new "
+                 "code or replaces workers.", fleet, int(in_progress)),
+            _one(GaugeMetricFamily, "prefork_code_generation", "Code reloads that went through "
+                 "since the master started.", fleet, reloads.get("generation", 0))]
         if reloads.get("last") is not None:
             families.append(_one(GaugeMetricFamily, "prefork_last_reload_timestamp_seconds",
                                  "When the last reload began, as a Unix time.", fleet,
                                  reloads["last"]))
-            if not in_progress:
-                families.append(_one(GaugeMetricFamily, "prefork_last_reload_success",
-                                     "1 if the last reload that ended went through, 0 if it "
-                                     "failed.", fleet, int(not reloads.get("error"))))
+        result = reloads.get("last_result")
+        if isinstance(result, dict):
+            families.append(_one(GaugeMetricFamily, "prefork_last_reload_success",
+                                 "1 if the last reload that ended went through, 0 if it "
+                                 "failed.", fleet, int(result.get("ok") is True)))
     return families
 
 

@@ -147,10 +147,11 @@ def test_a_scrape_shows_every_worker_and_a_killed_one_restarted(metered, events:
     assert pick(samples, "prefork_worker_pid", **beating) == pids["beating"]
 
     os.kill(master.pid, signal.SIGHUP)  # a reload: counted, and each worker recycled once
-    master.wait_log(r"rolling restart done")
+    master.wait_log(r"reload done")  # the exporter, adopted across the exec, goes on
     samples = scrape_after(url, time.time())
     assert pick(samples, "prefork_reloads_total", fleet="metered") == 1
     assert pick(samples, "prefork_last_reload_success", fleet="metered") == 1
+    assert pick(samples, "prefork_code_generation", fleet="metered") == 1
     assert pick(samples, "prefork_worker_recycles_total", **victim, reason="reload") == 1
     assert pick(samples, "prefork_worker_restarts_total", **victim) == 2
     stop(master)
@@ -414,7 +415,9 @@ def status_document() -> dict[str, Any]:
             "exit_code": None, "exit_signal": 9, "heartbeat_age": None, "started": None,
             "recycles": {}, "memory": None}
     return {"master_pid": 7, "modules": 300, "stopping": False,
-            "reloads": {"total": 2, "last": 1.5e9, "in_progress": False},
+            "reloads": {"total": 2, "last": 1.5e9, "in_progress": False, "generation": 1,
+                        "last_result": {"id": 2, "kind": "code", "ok": True, "error": None,
+                                        "at": 1.5e9}},
             "memory": {"uss": 10, "pss": 20, "rss": 30, "swap": 0, "shared": 20},
             "workers": [worker, gone]}
 
@@ -448,6 +451,7 @@ def test_every_status_field_becomes_its_series() -> None:
     assert pick(samples, "prefork_floor_bytes", type="pss") == 20
     assert pick(samples, "prefork_reloads_total") == 2
     assert pick(samples, "prefork_last_reload_success") == 1
+    assert pick(samples, "prefork_code_generation") == 1
     hosted = {"fleet": "f", "group": "w"}
     assert pick(samples, "prefork_hosted_worker_restarts_total", **hosted, worker="a") == 4
     assert pick(samples, "prefork_hosted_worker_state", **hosted, worker="a",
