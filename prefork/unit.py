@@ -176,6 +176,16 @@ def render_unit(
         "exec_start": " ".join([_exec_path(str(prefork)), *command,
                                 "--grace", _number(grace), *_metrics_arguments(metrics),
                                 *(["--learn-floor"] if learn_floor else [])]),
+        # A fleet's master runs its code anew on a reload and the command waits for the
+        # outcome, so `systemctl reload` fails when the new code does; a Dask worker
+        # master restarts its workers from the floor loaded (SIGHUP).
+        "exec_reload": ("/bin/kill -HUP $MAINPID" if dask is not None else
+                        f"{_exec_path(str(prefork))} reload --fleet {fleet}"),
+        "reload_summary": ("a rolling restart of the workers from the floor already loaded."
+                           if dask is not None else
+                           "the master imports the fleet's code from disk (in a trial process\n"
+                           "# first: new code that fails touches nothing and the reload fails),"
+                           " keeps its pid\n# and replaces the workers one at a time."),
         "grace": _number(grace),
         "timeout_stop": f"{math.ceil(grace) + STOP_MARGIN}s",
         "workdir": "" if workdir is None else f"WorkingDirectory={_escape_path(workdir)}",

@@ -88,7 +88,7 @@ def test_defaults_for_the_demo_fleet() -> None:
     assert unit["Type"] == ["notify"]
     assert unit["NotifyAccess"] == ["main"]
     assert unit["ExecStart"] == [f"{VENV}/bin/prefork run --fleet demo --grace 15"]
-    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]
+    assert unit["ExecReload"] == [f"{VENV}/bin/prefork reload --fleet demo"]
     assert unit["KillMode"] == ["mixed"]
     assert seconds(unit["TimeoutStopSec"][0]) > 15
     assert unit["Restart"] == ["on-failure"]
@@ -214,6 +214,7 @@ def test_dask_workers_on_the_floor_of_a_fleet_are_a_unit_of_their_own() -> None:
                                    "floor of fleet cpu"]
     assert unit["ExecStart"] == [f"{VENV}/bin/prefork dask-worker tcp://10.0.0.5:8786 "
                                  "--fleet cpu --nworkers 4 --grace 15"]
+    assert unit["ExecReload"] == ["/bin/kill -HUP $MAINPID"]  # its workers, from its floor
     # Beside a `prefork run --fleet cpu` unit on the same host: directories of its own.
     assert unit["RuntimeDirectory"] == ["prefork/cpu-dask"]
     assert unit["StateDirectory"] == ["prefork/cpu-dask"]
