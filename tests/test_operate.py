@@ -107,13 +107,13 @@ def test_private_memory_over_the_limit_is_recycled_one_at_a_time(
     stop(master)
 
 
-def test_reload_replaces_every_worker_once_one_at_a_time(
+def test_a_workers_only_reload_replaces_every_worker_once_one_at_a_time(
         start_master, events: Events, runtime_dir: Path) -> None:
     master = start_master("fleets.operated:rolling")
     old = {e["label"]: e["pid"] for e in events.wait_kind("up", count=4)}
-    result = cli(events, runtime_dir, "reload", "--fleet", "rolling")
+    result = cli(events, runtime_dir, "reload", "--fleet", "rolling", "--workers-only")
     assert result.returncode == 0, result.stderr
-    assert f"master {master.pid}" in result.stdout
+    assert f"master pid {master.pid}" in result.stdout
     events.wait_kind("up", count=8)
     events.wait_kind("term", count=4)
     master.wait_log(r"rolling restart done")
