@@ -36,7 +36,7 @@ from prefork.after_fork import DEFAULT_REPORT_AFTER, ImportReports
 from prefork.child import WorkerContext, flush_stdio, run_child
 from prefork.control import ControlServer, command_table
 from prefork.exits import ExitCode
-from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, POOL_WORKER, Fleet, Worker
+from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, POOL_WORKER, Fleet
 from prefork.floor import prepare_floor
 from prefork.groups import GroupHost, host_groups
 from prefork.heartbeats import HeartbeatTable
@@ -50,6 +50,8 @@ from prefork.reload import (
     HANDOVER_VERSION,
     ReloadState,
     Trial,
+    adopt_slots,
+    handed_workers,
     reexec,
     removed_worker,
     run_trial,
@@ -57,7 +59,7 @@ from prefork.reload import (
 )
 from prefork.scaling import plan_scale, replicas
 from prefork.signals import IGNORED, STOP, SignalInbox, signal_name
-from prefork.slot import Next, Slot, StopReason, new_slot, slots_for, summary
+from prefork.slot import Next, Slot, StopReason, slots_for, summary
 from prefork.states import ACTIVE, ALIVE, WorkerState
 from prefork.threads import ThreadCheck
 from prefork.trees import WorkerTrees, become_subreaper, send, signal_tree
@@ -201,7 +203,7 @@ class Master:
         self._trial: Trial | None = None
         self._reexec_due = False  # the trial passed: re-execute at the loop's next turn
         if handover is not None:
-            self._started = time.monotonic() - (time.time() - handover["started"])
+            self._started = handover["started_at"]  # one monotonic clock across the exec
         self._signals = SignalInbox()
         # The inbox's signals, blocked across each fork. Through _signal, the C function
         # signal.pthread_sigmask wraps: its conversion of the returned mask to enums cost
@@ -722,49 +724,32 @@ class Master:
 
     def _handed(self) -> dict[str, Any]:
         """What the image after the exec needs (:func:`prefork.reload.read_handover`)."""
-        now, wall_now = time.monotonic(), time.time()
-        workers = [{"name": slot.worker.name, "replica": slot.replica, "pid": slot.pid,
-                    "started": wall_now - (now - slot.started_at), "restarts": slot.restarts,
-                    "recycles": slot.recycles, "ready": slot.ready,
-                    "kill_in": None if slot.kill_at is None else max(slot.kill_at - now, 0.0)}
-                   for slot in self.slots if slot.pid is not None]
         return {"version": HANDOVER_VERSION, "fleet": self.fleet.name,
-                "started": wall_now - (now - self._started), "reloads": self._reload.handed(),
-                "workers": workers, "lock": self.lock.handed(),
+                "started_at": self._started, "reloads": self._reload.handed(),
+                "workers": handed_workers(self.slots),
+                "lock": self.lock.handed(),
                 "control": None if self._control is None else self._control.handed(),
                 "kernels": None if self._kernel_pool is None else self._kernel_pool.handed(),
                 "exporter": None if self._exporter is None else self._exporter.handed(),
                 "worker_logs": [] if self._worker_logs is None else self._worker_logs.handed()}
 
     def _adopt_workers(self, handover: dict[str, Any]) -> list[Slot]:
-        """The workers the image before the exec ran, as slots of this one's fleet: the
-        ones to replace; one whose worker or replica is gone is stopped now, for good."""
-        now, wall_now = time.monotonic(), time.time()
-        free = {(slot.worker.name, slot.replica): slot for slot in self.slots}
-        adopted: list[Slot] = []
-        for entry in handover["workers"]:
-            slot = free.pop((entry["name"], entry["replica"]), None)
-            removed = slot is None
-            if slot is None:
-                slot = new_slot(self.fleet, Worker(entry["name"], removed_worker,
-                                                   restart="never"), entry["replica"])
-                self.slots.append(slot)
-            pid = entry["pid"]
-            slot.started(pid, now - max(wall_now - entry["started"], 0.0), count_start=False)
-            slot.restarts, slot.recycles = entry["restarts"], dict(entry["recycles"])
-            self._by_pid[pid] = slot
+        """Take on the workers the image before the exec ran; returns those to replace.
+        One whose worker or replica the new code no longer has is stopped now, for good."""
+        now = time.monotonic()
+        replace = []
+        for slot, was_ready in adopt_slots(handover["workers"], self.fleet, self.slots):
+            assert slot.pid is not None
+            self._by_pid[slot.pid] = slot
             log.info("worker %s (pid %d): adopted, running the code from before the reload",
-                     slot.label, pid)
-            if entry["ready"]:
+                     slot.label, slot.pid)
+            if was_ready:
                 self._start_order.adopt_ready(slot)
-            if removed:
+            if slot.worker.target is removed_worker:
                 self._stop(slot, StopReason.REMOVED, "not in the reloaded fleet", now)
-            elif entry["kill_in"] is not None:  # SIGTERM sent before the exec
-                slot.stopping(StopReason.ROLLING_RESTART, "stopping across the reload",
-                              now + entry["kill_in"])
-            else:
-                adopted.append(slot)
-        return adopted
+            elif slot.state is WorkerState.RUNNING:
+                replace.append(slot)
+        return replace
 
     def _end_reload(self, error: str | None) -> None:
         follow = self._reload.end(error)

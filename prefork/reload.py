@@ -37,6 +37,7 @@ from typing import Any, NoReturn
 
 from prefork.fleet import Fleet, Worker
 from prefork.prctl import PR_SET_PDEATHSIG, prctl
+from prefork.slot import Slot, StopReason, new_slot
 
 log = logging.getLogger("prefork")
 
@@ -291,6 +292,41 @@ def floorless_fleet(handover: dict[str, Any]) -> Fleet:
     return Fleet(handover["fleet"], tuple(Worker(name, no_code_loaded, replicas=count)
                                           for name, count in replicas.items()),
                  restart="never")
+
+
+def handed_workers(slots: Sequence[Slot]) -> list[dict[str, Any]]:
+    """Every slot with a live child, as the image after the exec adopts it
+    (:func:`adopt_slots`). Times are ``time.monotonic()``'s: one clock for the whole
+    boot, which the exec does not change."""
+    return [{"name": slot.worker.name, "replica": slot.replica, "pid": slot.pid,
+             "started_at": slot.started_at, "restarts": slot.restarts,
+             "recycles": slot.recycles, "ready": slot.ready, "kill_at": slot.kill_at}
+            for slot in slots if slot.pid is not None]
+
+
+def adopt_slots(handed: Sequence[dict[str, Any]], fleet: Fleet,
+                slots: list[Slot]) -> list[tuple[Slot, bool]]:
+    """The running workers :func:`handed_workers` listed, each put into the slot of the
+    same worker and replica of ``fleet`` (RUNNING; STOPPING with its SIGKILL time if it
+    was being stopped), or into a new slot appended to ``slots`` whose target is
+    :func:`removed_worker` when the new code has no such worker or replica. Returns each
+    slot and whether its worker had been ready (:mod:`prefork.readiness`)."""
+    free = {(slot.worker.name, slot.replica): slot for slot in slots}
+    adopted = []
+    for entry in handed:
+        slot = free.pop((entry["name"], entry["replica"]), None)
+        if slot is None:
+            slot = new_slot(fleet, Worker(entry["name"], removed_worker, restart="never"),
+                            entry["replica"])
+            slots.append(slot)
+        slot.started(entry["pid"], entry["started_at"], count_start=False)
+        slot.restarts, slot.recycles = entry["restarts"], dict(entry["recycles"])
+        if entry["kill_at"] is not None and slot.worker.target is not removed_worker:
+            # SIGTERM went out before the exec: what follows is a replacement.
+            slot.stopping(StopReason.ROLLING_RESTART, "stopping across the reload",
+                          entry["kill_at"])
+        adopted.append((slot, bool(entry["ready"])))
+    return adopted
 
 
 # -- the handover across the exec ----------------------------------------------------------

@@ -18,15 +18,21 @@ import psutil
 import pytest
 
 from conftest import TESTS, WAIT, Events, MasterProcess, master_env, wait_gone
+from prefork.fleet import Fleet, Worker
 from prefork.reload import (
     ADOPT_OPTION,
     TRIAL_OPTION,
     HandoverError,
     ReloadState,
     _without_reload_options,
+    adopt_slots,
+    handed_workers,
     read_handover,
+    removed_worker,
     write_handover,
 )
+from prefork.slot import StopReason, slots_for
+from prefork.states import WorkerState
 
 # The fleet module the tests deploy, by version. A worker reports its version when up and
 # when stopped. GATE: while that FIFO exists, importing the module waits until the test
@@ -325,6 +331,29 @@ def test_reload_requests_during_a_reload_are_coalesced_into_the_next() -> None:
     assert not state.in_progress and state.as_status()["pending"] is False
     adopted = ReloadState.adopted(state.handed())
     assert adopted.generation == 1 and adopted.phase == "rolling"
+
+
+def test_adopted_workers_go_into_their_slots_and_those_the_new_code_lacks_are_removed(
+) -> None:
+    old = slots_for(Fleet("f", (Worker("a", print), Worker("b", print, replicas=2),
+                                Worker("c", print))))
+    for pid, slot in enumerate(old, start=101):
+        slot.started(pid, 10.0 + pid, count_start=True)
+        slot.restarts, slot.ready = pid - 100, pid == 104
+    old[0].stopping(StopReason.ROLLING_RESTART, "rolling restart", kill_at=50.0)
+    new_fleet = Fleet("f", (Worker("a", print), Worker("b", print), Worker("d", print)))
+    slots = slots_for(new_fleet)
+    adopted = {slot.pid: (slot, ready) for slot, ready in
+               adopt_slots(handed_workers(old), new_fleet, slots)}
+    assert len(slots) == 5  # a, b, d; b.1 and c kept until they have stopped
+    a, b, d = slots[:3]
+    assert adopted[101] == (a, False) and a.state is WorkerState.STOPPING and a.kill_at == 50.0
+    assert adopted[102] == (b, False) and b.state is WorkerState.RUNNING
+    assert (b.started_at, b.restarts) == (112.0, 2)
+    assert d.state is WorkerState.STOPPED and d.pid is None  # new: started by the master
+    gone = {slot.label: ready for slot, ready in adopted.values()
+            if slot.worker.target is removed_worker}
+    assert gone == {"b.1": False, "c": True}
 
 
 def test_the_command_run_again_drops_the_reloads_own_options() -> None:
