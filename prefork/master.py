@@ -276,8 +276,7 @@ class Master:
                 elif self._reload_error is not None:
                     self._end_reload(self._reload_error)
                 else:
-                    log.info("reload: new code imported; replacing %d workers, one at a time",
-                             self._roll(adopted))
+                    self._roll("reload: new code imported", adopted)
             while True:
                 if not self._workers_busy():
                     if self._exporter is not None:
@@ -656,7 +655,7 @@ class Master:
             self._systemd.reloading()
         if kind == "workers":
             self._reload.begin(kind, "rolling")
-            log.info("%s: rolling restart of %d workers, one at a time", cause, self._roll())
+            self._roll(cause)
             return
         assert self._reload_command is not None and self._selector is not None
         self._reload.begin(kind, "trial")
@@ -667,16 +666,17 @@ class Master:
             self._end_reload(f"cannot start the trial of the new code: {exc.strerror}")
             return
         self._selector.register(self._trial.output_fd, selectors.EVENT_READ, self._trial)
-        log.info("%s: reload: importing the code from disk in a trial process (pid %d)",
+        log.info("%s: importing the fleet's code from disk in a trial process (pid %d)",
                  cause, self._trial.pid)
 
-    def _roll(self, only: list[Slot] | None = None) -> int:
+    def _roll(self, cause: str, only: list[Slot] | None = None) -> None:
         """Begin a rolling restart (of ``only``): its first worker is stopped now, the
-        next ones as each comes back (:class:`RollingRestart`). Returns how many."""
-        queued, now = self._rolling.begin(only), time.monotonic()
+        next ones as each comes back (:class:`RollingRestart`)."""
+        log.info("%s: rolling restart of %d workers, one at a time", cause,
+                 self._rolling.begin(only))
+        now = time.monotonic()
         for action in self._rolling.due(now):
             self._act(action, now)
-        return queued
 
     def _trial_ended(self, status: ExitStatus) -> None:
         trial, self._trial = self._trial, None
