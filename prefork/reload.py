@@ -364,7 +364,53 @@ def read_handover(fd: int) -> dict[str, Any]:
                             "(it is for prefork's own re-exec)") from None
     if not isinstance(handover, dict) or handover.get("version") != HANDOVER_VERSION:
         raise HandoverError(f"{ADOPT_OPTION} {fd}: not a handover of this prefork version")
+    problem = _handover_problem(handover)
+    if problem is not None:
+        raise HandoverError(f"{ADOPT_OPTION} {fd}: a broken handover: {problem}")
     return handover
+
+
+_NUMBER = (int, float)
+_OPTIONAL_NUMBER = (int, float, type(None))
+_HANDOVER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "fleet": str, "started_at": _NUMBER, "reloads": dict, "workers": list, "lock": list,
+    "control": (dict, type(None)), "kernels": (dict, type(None)),
+    "exporter": (dict, type(None)), "worker_logs": list}
+_RELOADS_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "total": int, "last": _OPTIONAL_NUMBER, "pending": (str, type(None)), "generation": int,
+    "last_result": (dict, type(None))}
+_WORKER_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "name": str, "replica": int, "pid": int, "started_at": _NUMBER, "restarts": int,
+    "recycles": dict, "ready": bool, "kill_at": _OPTIONAL_NUMBER}
+_LISTENER_FIELDS: dict[str, type | tuple[type, ...]] = {"fd": int, "dev": int, "ino": int}
+
+
+def _handover_problem(handover: dict[str, Any]) -> str | None:
+    """What is missing or of the wrong type in a handover, or None. Only prefork writes
+    one, but the option is on a command line anyone can type."""
+    checks: list[tuple[str, object, dict[str, type | tuple[type, ...]]]] = [
+        ("handover", handover, _HANDOVER_FIELDS),
+        ("reloads", handover.get("reloads"), _RELOADS_FIELDS)]
+    checks += [(f"workers[{i}]", w, _WORKER_FIELDS) for i, w in enumerate(
+        handover.get("workers") or ())]
+    checks += [(key, handover[key], _LISTENER_FIELDS) for key in ("control", "kernels")
+               if handover.get(key) is not None]
+    for where, value, fields in checks:
+        if not isinstance(value, dict):
+            return f"{where} is not an object"
+        for key, kind in fields.items():
+            if not isinstance(value.get(key), kind) or (
+                    kind is int and isinstance(value.get(key), bool)):
+                return f"{where}.{key} is missing or not of type {_kind_name(kind)}"
+    lock = handover["lock"]
+    if len(lock) != 2 or not all(isinstance(fd, int) for fd in lock):
+        return "lock is not two descriptors"
+    return None
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
 def reexec(argv: list[str], cwd: str, handover_fd: int, env: dict[str, str]) -> None:

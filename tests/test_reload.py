@@ -364,15 +364,28 @@ def test_the_command_run_again_drops_the_reloads_own_options() -> None:
 
 def test_a_handover_is_read_back_and_anything_else_is_one_line(tmp_path: Path) -> None:
     fd = write_handover({"version": 1, "workers": []})
-    assert read_handover(fd) == {"version": 1, "workers": []}
+    with pytest.raises(HandoverError):
+        read_handover(fd)
     with pytest.raises(OSError):
-        os.fstat(fd)  # closed once read
+        os.fstat(fd)  # closed once read, whatever it held
     other = os.open(tmp_path / "x", os.O_RDWR | os.O_CREAT)
     os.write(other, b"not json")
     with pytest.raises(HandoverError, match="not a handover of a prefork master"):
         read_handover(other)
     with pytest.raises(HandoverError, match="Bad file descriptor"):
         read_handover(999)
+    with pytest.raises(HandoverError, match=r"a broken handover: handover.fleet is missing"):
+        read_handover(write_handover({"version": 1, "workers": []}))
+    good = {"version": 1, "fleet": "f", "started_at": 1.0, "lock": [5, 6], "control": None,
+            "kernels": None, "exporter": None, "worker_logs": [],
+            "reloads": {"total": 1, "last": None, "pending": None, "generation": 0,
+                        "last_result": None},
+            "workers": [{"name": "a", "replica": 0, "pid": 7, "started_at": 1.0,
+                         "restarts": 0, "recycles": {}, "ready": False, "kill_at": None}]}
+    assert read_handover(write_handover(good)) == good
+    good["workers"][0]["pid"] = True
+    with pytest.raises(HandoverError, match=r"workers\[0\].pid is missing or not of type int"):
+        read_handover(write_handover(good))
 
 
 def test_run_with_an_adopt_fd_that_is_no_handover_is_one_line(
