@@ -5,7 +5,8 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 FLEET  ?= cpu
 
-.PHONY: install run demo-data feed test lint bench bench-offload bench-dask measure hosting clean
+.PHONY: install run demo-data feed test lint bench bench-offload bench-dask measure \
+	measure-reload hosting clean
 
 # `make install`: .venv with prefork installed (editable), with the cpu extra that the
 # bundled cpu fleet needs and the metrics extra (`--metrics`), and .venv/bin/prefork on hand.
@@ -59,9 +60,16 @@ bench-offload: $(VENV)/.installed-test
 # Memory of the cpu fleet (8 workers) under prefork, against a baseline of fresh
 # interpreters and gunicorn --preload, on each of Python 3.11-3.13 that pyenv has (venvs in
 # .venv-measure/); about 16 minutes. RUNS=n repeats everything (n times as long), medians.
-# Writes measurements/memory.md, memory.json and memory.png.
+# Writes measurements/memory.md, memory.json and memory.png; then measure-reload.
 measure: install
 	$(BIN)/python measurements/measure.py $(if $(RUNS),--runs $(RUNS))
+	$(BIN)/python measurements/reload.py $(if $(RUNS),--runs $(RUNS))
+
+# Fleet PSS of the cpu fleet before, during (trial, exec, rolling) and after two code
+# reloads (`prefork reload`), and whether anything of the old generation is left. About
+# 3 minutes; RUNS=n runs it n times (default 3). Writes measurements/reload.md and reload.json.
+measure-reload: install
+	$(BIN)/python measurements/reload.py $(if $(RUNS),--runs $(RUNS))
 
 # The cpu fleet hosted three ways on the same generated data (one process per worker, a
 # group with a kernel pool, one process with a forkserver pool): memory, catch-up time,
