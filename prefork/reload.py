@@ -155,17 +155,24 @@ class Trial:
                  now: float, timeout: float = TRIAL_TIMEOUT) -> None:
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         self.output_fd = read_end
+        self.timeout = timeout
         self.deadline: float | None = now + timeout
         self.timed_out = False
         self._output = bytearray()
+        # Blocked across the fork, as for a worker (prefork.child): until the child has
+        # put back the defaults, a signal must not run the master's handler in it.
+        saved = _signal.pthread_sigmask(signal.SIG_BLOCK, list(blocked))
         try:
-            self.pid = os.fork()
+            pid = os.fork()
         except OSError:
+            _signal.pthread_sigmask(signal.SIG_SETMASK, saved)
             os.close(read_end)
             os.close(write_end)
             raise
-        if self.pid == 0:  # pragma: no cover - replaced by exec at once
+        if pid == 0:  # pragma: no cover - replaced by exec at once
             _become_trial([*argv, TRIAL_OPTION], cwd, write_end, blocked)
+        _signal.pthread_sigmask(signal.SIG_SETMASK, saved)
+        self.pid = pid
         os.close(write_end)
         os.set_blocking(read_end, False)
 
@@ -191,7 +198,7 @@ class Trial:
         """The last line it wrote, without the ``prefork: `` of a CLI error, or how it
         ended when it wrote nothing."""
         if self.timed_out:
-            return f"the trial of the new code took more than {TRIAL_TIMEOUT:g}s: killed"
+            return f"the trial of the new code took more than {self.timeout:g}s: killed"
         lines = [line.strip() for line in self.output().splitlines() if line.strip()]
         if not lines:
             return f"the trial of the new code {failed_how}"
@@ -218,8 +225,8 @@ class Trial:
 
 def _become_trial(argv: list[str], cwd: str, output: int, blocked: Sequence[int]) -> NoReturn:
     """In the forked child: a process group of its own (so a timeout kills what it
-    started), killed if the master dies, its output into the pipe, the master's blocked
-    signals unblocked, exec."""
+    started), killed if the master dies, its output into the pipe, the master's signals
+    back to their defaults and unblocked, exec."""
     try:
         os.setsid()
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -228,6 +235,9 @@ def _become_trial(argv: list[str], cwd: str, output: int, blocked: Sequence[int]
         os.dup2(devnull, 0)
         os.dup2(output, 1)
         os.dup2(output, 2)
+        signal.set_wakeup_fd(-1)  # the master's pipe
+        for signum in blocked:
+            _signal.signal(signum, _signal.SIG_DFL)
         _signal.pthread_sigmask(signal.SIG_UNBLOCK, list(blocked))
         os.execv(argv[0], argv)
     except BaseException as exc:  # nothing may return into the master's code
