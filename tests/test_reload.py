@@ -52,9 +52,11 @@ if os.path.exists(GATE):
 
 async def work():
     emit("up", version=VERSION)
+    print("up", VERSION, flush=True)
     try:
         await asyncio.sleep(3600)
     finally:
+        print("bye", VERSION, flush=True)  # after the master's exec, for the old ones
         emit("term", version=VERSION)
 
 {extra}
@@ -278,6 +280,27 @@ def test_sigterm_during_a_reload_stops_everything_within_the_grace(
     wait_gone(list(old.values()))
     assert len(events.wait_kind("term", count=3)) == 3  # each stopped cleanly, no SIGKILL
     assert master.log_matches(r"stopped in [\d.]+s; 0 killed after the grace period")
+
+
+def test_worker_log_files_and_metrics_go_on_across_the_exec(
+        start, app: Path, events: Events, tmp_path: Path) -> None:
+    deploy(app, "1")
+    textfile = tmp_path / "prefork.prom"
+    (tmp_path / "logs").mkdir()
+    master = start("--worker-log-dir", str(tmp_path / "logs"), "--metrics-textfile",
+                   str(textfile), "--metrics-interval", "0.2")
+    up(events, "1", 3)
+    exporter = master.wait_log(r"metrics exporter started \(pid (\d+)\)").group(1)
+    deploy(app, "2")
+    master.signal(signal.SIGHUP)
+    up(events, "2", 3)
+    master.wait_log(r"reload done")
+    for label in ("a", "b", "c"):  # the old worker's last line came through the adopted pipe
+        assert (tmp_path / "logs" / f"{label}.log").read_text() == "up 1\nbye 1\nup 2\n"
+    assert len(master.log_matches(r"metrics exporter started")) == 1  # adopted, not restarted
+    assert int(exporter) in {p.pid for p in master.workers()}
+    stop(master)
+    assert 'prefork_code_generation{fleet="deployed"} 1.0' in textfile.read_text()
 
 
 def test_workers_only_reload_keeps_the_loaded_code(
