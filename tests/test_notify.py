@@ -149,3 +149,28 @@ def test_a_vanished_systemd_never_stops_the_master(start_master, events: Events,
     master.signal(signal.SIGTERM)
     assert master.wait_exit() == 0
     assert len(master.log_matches(r"systemd notify to .* failed")) == 1  # said once, not spammed
+
+
+def test_a_reload_is_reloading_then_ready_and_the_watchdog_goes_on_across_the_exec(
+        start_master, events: Events, runtime_dir: Path, tmp_path: Path,
+        systemd: FakeSystemd) -> None:
+    master = start(start_master, events, runtime_dir, tmp_path, "fleets.basic:sleepers",
+                   NOTIFY_SOCKET=systemd.address, WATCHDOG_USEC="2000000")
+    systemd.wait(lambda m: "READY" in m)
+    events.wait_kind("up", count=4)
+    asked = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+    master.signal(signal.SIGHUP)  # Type=notify-reload: what systemd itself would send
+    reloading = systemd.wait(lambda m: "RELOADING" in m)
+    assert reloading["RELOADING"] == "1"
+    assert 0 <= int(reloading["MONOTONIC_USEC"]) - asked < WAIT * 1_000_000
+    events.wait_kind("up", count=8)  # the new generation
+    master.wait_log(r"reload done")
+    ready = systemd.wait(lambda m: "READY" in m and systemd.times_of("RELOADING")[0]
+                         < systemd.times_of("READY")[-1])
+    assert ready == {"READY": "1", "STATUS": "4 running, 0 in backoff, 0 failed"}
+    # The new image pings the same systemd (the variables were handed on to it).
+    count = len(systemd.times_of("WATCHDOG"))
+    systemd.wait(lambda m: len(systemd.times_of("WATCHDOG")) > count)
+    master.signal(signal.SIGTERM)
+    systemd.wait(lambda m: m == {"STOPPING": "1"})
+    assert master.wait_exit() == 0
