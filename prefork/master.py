@@ -52,6 +52,7 @@ from prefork.reload import (
     Trial,
     adopt_slots,
     handed_workers,
+    keep_to_self,
     reexec,
     removed_worker,
     run_trial,
@@ -198,7 +199,7 @@ class Master:
         self._reload_command = reload_command
         self._handover = handover  # what the image before the exec handed over
         self._reload = ReloadState() if handover is None else ReloadState.adopted(
-            handover["reloads"])
+            handover["reloads"], loaded=reload_error is None)
         self._reload_error = reload_error  # the new code failed after the exec: no floor
         self._trial: Trial | None = None
         self._reexec_due = False  # the trial passed: re-execute at the loop's next turn
@@ -708,17 +709,20 @@ class Master:
         self._reexec_due = False
         if self.stopping:
             _signal.pthread_sigmask(signal.SIG_UNBLOCK, self._blocked)
+            self._end_reload("the fleet stopped")
             return
         env = dict(os.environ)
         if self._systemd is not None:
             env.update(self._systemd.environment())
-        handover_fd = write_handover(self._handed())
+        handover = self._handed()
+        handover_fd = write_handover(handover)
         argv, cwd = self._reload_command
         flush_stdio()
         try:
             reexec(argv, cwd, handover_fd, env)
         except OSError as exc:
             os.close(handover_fd)
+            keep_to_self(handover)  # or the next process it spawns would hold the lock
             _signal.pthread_sigmask(signal.SIG_UNBLOCK, self._blocked)
             self._end_reload(f"cannot re-execute {argv[0]}: {exc.strerror}")
 
@@ -752,9 +756,10 @@ class Master:
         return replace
 
     def _end_reload(self, error: str | None) -> None:
-        follow = self._reload.end(error)
+        kind, follow = self._reload.kind, self._reload.end(error)
         if error is None:
-            log.info("reload done: code generation %d", self._reload.generation)
+            log.info("reload done: %s", f"code generation {self._reload.generation}"
+                     if kind == "code" else "workers restarted from the floor loaded")
         else:
             log.error("reload failed: %s", error)
         if self._systemd is not None and not self.stopping:

@@ -136,11 +136,11 @@ class ReloadState:
                 "generation": self.generation, "last_result": self.last_result}
 
     @classmethod
-    def adopted(cls, data: dict[str, Any]) -> ReloadState:
+    def adopted(cls, data: dict[str, Any], *, loaded: bool) -> ReloadState:
         """The state handed over by the image before the exec: its code reload goes on,
-        now rolling, as generation + 1."""
+        now rolling, as generation + 1 (``loaded``: the new code imported)."""
         return cls(total=data["total"], last=data["last"], phase="rolling", kind="code",
-                   pending=data["pending"], generation=data["generation"] + 1,
+                   pending=data["pending"], generation=data["generation"] + loaded,
                    last_result=data["last_result"])
 
 
@@ -421,6 +421,16 @@ def _handover_problem(handover: dict[str, Any]) -> str | None:
 def _kind_name(kind: type | tuple[type, ...]) -> str:
     kinds = kind if isinstance(kind, tuple) else (kind,)
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
+
+
+def keep_to_self(handover: dict[str, Any]) -> None:
+    """The exec failed: the descriptors a handover marked inheritable are not any more
+    (but the metrics listener, which the exporter inherits by design)."""
+    fds = [*handover["lock"], *(entry["fd"] for entry in handover["worker_logs"])]
+    fds += [handover[key]["fd"] for key in ("control", "kernels") if handover[key]]
+    for fd in fds:
+        with contextlib.suppress(OSError):
+            os.set_inheritable(fd, False)
 
 
 def reexec(argv: list[str], cwd: str, handover_fd: int, env: dict[str, str]) -> None:
