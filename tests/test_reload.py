@@ -259,6 +259,32 @@ def test_a_second_sighup_during_a_reload_is_queued_and_follows_it(
     stop(master)
 
 
+def test_code_broken_between_the_trial_and_the_exec_keeps_the_workers_until_a_reload_works(
+        start, app: Path, events: Events, tmp_path: Path, runtime_dir: Path) -> None:
+    deploy(app, "1")
+    master = start()
+    old = up(events, "1", 3)
+    os.mkfifo(tmp_path / "gate")
+    deploy(app, "2")
+    master.signal(signal.SIGHUP)
+    events.wait_kind("gate", count=1)  # the trial has read version 2 and waits
+    deploy(app, "3", extra="def broken(:\n")  # a second deploy, broken, in that window
+    open_gate(events, tmp_path, 1)
+    master.wait_log(r"reload: the new code failed after the re-exec")
+    master.wait_log(r"reload failed: .*SyntaxError")
+    reloads = status(events, runtime_dir)["reloads"]
+    assert reloads["generation"] == 0 and reloads["last_result"]["ok"] is False
+    assert {w.pid for w in master.workers()} == set(old.values())  # kept, same master
+    os.kill(old["a"], signal.SIGKILL)  # no floor: it cannot be restarted...
+    master.wait_log(r"worker a failed")
+    os.unlink(tmp_path / "gate")
+    deploy(app, "4")
+    master.signal(signal.SIGHUP)  # ... until a reload goes through
+    assert set(up(events, "4", 3)) == {"a", "b", "c"}
+    master.wait_log(r"reload done: code generation 1")
+    stop(master)
+
+
 @pytest.mark.parametrize("when", ["trial", "exec"])
 def test_sigterm_during_a_reload_stops_everything_within_the_grace(
         start, app: Path, events: Events, tmp_path: Path, when: str) -> None:
@@ -295,11 +321,11 @@ def test_worker_log_files_and_metrics_go_on_across_the_exec(
     master.signal(signal.SIGHUP)
     up(events, "2", 3)
     master.wait_log(r"reload done")
-    for label in ("a", "b", "c"):  # the old worker's last line came through the adopted pipe
-        assert (tmp_path / "logs" / f"{label}.log").read_text() == "up 1\nbye 1\nup 2\n"
     assert len(master.log_matches(r"metrics exporter started")) == 1  # adopted, not restarted
     assert int(exporter) in {p.pid for p in master.workers()}
-    stop(master)
+    stop(master)  # the master reads every pipe to its end before it exits
+    for label in ("a", "b", "c"):  # the old worker's last line came through the adopted pipe
+        assert (tmp_path / "logs" / f"{label}.log").read_text() == "up 1\nbye 1\nup 2\nbye 2\n"
     assert 'prefork_code_generation{fleet="deployed"} 1.0' in textfile.read_text()
 
 
@@ -352,8 +378,9 @@ def test_reload_requests_during_a_reload_are_coalesced_into_the_next() -> None:
     assert state.last_result is not None
     assert state.last_result["id"] == 1 and state.last_result["ok"] is False
     assert not state.in_progress and state.as_status()["pending"] is False
-    adopted = ReloadState.adopted(state.handed())
+    adopted = ReloadState.adopted(state.handed(), loaded=True)
     assert adopted.generation == 1 and adopted.phase == "rolling"
+    assert ReloadState.adopted(state.handed(), loaded=False).generation == 0
 
 
 def test_adopted_workers_go_into_their_slots_and_those_the_new_code_lacks_are_removed(
