@@ -155,6 +155,8 @@ def test_reload_runs_the_new_code_replacing_workers_one_at_a_time_and_keeps_the_
     assert document["reloads"]["last_result"]["ok"] is True
     assert {w["label"]: w["pid"] for w in document["workers"]} == new
     assert all(w["recycles"]["reload"] == 1 for w in document["workers"])
+    os.kill(new["b"], signal.SIGKILL)  # a restart after the reload: from the new floor
+    assert events.wait_kind("up", count=4, version="2")[-1]["label"] == "b"
     stop(master)
 
 
