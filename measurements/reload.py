@@ -74,9 +74,9 @@ PREFORK = [sys.executable, "-m", "prefork"]  # log level info: the phases come f
 PHASES = ("asked", "trial", "exec", "rolling", "ended")
 # The master's log lines that begin each phase (prefork/master.py, prefork/watches.py).
 PHASE_LINES = {
-    "trial": "reload: importing the code from disk in a trial process",
+    "trial": "importing the fleet's code from disk in a trial process",
     "exec": "reload: the new code passed its trial; re-executing the master",
-    "rolling": "reload: new code imported; replacing",
+    "rolling": "reload: new code imported: rolling restart of",
     "ended": "reload done: code generation",
 }
 SHADOWED = "pydantic_core"  # a package of the floor whose compiled extension is mapped
