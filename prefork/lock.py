@@ -80,15 +80,9 @@ class FleetLock:
             os.close(directory)
         self.fd = fd
 
-    def handed(self) -> list[int]:
-        """The lock's descriptors, kept open across the master's re-exec (prefork.reload):
-        the flock and the guard go on being held by the same process."""
-        for fd in self.fds():
-            os.set_inheritable(fd, True)
-        return self.fds()
-
     def adopt(self, fds: list[int]) -> None:
-        """Hold the lock through the descriptors :meth:`handed` kept."""
+        """Hold the lock through the descriptors :meth:`fds` gave the image before a
+        re-exec (prefork.reload): the flock and the guard stay the same process's."""
         self.fd, guard = fds
         self._guard = socket.socket(fileno=guard)
         for fd in fds:

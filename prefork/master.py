@@ -51,8 +51,8 @@ from prefork.reload import (
     ReloadState,
     Trial,
     adopt_slots,
+    handed_fds,
     handed_workers,
-    keep_to_self,
     reexec,
     removed_worker,
     run_trial,
@@ -719,10 +719,9 @@ class Master:
         argv, cwd = self._reload_command
         flush_stdio()
         try:
-            reexec(argv, cwd, handover_fd, env)
+            reexec(argv, cwd, handover_fd, env, keep=handed_fds(handover))
         except OSError as exc:
             os.close(handover_fd)
-            keep_to_self(handover)  # or the next process it spawns would hold the lock
             _signal.pthread_sigmask(signal.SIG_UNBLOCK, self._blocked)
             self._end_reload(f"cannot re-execute {argv[0]}: {exc.strerror}")
 
@@ -731,7 +730,7 @@ class Master:
         return {"version": HANDOVER_VERSION, "fleet": self.fleet.name,
                 "started_at": self._started, "reloads": self._reload.handed(),
                 "workers": handed_workers(self.slots),
-                "lock": self.lock.handed(),
+                "lock": self.lock.fds(),
                 "control": None if self._control is None else self._control.handed(),
                 "kernels": None if self._kernel_pool is None else self._kernel_pool.handed(),
                 "exporter": None if self._exporter is None else self._exporter.handed(),

@@ -142,10 +142,8 @@ class ExporterProcess:
             log.info("metrics on %s", listen_url(self._listener))
 
     def handed(self) -> dict[str, object]:
-        """The listening socket and the running exporter, kept across the master's
-        re-exec (prefork.reload): the exporter goes on serving, a child of the same pid."""
-        if self._listener is not None:
-            self._listener.set_inheritable(True)
+        """The listening socket and the running exporter, for the master's re-exec
+        (prefork.reload): the exporter goes on serving, a child of the same pid."""
         return {"listen_fd": None if self._listener is None else self._listener.fileno(),
                 "pid": self.pid}
 

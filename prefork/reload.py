@@ -423,21 +423,29 @@ def _kind_name(kind: type | tuple[type, ...]) -> str:
     return " or ".join("null" if k is type(None) else k.__name__ for k in kinds)
 
 
-def keep_to_self(handover: dict[str, Any]) -> None:
-    """The exec failed: the descriptors a handover marked inheritable are not any more
-    (but the metrics listener, which the exporter inherits by design)."""
+def handed_fds(handover: dict[str, Any]) -> list[int]:
+    """Every descriptor ``handover`` names: what the exec must keep open."""
     fds = [*handover["lock"], *(entry["fd"] for entry in handover["worker_logs"])]
     fds += [handover[key]["fd"] for key in ("control", "kernels") if handover[key]]
-    for fd in fds:
-        with contextlib.suppress(OSError):
-            os.set_inheritable(fd, False)
+    if handover["exporter"] and handover["exporter"]["listen_fd"] is not None:
+        fds.append(handover["exporter"]["listen_fd"])
+    return fds
 
 
-def reexec(argv: list[str], cwd: str, handover_fd: int, env: dict[str, str]) -> None:
-    """Replace this process's image with ``argv`` + the handover; returns only if the
-    exec failed (OSError raised)."""
+def reexec(argv: list[str], cwd: str, handover_fd: int, env: dict[str, str],
+           keep: Sequence[int]) -> None:
+    """Replace this process's image with ``argv`` + the handover, ``keep`` open across
+    the exec; returns only if the exec failed (OSError raised), with ``keep`` as it was
+    (or the next process spawned would hold the fleet's lock)."""
     for handler in logging.getLogger().handlers + log.handlers:
         with contextlib.suppress(Exception):
             handler.flush()
+    before = {fd: os.get_inheritable(fd) for fd in keep}
+    for fd in keep:
+        os.set_inheritable(fd, True)
     os.chdir(cwd)
-    os.execve(argv[0], [*argv, ADOPT_OPTION, str(handover_fd)], env)
+    try:
+        os.execve(argv[0], [*argv, ADOPT_OPTION, str(handover_fd)], env)
+    finally:  # reached only when the exec failed
+        for fd, inheritable in before.items():
+            os.set_inheritable(fd, inheritable)

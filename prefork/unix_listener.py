@@ -51,11 +51,10 @@ class PrivateListener:
         return self.socket
 
     def handed(self) -> dict[str, int] | None:
-        """The listening socket, kept open across the master's re-exec (prefork.reload):
-        its descriptor and the file it is bound to, for :meth:`adopt`."""
+        """The listening socket, for the master's re-exec (prefork.reload): its
+        descriptor and the file it is bound to, for :meth:`adopt`."""
         if self.socket is None or self._inode is None:
             return None
-        self.socket.set_inheritable(True)
         return {"fd": self.socket.fileno(), "dev": self._inode[0], "ino": self._inode[1]}
 
     def adopt(self, handed: dict[str, int]) -> socket.socket:

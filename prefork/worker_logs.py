@@ -122,15 +122,11 @@ class WorkerLogs:
         return write_end
 
     def handed(self) -> list[dict[str, object]]:
-        """Every pipe still open, kept across the master's re-exec (prefork.reload) with
-        the label it feeds and the start of a line not ended yet: the running workers
-        write on into the same files."""
-        handed = []
-        for fd, pipe in self._pipes.items():
-            os.set_inheritable(fd, True)
-            handed.append({"fd": fd, "label": pipe.label,
-                           "partial": pipe.partial.decode("latin-1")})
-        return handed
+        """Every pipe still open, for the master's re-exec (prefork.reload), with the
+        label it feeds and the start of a line not ended yet: the running workers write
+        on into the same files."""
+        return [{"fd": fd, "label": pipe.label, "partial": pipe.partial.decode("latin-1")}
+                for fd, pipe in self._pipes.items()]
 
     def adopt(self, handed: list[dict[str, object]]) -> None:
         """Read on the pipes :meth:`handed` kept, into their workers' files."""
