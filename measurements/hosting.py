@@ -101,6 +101,17 @@ def serve_b() -> None:
 # -- measuring from outside -------------------------------------------------------------
 
 
+def generate_demo(db: Path, observations: int) -> Path:
+    """The cpu fleet's demo database with ``observations`` rows at ``db``, which each run
+    copies: one generated data set for every configuration and run."""
+    print(f"generating {observations:,} observations ...", file=sys.stderr)
+    subprocess.run([sys.executable, "-m", "prefork_workers.cpu", "generate", "--db", str(db),
+                    "--observations", str(observations),
+                    "--sources", str(max(1, observations // 100))], check=True,
+                   stdout=subprocess.DEVNULL)
+    return db
+
+
 def session_pids(sid: int) -> list[int]:
     pids = []
     for entry in os.listdir("/proc"):
@@ -265,12 +276,7 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory(prefix="hosting-") as tmp:
         work = Path(tmp)
-        template = work / "template.sqlite3"
-        print(f"generating {args.observations:,} observations ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "prefork_workers.cpu", "generate", "--db",
-                        str(template), "--observations", str(args.observations),
-                        "--sources", str(max(1, args.observations // 100))], check=True,
-                       stdout=subprocess.DEVNULL)
+        template = generate_demo(work / "template.sqlite3", args.observations)
         runs = []
         for i in range(args.runs):
             for config in CONFIGS:

@@ -55,7 +55,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from hosting import IDLE_AFTER, WORKERS, _catch_up, session_pids
+from hosting import IDLE_AFTER, WORKERS, _catch_up, generate_demo, session_pids
 from machine import describe_machine
 from measure import _terminate, spawn, stop_all, stop_group
 
@@ -557,12 +557,7 @@ def main() -> None:
 def measure(args: argparse.Namespace) -> list[dict[str, Any]]:
     with tempfile.TemporaryDirectory(prefix="reload-") as tmp:
         work = Path(tmp)
-        template = work / "template.sqlite3"
-        print(f"generating {args.observations:,} observations ...", file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "prefork_workers.cpu", "generate", "--db",
-                        str(template), "--observations", str(args.observations),
-                        "--sources", str(max(1, args.observations // 100))], check=True,
-                       stdout=subprocess.DEVNULL)
+        template = generate_demo(work / "template.sqlite3", args.observations)
         runs = []
         for i in range(args.runs):
             result = run_once(template, work, args.reloads)
