@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("prefork")
 
 REPORT_SIGNAL = signal.SIGURG
+_REPORT_SIGNUM = int(REPORT_SIGNAL)  # for the child: not the enum member's page
 MAX_REPORT = 256 * 1024  # bytes: the most the master reads of one child's report
 DEFAULT_REPORT_AFTER = 10.0  # seconds after the fork
 _READ = 65536  # bytes the master reads of one pipe per wake-up
@@ -64,8 +65,8 @@ def attach(fd: int, floor: frozenset[str]) -> None:
     _channel, _floor = fd, floor
     # _signal: the C functions the signal module wraps (its enum conversions cost 60 us
     # a signal in a fresh child). siginterrupt(False): SA_RESTART.
-    _signal.signal(REPORT_SIGNAL, _on_signal)
-    _signal.siginterrupt(REPORT_SIGNAL, False)
+    _signal.signal(_REPORT_SIGNUM, _on_signal)
+    _signal.siginterrupt(_REPORT_SIGNUM, False)
 
 
 def _on_signal(signum: int, frame: object) -> None:

@@ -27,19 +27,18 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, NoReturn
+from typing import TYPE_CHECKING, Any
 
 from setproctitle import setproctitle
 
 from prefork import journal, logs, titles
 from prefork.after_fork import DEFAULT_REPORT_AFTER, ImportReports
-from prefork.child import WorkerContext, flush_stdio, run_child
+from prefork.child import ChildPlan, WorkerContext, flush_stdio, run_child, worker_environ
 from prefork.control import ControlServer, command_table
 from prefork.exits import ExitCode
 from prefork.fleet import DEFAULT_GRACE, DEFAULT_MEMORY_CHECK_INTERVAL, POOL_WORKER, Fleet
 from prefork.floor import prepare_floor
 from prefork.groups import GroupHost, host_groups
-from prefork.heartbeats import HeartbeatTable
 from prefork.lock import FleetLock
 from prefork.metrics_process import ExporterProcess, MetricsOptions
 from prefork.notify import SystemdReporter
@@ -101,25 +100,21 @@ _SETTLED_EVENTS = {WorkerState.BACKOFF: "backoff", WorkerState.FAILED: "failed",
 
 @dataclass
 class _Fork:
-    """One worker's fork, made ready before a batch forks (:meth:`Master._spawn_all`): what
-    its child is given, among them the pipe ends only that child keeps."""
+    """One worker's fork, made ready before a batch forks (:meth:`Master._spawn_all`): the
+    plan its child is given, which holds the pipe ends only that child keeps."""
 
     slot: Slot
-    context: WorkerContext
-    title: str
-    heartbeat: tuple[HeartbeatTable, int, float] | None
-    ready_fd: int  # -1: nobody waits for it
-    imports: tuple[int, frozenset[str]] | None
-    output: int | None
+    plan: ChildPlan
 
     def child_fds(self) -> list[int]:
         """The write ends made for this child alone: every other child closes them, or
         this child's EOF would never come."""
-        fds = [self.ready_fd] if self.ready_fd >= 0 else []
-        if self.imports is not None:
-            fds.append(self.imports[0])
-        if self.output is not None:
-            fds.append(self.output)
+        plan = self.plan
+        fds = [plan.ready_fd] if plan.ready_fd >= 0 else []
+        if plan.imports is not None:
+            fds.append(plan.imports[0])
+        if plan.output is not None:
+            fds.append(plan.output)
         return fds
 
 
@@ -488,7 +483,7 @@ class Master:
                     results[i] = exc
                     continue
                 if pid == 0:
-                    self._become_worker(fork, close_fds)
+                    run_child(fork.plan, close_fds)
                 results[i] = pid
         finally:
             _signal.pthread_sigmask(signal.SIG_SETMASK, saved_mask)
@@ -500,31 +495,25 @@ class Master:
         self._run_hook("pre_fork", context)
         # Made before the fork: after it, each page either process writes is copied
         # (20 more faults a fork in the master when the child built these itself).
-        fork = _Fork(
-            slot, context, titles.worker(slot.label, self.fleet.name),
+        fork = _Fork(slot, ChildPlan(
+            context, slot.label, slot.worker.target, titles.worker(slot.label, self.fleet.name),
+            self._signals.defaults, worker_environ(context),
             heartbeat=self._heartbeats.arm(slot, time.monotonic()),
-            ready_fd=self._start_order.arm(slot),
-            imports=self._imports.arm(slot),
+            post_fork=self.fleet.post_fork, journal=self._journal,
+            ready_fd=self._start_order.arm(slot), settings=slot.worker.process_plan,
             # The pipe's write end the child makes its stdout and stderr (worker_logs).
             output=None if self._worker_logs is None else self._worker_logs.output_for(
-                slot.label))
+                slot.label),
+            imports=self._imports.arm(slot), inherit=self._inherited(slot)))
         self._observe("forking", slot)
         return fork
 
-    def _become_worker(self, fork: _Fork, close_fds: list[int]) -> NoReturn:
-        run_child(fork.context, fork.slot.worker.target, title=fork.title,
-                  signal_defaults=self._signals.defaults, close_fds=close_fds,
-                  heartbeat=fork.heartbeat, post_fork=self.fleet.post_fork,
-                  journal=self._journal, ready_fd=fork.ready_fd,
-                  settings=fork.slot.worker.process_plan, output=fork.output,
-                  imports=fork.imports, inherit=self._inherited(fork.slot))
-
-    def _inherited(self, slot: Slot) -> list[int]:
+    def _inherited(self, slot: Slot) -> tuple[int, ...]:
         """The master's descriptors that ``slot``'s child keeps: the kernel pool's socket,
         in the pool's processes."""
         if self._kernel_pool is None or slot.worker.name != POOL_WORKER:
-            return []
-        return self._kernel_pool.fds()
+            return ()
+        return tuple(self._kernel_pool.fds())
 
     def _forked(self, fork: _Fork, result: int | OSError, count_start: bool) -> None:
         """The master's half of one fork, once the whole batch is forked."""
@@ -532,10 +521,10 @@ class Master:
         pid = None if isinstance(result, OSError) else result
         self._start_order.forked(slot, pid is not None)
         self._imports.forked(slot, pid, now)
-        if fork.output is not None:
+        if fork.plan.output is not None:
             # The child's now (EOF comes when its whole tree has exited); after a failed
             # fork the read end sees EOF and is closed by the loop.
-            os.close(fork.output)
+            os.close(fork.plan.output)
         if pid is None:
             log.error("worker %s: fork failed: %s", slot.label, result)
             slot.fork_failed(now, self._rng)

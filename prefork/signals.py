@@ -58,34 +58,42 @@ Disposition = Callable[[int, object], object] | int | signal.Handlers | None
 class SignalInbox:
     """The handlers, their queue and the wake-up pipe, from ``open()`` to ``close()``.
 
-    ``defaults`` keeps the dispositions found at ``open()`` of every signal it handles: a
-    forked child puts them back, so a worker reacts to signals as it would as a program of
-    its own.
+    ``defaults`` keeps the dispositions found at ``open()`` of every signal it handles, as
+    (signal, disposition) pairs of plain values (SIG_DFL and SIG_IGN as the ints 0 and 1):
+    a forked child puts them back, so a worker reacts to signals as it would as a program
+    of its own, and touches no enum member of the floor doing it (:mod:`prefork.child`).
     """
 
     def __init__(self) -> None:
-        self.defaults: dict[int, Disposition] = {}
+        self.defaults: tuple[tuple[int, Disposition], ...] = ()
         self.wake_r = self.wake_w = -1
         self._queue: deque[int] = deque()
         self._previous_wakeup_fd = -1
 
     def open(self) -> None:
         self.wake_r, self.wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        # One handler object for all: a child then drops its references to one object of
+        # the master's, not to 50 (prefork.child).
+        handler = self._on_signal
+        defaults = []
         for signum in HANDLED + IGNORED:
             previous = signal.getsignal(signum)
             if signum in IGNORED and previous not in (signal.SIG_DFL, None):
                 continue
-            self.defaults[signum] = signal.SIG_DFL if previous is None else previous
-            signal.signal(signum, self._on_signal)
+            previous = signal.SIG_DFL if previous is None else previous
+            defaults.append((int(signum),
+                             int(previous) if isinstance(previous, int) else previous))
+            signal.signal(signum, handler)
+        self.defaults = tuple(defaults)
         self._previous_wakeup_fd = signal.set_wakeup_fd(self.wake_w, warn_on_full_buffer=False)
 
     def close(self) -> None:
         """Put back the dispositions and wake-up fd found at ``open()``; close the pipe."""
         if self.defaults:
             signal.set_wakeup_fd(self._previous_wakeup_fd)
-            for signum, handler in self.defaults.items():
+            for signum, handler in self.defaults:
                 signal.signal(signum, handler)  # type: ignore[arg-type]
-            self.defaults.clear()
+            self.defaults = ()
         for fd in (self.wake_r, self.wake_w):
             if fd >= 0:
                 os.close(fd)
@@ -93,7 +101,7 @@ class SignalInbox:
 
     def handled(self) -> list[int]:
         """The signals with the inbox's handler: what the master blocks across a fork."""
-        return list(self.defaults)
+        return [signum for signum, _ in self.defaults]
 
     def fds(self) -> list[int]:
         """The pipe: what a forked child must close."""
