@@ -43,7 +43,7 @@ from prefork.exits import ExitCode
 from prefork.fleet import WorkerTarget, replica_label
 from prefork.heartbeats import HeartbeatTable
 from prefork.journal import JournalStreams
-from prefork.prctl import PR_SET_PDEATHSIG, prctl
+from prefork.prctl import kill_me_when_parent_dies
 from prefork.process_settings import SettingsPlan, apply_in_child
 
 log = logging.getLogger("prefork")
@@ -52,7 +52,6 @@ log = logging.getLogger("prefork")
 # floor whose reference count it writes, and so one more page it copies (run_child).
 _SETUP_FAILED = int(ExitCode.CHILD_SETUP_FAILED)
 _SIG_SETMASK = int(signal.SIG_SETMASK)
-_SIGKILL = int(signal.SIGKILL)
 
 Handler = signal.Handlers | int | object
 
@@ -149,7 +148,8 @@ def run_child(plan: ChildPlan, close_fds: Iterable[int]) -> NoReturn:
         _signal.pthread_sigmask(_SIG_SETMASK, ())
         if settings is not None:  # before PR_SET_PDEATHSIG, which a change of uid clears
             apply_in_child(settings, label)
-        prctl(PR_SET_PDEATHSIG, _SIGKILL)
+        if kill_me_when_parent_dies() != 0:
+            raise OSError("prctl(PR_SET_PDEATHSIG) refused")
         # The master may have died between fork() and prctl(): then no signal will come.
         if os.getppid() != context.master_pid:
             os._exit(code)
