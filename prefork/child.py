@@ -45,6 +45,7 @@ from prefork.heartbeats import HeartbeatTable
 from prefork.journal import JournalStreams
 from prefork.prctl import kill_me_when_parent_dies
 from prefork.process_settings import SettingsPlan, apply_in_child
+from prefork.signals import Disposition
 
 log = logging.getLogger("prefork")
 
@@ -52,9 +53,6 @@ log = logging.getLogger("prefork")
 # floor whose reference count it writes, and so one more page it copies (run_child).
 _SETUP_FAILED = int(ExitCode.CHILD_SETUP_FAILED)
 _SIG_SETMASK = int(signal.SIG_SETMASK)
-
-Handler = signal.Handlers | int | object
-
 
 @dataclass(frozen=True)
 class WorkerContext:
@@ -103,7 +101,7 @@ class ChildPlan(NamedTuple):
     label: str
     target: WorkerTarget
     title: str
-    signal_defaults: tuple[tuple[int, Handler], ...]
+    signal_defaults: tuple[tuple[int, Disposition], ...]
     environ: tuple[tuple[bytes, bytes], ...]
     heartbeat: tuple[HeartbeatTable, int, float] | None = None
     post_fork: Callable[[WorkerContext], object] | None = None
@@ -132,8 +130,9 @@ def run_child(plan: ChildPlan, close_fds: Iterable[int]) -> NoReturn:
     an object of the floor, if only to count a reference to it. So this is one function,
     not five; the plan is unpacked, not looked up; constants are resolved at import; the
     master's 50 signal handlers are one object. That took prefork's own cost per idle
-    child, over a bare ``os.fork()`` child of the same master, from 45 pages to 13-15
-    (0.18 to 0.05-0.06 MiB; cpu floor, Python 3.11, medians of 5-7 probes)."""
+    child, over a bare ``os.fork()`` child of the same master, from 45 pages to 15 (0.18
+    to 0.06 MiB; cpu floor, Python 3.11, median of 7 runs of
+    ``measurements/child_pages.py``; 24 and 26 pages on 3.12 and 3.13)."""
     global _current
     code = _SETUP_FAILED
     (context, label, target, title, signal_defaults, environ, heartbeat, post_fork, journal,
